@@ -1,0 +1,96 @@
+"""Orbax checkpoints: the periodic training state, and the complete model that inference restores alone.
+
+Layout of a run directory (README, "Run directory"):
+  RUN/checkpoints/<step>/{state,frozen,data}   training state, teacher+statistics, data-iterator state
+  RUN/model/{arrays,meta}                      the complete model: networks, statistics, quantiles + metadata
+Orbax writes each checkpoint to a temporary folder and renames it when complete, so a run killed mid-save
+resumes from the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from efficientad_jax.inference import Detector
+from efficientad_jax.normalization import MapQuantiles, TeacherStats
+
+MODEL_FORMAT = 1  # bump when the saved model's layout changes
+
+
+def _to_tree(detector: Detector) -> dict:
+  return {"params": detector.params,
+          "teacher_stats": {"mean": detector.teacher_stats.mean, "std": detector.teacher_stats.std},
+          "quantiles": {k: getattr(detector.quantiles, k) for k in ("st_start", "st_end", "ae_start", "ae_end")}}
+
+
+def _from_tree(tree: dict) -> Detector:
+  return Detector(params=tree["params"], teacher_stats=TeacherStats(**tree["teacher_stats"]),
+                  quantiles=MapQuantiles(**tree["quantiles"]))
+
+
+def save_model(path: str | pathlib.Path, detector: Detector, meta: dict[str, Any]) -> pathlib.Path:
+  """Writes the complete model (atomically) to `path`; `meta` is JSON (config, sizes, threshold, provenance)."""
+  path = pathlib.Path(path).absolute()
+  meta = dict(meta, format=MODEL_FORMAT)
+  tree = jax.tree_util.tree_map(np.asarray, _to_tree(detector))
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    ckptr.save(path, ocp.args.Composite(arrays=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
+               force=True)
+  return path
+
+
+def load_model(path: str | pathlib.Path) -> tuple[Detector, dict[str, Any]]:
+  """Restores (detector, meta) from a model folder written by `save_model`; needs no training code or data."""
+  path = pathlib.Path(path).absolute()
+  if not (path / "meta").exists() or not (path / "arrays").exists():
+    raise FileNotFoundError(f"{path} is not a saved EfficientAD model (expected arrays/ and meta/ inside; "
+                            "pass RUN/model or the --model folder written by training)")
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    restored = ckptr.restore(path, ocp.args.Composite(arrays=ocp.args.StandardRestore(),
+                                                      meta=ocp.args.JsonRestore()))
+  meta = restored["meta"]
+  if meta.get("format") != MODEL_FORMAT:
+    raise ValueError(f"{path}: model format {meta.get('format')} is not supported (expected {MODEL_FORMAT})")
+  return _from_tree(restored["arrays"]), meta
+
+
+class TrainCheckpoints:
+  """Periodic, asynchronous, atomic training checkpoints with `max_to_keep`.
+
+  Each holds the TrainState, the frozen teacher and statistics, and the data iterator's state (JSON), so a
+  resumed run continues exactly where the checkpoint was taken.
+  """
+
+  def __init__(self, directory: str | pathlib.Path, max_to_keep: int, asynchronous: bool = True):
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=asynchronous,
+                                           cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
+                                          item_names=("state", "frozen", "data"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, frozen: Any, data_state: dict) -> None:
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     frozen=ocp.args.StandardSave(frozen),
+                                                     data=ocp.args.JsonSave(data_state)))
+
+  def restore(self, step: int, state_like: Any, frozen_like: Any) -> tuple[Any, Any, dict]:
+    """Restores into the structure and shardings of `state_like` / `frozen_like` (arrays or ShapeDtypeStructs)."""
+    abstract = lambda tree: jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+    out = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract(state_like)),
+        frozen=ocp.args.StandardRestore(abstract(frozen_like)),
+        data=ocp.args.JsonRestore()))
+    return out["state"], out["frozen"], out["data"]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()

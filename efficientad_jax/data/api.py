@@ -1,0 +1,124 @@
+"""The one entry point of the trainer: `make_datasets(data_cfg, image_size, seed)` (SPEC 2)."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import tempfile
+from typing import Any, Callable, Sequence
+
+import grain
+
+from efficientad_jax.data import indexes, pipeline, records, synthetic
+from efficientad_jax.data.records import DataError, Splits
+
+DATASETS = ("synthetic", "mvtec_ad", "mvtec_loco", "visa", "folder")
+
+
+@dataclasses.dataclass(frozen=True)
+class Datasets:
+  """What training and evaluation need.
+
+  Attributes:
+    train_iter: `train_iter(batch_size, process_index=0, process_count=1)` -> a fresh grain
+      `DatasetIterator` over training batches (format: `pipeline.train_dataset`); its
+      `get_state()` / `set_state()` resume the stream exactly.
+    train_eval: the training images (the held-out validation ones excluded), un-jittered, as eval
+      records: for the teacher channel statistics (SPEC 3).
+    validation: normal images for map calibration (SPEC 4), eval records.
+    test: test images, eval records (`pipeline.eval_element`).
+    info: {'dataset','category','root','loco','num_train','num_validation','num_test',
+      'defects_config' (list of dicts, LOCO), 'image_size','penalty'}.
+  """
+
+  train_iter: Callable[..., grain.DatasetIterator]
+  train_eval: grain.MapDataset
+  validation: grain.MapDataset
+  test: grain.MapDataset
+  info: dict
+
+
+def build_index(data_cfg, seed: int) -> tuple[Splits, pathlib.Path | str]:
+  """The file index named by `data_cfg` (generating the synthetic dataset if needed)."""
+  name, root, category = data_cfg.dataset, data_cfg.root, data_cfg.category
+  if name not in DATASETS:
+    raise DataError(f"unknown dataset {name!r}; known: {DATASETS}")
+  if name == "synthetic":
+    root = root or str(pathlib.Path(tempfile.gettempdir()) / "efficientad_synthetic")
+    base = synthetic.generate_synthetic(
+        root, layout=data_cfg.synthetic_layout, size=data_cfg.synthetic_size,
+        num_train=data_cfg.synthetic_train, seed=data_cfg.synthetic_seed,
+        category=category or "widget", num_validation=data_cfg.synthetic_validation,
+        num_test=data_cfg.synthetic_test)
+    root, category = base.parent, base.name
+    name = data_cfg.synthetic_layout
+  if not root:
+    raise DataError(f"dataset {name!r} needs data.root (the extracted archive)")
+  fraction = data_cfg.validation_fraction
+  if name == "mvtec_ad":
+    return indexes.index_mvtec_ad(root, category, seed, fraction), pathlib.Path(root) / category
+  if name == "mvtec_loco":
+    return indexes.index_mvtec_loco(root, category), pathlib.Path(root) / category
+  if name == "visa":
+    return indexes.index_visa(root, category, seed, fraction), pathlib.Path(root)
+  return indexes.index_folder(root, category, seed, fraction), pathlib.Path(root) / category
+
+
+def _tfds_splits(data_cfg, seed: int) -> tuple[dict[str, Sequence[Any]], str]:
+  from efficientad_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  return tfds_builders.load_splits(data_cfg, seed), data_cfg.root
+
+
+def make_datasets(data_cfg, image_size: int, seed: int) -> Datasets:
+  """Index (or TFDS source), training stream and evaluation datasets for `data_cfg` (SPEC 2).
+
+  Args:
+    data_cfg: `config.DataConfig`.
+    image_size: network input side S (`config.ModelConfig.image_size`).
+    seed: the run seed: the validation hold-out, shuffling, jitter and penalty draws.
+  """
+  if data_cfg.source == "tfds" and data_cfg.dataset != "synthetic":
+    splits, root = _tfds_splits(data_cfg, seed)
+    specs = ()
+  elif data_cfg.source in ("files", "tfds"):
+    index, root = build_index(data_cfg, seed)
+    splits = {"train": index.train, "validation": index.validation, "test": index.test}
+    specs = index.defects_config
+  else:
+    raise DataError(f"data.source must be 'files' or 'tfds', got {data_cfg.source!r}")
+  for split in ("train", "test"):
+    if not len(splits[split]):
+      raise DataError(f"{root}: empty split ({split})")
+  penalty = pipeline.penalty_source(data_cfg.penalty, data_cfg.tfds_data_dir)
+
+  def train_iter(batch_size: int, process_index: int = 0, process_count: int = 1
+                 ) -> grain.DatasetIterator:
+    ds = pipeline.train_dataset(splits["train"], penalty, image_size=image_size,
+                                batch_size=batch_size, seed=seed, data_cfg=data_cfg,
+                                process_index=process_index, process_count=process_count)
+    return iter(ds)
+
+  make_eval = lambda s: pipeline.eval_dataset(s, image_size=image_size, data_cfg=data_cfg,  # noqa: E731
+                                              specs=specs)
+  loco = data_cfg.dataset == "mvtec_loco" or (
+      data_cfg.dataset == "synthetic" and data_cfg.synthetic_layout == "mvtec_loco")
+  category = data_cfg.category or ("widget" if data_cfg.dataset == "synthetic" else "")
+  info = {"dataset": data_cfg.dataset, "category": category, "root": str(root),
+          "loco": loco, "num_train": len(splits["train"]),
+          "num_validation": len(splits["validation"]), "num_test": len(splits["test"]),
+          "defects_config": [dataclasses.asdict(s) for s in specs], "image_size": image_size,
+          "penalty": data_cfg.penalty}
+  return Datasets(train_iter=train_iter, train_eval=make_eval(splits["train"]),
+                  validation=make_eval(splits["validation"]), test=make_eval(splits["test"]),
+                  info=info)
+
+
+def describe(splits: Splits) -> dict:
+  """Counts per split and defect (a quick look at an index)."""
+  out = {}
+  for split in records.SPLITS:
+    counts: dict[str, int] = {}
+    for s in splits[split]:
+      counts[s.defect] = counts.get(s.defect, 0) + 1
+    out[split] = counts
+  return out

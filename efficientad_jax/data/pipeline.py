@@ -1,0 +1,188 @@
+"""grain pipelines: the seeded training stream and the ordered evaluation datasets (SPEC 2, 3).
+
+Records are either `records.Sample` (a file index) or dicts read from our TFDS builders through
+`tfds.data_source` (see `tfds_builders.py`); `_parts` maps both to the same fields. Every random
+transform is a `random_map` seeded from the pipeline seed and the element's global index, so a
+stream is a pure function of (index, seed) and its iterator state is one integer.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import zlib
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from efficientad_jax.data import preprocess, records
+from efficientad_jax.data.records import DataError, Sample
+
+PENALTY_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def sub_seed(seed: int, name: str) -> int:
+  """A stable per-stage seed (shuffle, jitter, penalty draw independent of one another)."""
+  return int(np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(1)[0])
+
+
+def _parts(record: Any, specs: Sequence[records.DefectSpec]) -> dict:
+  """Sample or TFDS dict -> {'image','name','id','label','defect','loco_type','mask','channels','specs'}."""
+  if isinstance(record, Sample):
+    return {"image": record.image, "name": record.image, "id": record.id, "label": record.label,
+            "defect": record.defect, "loco_type": record.loco_type, "mask": record.mask,
+            "channels": list(record.channels), "specs": specs}
+  text = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731
+  mask = record.get("mask")
+  config = text(record.get("defects_config", b"")) if "defects_config" in record else ""
+  if config:
+    specs = tuple(records._parse_defect(e, "TFDS record defects_config") for e in json.loads(config))
+  rid = text(record["id"])
+  return {"image": record["image"], "name": f"tfds record {rid}", "id": rid,
+          "label": int(record["label"]), "defect": text(record["defect"]),
+          "loco_type": text(record.get("loco_type", b"")),
+          "mask": mask if mask is not None and len(mask) else None,
+          "channels": list(record.get("channels", ())), "specs": specs}
+
+
+def train_element(record: Any, rng: np.random.Generator, image_size: int, mean, std,
+                  jitter: tuple[float, float]) -> dict:
+  """One training image -> {'image': [S,S,3], 'image_ae': [S,S,3]} float32, normalised (SPEC 2)."""
+  parts = _parts(record, ())
+  x = preprocess.to_float(preprocess.resize(preprocess.decode_image(parts["image"], parts["name"]),
+                                            image_size))
+  x_ae = preprocess.color_jitter(x, rng, *jitter)
+  return {"image": preprocess.normalize(x, mean, std), "image_ae": preprocess.normalize(x_ae, mean, std)}
+
+
+def penalty_element(record: Any, rng: np.random.Generator, image_size: int, resize_to: int,
+                    gray_prob: float, mean, std) -> np.ndarray:
+  """One penalty image (a path, or a TFDS dict with 'image') -> [S, S, 3] float32 (SPEC 2)."""
+  source = record["image"] if isinstance(record, dict) else record
+  name = str(source) if isinstance(source, (str, pathlib.Path)) else "penalty record"
+  return preprocess.penalty_image(preprocess.decode_image(source, name), rng, resize_to,
+                                  image_size, gray_prob, mean, std)
+
+
+def _merge(pair: tuple[dict, np.ndarray]) -> dict:
+  return {**pair[0], "penalty": pair[1]}
+
+
+def mark_flags_parsed() -> None:
+  """grain's worker processes read absl flags; outside absl.app they must be marked parsed."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def train_dataset(samples: Sequence[Any], penalty: Sequence[Any] | None, *, image_size: int,
+                  batch_size: int, seed: int, data_cfg, process_index: int = 0,
+                  process_count: int = 1) -> grain.IterDataset:
+  """The infinite training stream of this process: batches of dicts of NumPy arrays.
+
+  Batch: {'image': [B,S,S,3], 'image_ae': [B,S,S,3], 'penalty': [B,S,S,3]} float32 NHWC,
+  normalised; no 'penalty' key when `penalty` is None. B = batch_size (this process's share).
+  Order: source -> shuffle(seed, reshuffled each epoch) -> repeat -> random_map -> this process's
+  slice [process_index::process_count] -> batch -> iterator with prefetch (SPEC 2, STYLE rule 5).
+  """
+  if not samples:
+    raise DataError("the training split is empty")
+  ds = grain.MapDataset.source(samples).shuffle(sub_seed(seed, "shuffle")).repeat()
+  ds = ds.random_map(functools.partial(
+      train_element, image_size=image_size, mean=data_cfg.mean, std=data_cfg.std,
+      jitter=(data_cfg.jitter_low, data_cfg.jitter_high)), seed=sub_seed(seed, "jitter"))
+  if penalty is not None:
+    if not len(penalty):
+      raise DataError("the penalty source is empty")
+    pen = grain.MapDataset.source(penalty).shuffle(sub_seed(seed, "penalty_shuffle")).repeat()
+    pen = pen.random_map(functools.partial(
+        penalty_element, image_size=image_size, resize_to=data_cfg.penalty_resize,
+        gray_prob=data_cfg.penalty_grayscale_prob, mean=data_cfg.mean, std=data_cfg.std),
+        seed=sub_seed(seed, "penalty"))
+    ds = grain.experimental.ZipMapDataset([ds, pen]).map(_merge)
+  # Shard after the random map: the randomness depends on the global index only, so the union
+  # over processes is the single-process stream.
+  ds = ds[process_index::process_count].batch(batch_size, drop_remainder=True)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, data_cfg.prefetch),
+                                            prefetch_buffer_size=data_cfg.prefetch))
+  if data_cfg.num_workers > 0:
+    mark_flags_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
+  return it
+
+
+def eval_element(record: Any, image_size: int, mean, std,
+                 specs: Sequence[records.DefectSpec] = ()) -> dict:
+  """One evaluation image -> its record (SPEC 4, 6). Masks stay at the original resolution.
+
+  Returns:
+    {'image': [S,S,3] float32 normalised, 'orig_size': int32 [2] (H, W), 'label': int,
+     'defect': str, 'loco_type': str, 'id': str, 'mask': bool [H,W] (zeros for normal images;
+     LOCO: the union of its channels), 'channels': tuple of LOCO channel dicts
+     {'mask': bool [H,W], 'defect', 'pixel_value', 'area', 'saturation_area'} (else empty)}.
+  """
+  p = _parts(record, specs)
+  rgb = preprocess.decode_image(p["image"], p["name"])
+  hw = rgb.shape[:2]
+  x = preprocess.normalize(preprocess.to_float(preprocess.resize(rgb, image_size)), mean, std)
+  mask = np.zeros(hw, bool)
+  if p["mask"] is not None:
+    mask = preprocess.load_mask(p["mask"], hw, _name(p["mask"], p["name"], "mask"))
+  channels = []
+  for i, png in enumerate(p["channels"]):
+    name = _name(png, p["name"], f"channel {i}")
+    raw = preprocess.decode_gray(png, name)
+    if raw.shape != hw:
+      raise DataError(f"{name}: mask size {raw.shape} (H, W) differs from its image's {hw}")
+    channels.append(records.loco_channel(raw, p["specs"], name))
+    mask |= channels[-1]["mask"]
+  return {"image": x, "orig_size": np.asarray(hw, np.int32), "label": p["label"],
+          "defect": p["defect"], "loco_type": p["loco_type"], "id": p["id"], "mask": mask,
+          "channels": tuple(channels)}
+
+
+def _name(source: Any, image_name: str, what: str) -> str:
+  return str(source) if isinstance(source, (str, pathlib.Path)) else f"{image_name} ({what})"
+
+
+def eval_dataset(samples: Sequence[Any], *, image_size: int, data_cfg,
+                 specs: Sequence[records.DefectSpec] = ()) -> grain.MapDataset:
+  """Ordered, unshuffled evaluation records (format: `eval_element`); index it or iterate it."""
+  return grain.MapDataset.source(samples).map(functools.partial(
+      eval_element, image_size=image_size, mean=data_cfg.mean, std=data_cfg.std, specs=specs))
+
+
+def collate_eval(elements: Sequence[dict]) -> dict:
+  """Batches eval records: 'image' stacked to [B,S,S,3], 'label' int32 [B], the rest as lists."""
+  out = {k: [e[k] for e in elements] for k in elements[0]}
+  out["image"] = np.stack(out["image"])
+  out["label"] = np.asarray(out["label"], np.int32)
+  return out
+
+
+def eval_batches(ds: grain.MapDataset, batch_size: int) -> grain.MapDataset:
+  """`eval_dataset` in batches (the last one smaller), for batched inference."""
+  return ds.batch(batch_size, drop_remainder=False, batch_fn=collate_eval)
+
+
+def penalty_source(spec: str, tfds_data_dir: str = "") -> Sequence[Any] | None:
+  """"" -> None; "tfds:<name>" -> tfds.data_source(<name>, split='train'); else an image folder.
+
+  A folder is searched recursively for .jpg/.jpeg/.png files (sorted paths).
+  """
+  if not spec:
+    return None
+  if spec.startswith("tfds:"):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    return tfds.data_source(spec[len("tfds:"):], split="train", data_dir=tfds_data_dir or None,
+                            download=False)
+  folder = pathlib.Path(spec)
+  if not folder.is_dir():
+    raise DataError(f"penalty folder {folder} does not exist (or use tfds:imagenette)")
+  paths = sorted(str(p) for p in folder.rglob("*")
+                 if p.is_file() and p.suffix.lower() in PENALTY_SUFFIXES)
+  if not paths:
+    raise DataError(f"penalty folder {folder}: no {'/'.join(PENALTY_SUFFIXES)} images")
+  return paths

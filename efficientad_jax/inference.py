@@ -1,0 +1,83 @@
+"""The ONE inference path (paper section 3.4, SPEC section 4): images -> maps -> anomaly maps and scores.
+
+Calibration (`raw_maps`), evaluation, the predict CLI, export and the benchmark all go through `predict`
+(calibration through its first half, `raw_maps`, since quantiles do not exist yet at that point).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from efficientad_jax.config import MapConfig
+from efficientad_jax.models import Models, resize
+from efficientad_jax.normalization import MapQuantiles, TeacherStats, normalize_map, normalize_teacher
+
+
+@flax.struct.dataclass
+class Detector:
+  """Everything inference needs, as one pytree: network params, teacher statistics, map quantiles."""
+
+  params: dict  # {'teacher', 'student', 'autoencoder'} Flax params
+  teacher_stats: TeacherStats
+  quantiles: MapQuantiles
+
+
+def raw_maps(nets: Models, params: dict, stats: TeacherStats,
+             images: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Local and global anomaly maps before normalisation, float32 [B, h, w] each.
+
+  map_st = mean_c (T_hat - S[:C])^2 (local, student vs teacher);
+  map_ae = mean_c (A - S[C:])^2 (global, student vs autoencoder).
+
+  Args:
+    images: [B, S, S, 3] ImageNet-normalised images.
+  """
+  c = nets.teacher.out_channels
+  t = normalize_teacher(nets.teacher.apply({"params": params["teacher"]}, images), stats)
+  s = nets.student.apply({"params": params["student"]}, images).astype(jnp.float32)
+  a = nets.autoencoder.apply({"params": params["autoencoder"]}, images, deterministic=True)
+  map_st = jnp.mean(jnp.square(t - s[..., :c]), axis=-1)
+  map_ae = jnp.mean(jnp.square(a.astype(jnp.float32) - s[..., c:]), axis=-1)
+  return map_st, map_ae
+
+
+def combine_maps(map_st: jnp.ndarray, map_ae: jnp.ndarray, q: MapQuantiles, cfg: MapConfig) -> jnp.ndarray:
+  """combined = w_st * st' + w_ae * ae', each map normalised by its validation quantiles."""
+  st = normalize_map(map_st, q.st_start, q.st_end, cfg.scale)
+  ae = normalize_map(map_ae, q.ae_start, q.ae_end, cfg.scale)
+  return cfg.st_weight * st + cfg.ae_weight * ae
+
+
+def to_image_map(combined: jnp.ndarray, out_size: Sequence[int], pad: int) -> jnp.ndarray:
+  """[B, h, w] -> zero-pad `pad` per side (the PDN's lost border) -> bilinear resize to [B, H, W]."""
+  padded = jnp.pad(combined, ((0, 0), (pad, pad), (pad, pad)))
+  return resize(padded[..., None], tuple(out_size))[..., 0]
+
+
+def predict(nets: Models, cfg: MapConfig, detector: Detector, images: jnp.ndarray,
+            out_size: Sequence[int]) -> dict[str, jnp.ndarray]:
+  """Images [B, S, S, 3] -> {'map_st', 'map_ae' (raw, [B, h, w]), 'map_combined' ([B, h, w]),
+  'anomaly_map' ([B, *out_size], at the original image size), 'score' ([B], max of anomaly_map)}.
+
+  Always the same keys and types (no mode-dependent returns). Maps are float32 whatever the compute dtype.
+  """
+  map_st, map_ae = raw_maps(nets, detector.params, detector.teacher_stats, images)
+  combined = combine_maps(map_st, map_ae, detector.quantiles, cfg)
+  anomaly_map = to_image_map(combined, out_size, cfg.pad)
+  return {"map_st": map_st, "map_ae": map_ae, "map_combined": combined, "anomaly_map": anomaly_map,
+          "score": jnp.max(anomaly_map, axis=(1, 2))}
+
+
+def make_predict_fn(nets: Models, cfg: MapConfig) -> Callable[..., dict[str, jnp.ndarray]]:
+  """The jitted `predict`: fn(detector, images, out_size) with out_size static (one compile per size)."""
+  return jax.jit(functools.partial(predict, nets, cfg), static_argnames="out_size")
+
+
+def make_raw_maps_fn(nets: Models) -> Callable[..., tuple[jnp.ndarray, jnp.ndarray]]:
+  """The jitted first half of `predict`, for calibration: fn(params, stats, images)."""
+  return jax.jit(functools.partial(raw_maps, nets))

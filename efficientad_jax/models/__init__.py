@@ -1,0 +1,51 @@
+"""The three networks of EfficientAD and `build(model_cfg)` to construct them consistently."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from efficientad_jax.config import ModelConfig
+from efficientad_jax.models.autoencoder import Autoencoder, decoder_sizes, resize
+from efficientad_jax.models.pdn import PDN, pdn_output_size
+
+__all__ = ["PDN", "Autoencoder", "Models", "build", "init_params", "pdn_output_size", "decoder_sizes",
+           "resize", "count_params"]
+
+
+class Models(NamedTuple):
+  teacher: nn.Module  # PDN, C outputs, frozen
+  student: nn.Module  # PDN, 2C outputs: [:C] predicts the teacher, [C:] the autoencoder
+  autoencoder: nn.Module  # C outputs at the PDN output size
+
+
+def build(cfg: ModelConfig, *, padded_teacher: bool = False) -> Models:
+  """The teacher, student and autoencoder for `cfg` (size, channels, image size, compute dtype)."""
+  dtype = jnp.dtype(cfg.dtype)
+  c = cfg.teacher_channels
+  out_size = pdn_output_size((cfg.image_size, cfg.image_size), cfg.size)
+  if min(out_size) < 1:
+    raise ValueError(f"image_size {cfg.image_size} is too small for PDN-{cfg.size}")
+  return Models(
+      teacher=PDN(cfg.size, c, padded=padded_teacher, dtype=dtype),
+      student=PDN(cfg.size, 2 * c, dtype=dtype),
+      autoencoder=Autoencoder(out_size=out_size, out_channels=c, dropout=cfg.ae_dropout, dtype=dtype),
+  )
+
+
+def init_params(models: Models, key: jax.Array, image_size: int) -> dict:
+  """Fresh parameters {'teacher', 'student', 'autoencoder'} (PyTorch default init)."""
+  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  kt, ks, ka = jax.random.split(key, 3)
+  return {
+      "teacher": models.teacher.init(kt, x)["params"],
+      "student": models.student.init(ks, x)["params"],
+      "autoencoder": models.autoencoder.init(ka, x)["params"],
+  }
+
+
+def count_params(params) -> int:
+  return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,127 @@
+"""The whole method against nelson1425's own code (fixtures/full_path): statistics, quantiles, maps, scores,
+one training step's losses and gradients."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from efficientad_jax import inference, models, normalization, train_step
+from efficientad_jax.config import Config, ModelConfig
+from tests import reference
+
+SEED = 100
+
+
+@pytest.fixture(scope="module")
+def setup(fixtures):
+  doc = json.loads((fixtures / "full_path" / "full_path.json").read_text())
+  arrays = np.load(fixtures / "full_path" / "full_path.npz")
+  params = {role: reference.network_params(fixtures, doc["networks"][role])
+            for role in ("teacher", "student", "autoencoder")}
+  # The fixture's training step runs the autoencoder in eval mode: no dropout.
+  cfg = Config(model=ModelConfig(ae_dropout=0.0))
+  nets = models.build(cfg.model)
+  teacher_fn = jax.jit(lambda p, x: nets.teacher.apply({"params": p}, x))
+  train_js = doc["teacher_normalization"]["train_images_j"]
+  stats = normalization.fit_teacher_stats(lambda x: teacher_fn(params["teacher"], x),
+                                          lambda: (reference.recipe_input(SEED, j) for j in train_js))
+  return doc, arrays, params, cfg, nets, stats
+
+
+def test_teacher_statistics(setup):
+  _, arrays, _, _, _, stats = setup
+  np.testing.assert_allclose(stats.mean, arrays["teacher_mean"], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(stats.std, arrays["teacher_std"], rtol=0, atol=1e-5)
+
+
+def _validation_maps(setup):
+  doc, _, params, _, nets, stats = setup
+  raw = inference.make_raw_maps_fn(nets)
+  maps = [raw(params, stats, reference.recipe_input(SEED, j)) for j in doc["map_normalization"]["val_images_j"]]
+  return np.concatenate([m[0] for m in maps]), np.concatenate([m[1] for m in maps])
+
+
+def test_validation_maps_and_quantiles(setup):
+  doc, arrays, _, cfg, _, _ = setup
+  st, ae = _validation_maps(setup)
+  np.testing.assert_allclose(st, arrays["val_map_st_raw"][:, 0], rtol=0, atol=2e-5)
+  np.testing.assert_allclose(ae, arrays["val_map_ae_raw"][:, 0], rtol=0, atol=2e-5)
+  q = normalization.fit_map_quantiles(st, ae, cfg.maps.q_start, cfg.maps.q_end)
+  ref = doc["map_normalization"]
+  for ours, theirs in (("st_start", "q_st_start"), ("st_end", "q_st_end"), ("ae_start", "q_ae_start"),
+                       ("ae_end", "q_ae_end")):
+    np.testing.assert_allclose(float(getattr(q, ours)), ref[theirs], rtol=1e-5, err_msg=ours)
+
+
+def test_predict_maps_and_scores(setup):
+  doc, arrays, params, cfg, nets, stats = setup
+  q = normalization.fit_map_quantiles(*_validation_maps(setup), cfg.maps.q_start, cfg.maps.q_end)
+  detector = inference.Detector(params=params, teacher_stats=stats, quantiles=q)
+  predict = inference.make_predict_fn(nets, cfg.maps)
+  w, h = doc["test"]["original_size_wh"]
+  for k, image in enumerate(doc["test"]["images"]):
+    out = predict(detector, reference.recipe_input(SEED, image["j"]), out_size=(h, w))
+    np.testing.assert_allclose(out["map_st"], arrays[f"test{k}_map_st_raw"][:, 0], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(out["map_ae"], arrays[f"test{k}_map_ae_raw"][:, 0], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(out["map_combined"], arrays[f"test{k}_map_combined"][:, 0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(out["anomaly_map"][0], arrays[f"test{k}_map_final"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(float(out["score"][0]), image["image_score_max"], rtol=0, atol=1e-5)
+
+
+def test_final_map_postprocessing_alone(setup):
+  """Pad + resize checked without the networks, from the reference combined map."""
+  doc, arrays, _, cfg, _, _ = setup
+  w, h = doc["test"]["original_size_wh"]
+  for k in range(len(doc["test"]["images"])):
+    out = jax.jit(inference.to_image_map, static_argnums=(1, 2))(arrays[f"test{k}_map_combined"][:, 0], (h, w),
+                                                                 cfg.maps.pad)
+    np.testing.assert_allclose(out[0], arrays[f"test{k}_map_final"], rtol=0, atol=1e-5)
+
+
+def test_training_step_losses_and_gradients(setup):
+  doc, _, params, cfg, nets, stats = setup
+  ts = doc["train_step"]
+  js = ts["images_j"]
+  batch = {"image": reference.recipe_input(SEED, js["image_st"]),
+           "image_ae": reference.recipe_input(SEED, js["image_ae"]),
+           "penalty": reference.recipe_input(SEED, js["image_penalty"])}
+  frozen = train_step.Frozen(teacher=params["teacher"], stats=stats)
+  trainable = {"student": params["student"], "autoencoder": params["autoencoder"]}
+
+  def loss(trainable, frozen, batch):
+    losses = train_step.compute_losses(nets, cfg, trainable, frozen, batch, jax.random.key(0))
+    return losses["loss"], losses
+
+  grads, losses = jax.jit(jax.grad(loss, has_aux=True))(trainable, frozen, batch)
+  for name, expected in ts["losses"].items():
+    ours = "loss" if name == "loss_total" else name
+    if ours == "d_hard":
+      continue
+    np.testing.assert_allclose(float(losses[ours]), expected, rtol=1e-5, err_msg=name)
+
+  flat = reference.nelson_names(grads["student"], "student", reference.PDN_KEYS["small"],
+                                [f"conv{i}" for i in range(1, 5)])
+  flat |= reference.nelson_names(grads["autoencoder"], "autoencoder", reference.AE_KEYS, reference.AE_NAMES)
+  expected = ts["grads_after_backward_of_loss_total"]
+  assert set(flat) == set(expected)
+  for key, ref in expected.items():
+    np.testing.assert_allclose(np.linalg.norm(flat[key].astype(np.float64)), ref["l2"], rtol=1e-4, err_msg=key)
+
+
+def test_hard_threshold_and_element_count(setup):
+  doc, _, params, cfg, nets, stats = setup
+  from efficientad_jax import losses
+  ts = doc["train_step"]
+  x = reference.recipe_input(SEED, ts["images_j"]["image_st"])
+
+  def parts(params, stats, x):
+    t = normalization.normalize_teacher(nets.teacher.apply({"params": params["teacher"]}, x), stats)
+    s = nets.student.apply({"params": params["student"]}, x)[..., :t.shape[-1]]
+    d_hard = losses.hard_threshold(t, s, cfg.loss.hard_quantile)
+    return d_hard, ((t - s) ** 2 >= d_hard[0]).sum()
+
+  d_hard, count = jax.jit(parts)(params, stats, x)
+  np.testing.assert_allclose(float(d_hard[0]), ts["losses"]["d_hard"], rtol=1e-5)
+  assert abs(int(count) - ts["num_hard_elements"]) <= 1
