@@ -14,6 +14,7 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from efficientad_jax.config import Config, OptimConfig
@@ -124,5 +125,15 @@ def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Places a pytree (state, frozen) replicated on the mesh, so the first step compiles like every later one."""
-  return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  """Places a pytree (state, frozen) replicated on the mesh, so the first step compiles like every later one.
+
+  Built from host values with `make_array_from_callback`, which is valid across processes (a plain
+  `device_put` of process-local arrays onto a multi-process mesh is not). Every process must pass equal values.
+  """
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def place(x):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree_util.tree_map(place, tree)

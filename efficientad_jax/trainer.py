@@ -132,7 +132,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) ->
   mesh = train_step.data_mesh()
   local_batch = cfg.train.batch_per_device * jax.local_device_count()
   it = ds.train_iter(local_batch, jax.process_index(), jax.process_count())
-  if not ds.has_penalty:
+  if not ds.info["penalty"]:
     log.warning("no data.penalty source: training WITHOUT the ImageNet penalty (recorded in the model as "
                 "'penalty: off'); pass data.penalty=<image folder> or tfds:imagenette")
   tx = train_step.make_optimizer(cfg.optim, cfg.train.steps)
@@ -173,6 +173,8 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) ->
         for k, v in values.items():
           writer.add_scalar(f"train/{k}", v, done)
     if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+      # The iterator state is the number of batches consumed, equal on every process, so the primary host's
+      # copy (the one orbax writes) resumes all of them.
       ckpts.save(done, state, frozen, it.get_state())
     bar.update(1)
   bar.close()
@@ -184,12 +186,11 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) ->
   quantiles, threshold = calibrate(cfg, nets, params, frozen.stats, ds, local_batch)
   detector = Detector(params=params, teacher_stats=frozen.stats, quantiles=quantiles)
   meta = {"config": config_lib.to_dict(cfg), "model_size": cfg.model.size, "image_size": cfg.model.image_size,
-          "teacher": teacher_source, "penalty": "on" if ds.has_penalty else "off", "threshold": threshold,
+          "teacher": teacher_source, "penalty": "on" if ds.info["penalty"] else "off", "threshold": threshold,
           "threshold_rule": f"{cfg.maps.threshold_quantile} quantile of validation image scores",
           "steps": cfg.train.steps, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
   path = workdir / "model"
-  if jax.process_index() == 0:
-    checkpoint.save_model(path, detector, meta)
+  checkpoint.save_model(path, detector, meta)  # every process calls it: orbax syncs them, the primary writes
   if writer is not None:
     writer.close()
   log.info("saved the model to %s (threshold %.4f)", path, threshold)

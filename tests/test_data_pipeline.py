@@ -242,3 +242,13 @@ def test_multiprocess_workers_match_in_process(syn_root):
   ref = _take(api.make_datasets(cfg, 32, seed=0).train_iter(2), 3)
   mp = api.make_datasets(dataclasses.replace(cfg, num_workers=2), 32, seed=0).train_iter(2)
   assert _equal(ref, _take(mp, 3))
+
+
+def test_penalty_element_accepts_tfds_style_records():
+  # tfds.data_source('imagenette') yields {'image': uint8 [H, W, 3], 'label': ...} dicts.
+  image = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+  rng = np.random.default_rng(0)
+  out = pipeline.penalty_element({"image": image, "label": 3}, rng, image_size=16, resize_to=32,
+                                 gray_prob=0.0, mean=(0, 0, 0), std=(1, 1, 1))
+  full = np.asarray(Image.fromarray(image).resize((32, 32), Image.BILINEAR))
+  np.testing.assert_allclose(out, full[8:24, 8:24] / 255.0, atol=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import tempfile
 from typing import Any, Callable, Sequence
@@ -79,7 +80,11 @@ def make_datasets(data_cfg, image_size: int, seed: int) -> Datasets:
   """
   if data_cfg.source == "tfds" and data_cfg.dataset != "synthetic":
     splits, root = _tfds_splits(data_cfg, seed)
-    specs = ()
+    specs = ()  # TFDS LOCO records carry their object's defects_config (for `info` only here)
+    if data_cfg.dataset == "mvtec_loco" and len(splits["test"]):
+      text = splits["test"][0]["defects_config"]
+      text = text.decode() if isinstance(text, bytes) else text
+      specs = tuple(records.parse_defect(e, "TFDS defects_config") for e in json.loads(text))
   elif data_cfg.source in ("files", "tfds"):
     index, root = build_index(data_cfg, seed)
     splits = {"train": index.train, "validation": index.validation, "test": index.test}

@@ -38,7 +38,7 @@ def _parts(record: Any, specs: Sequence[records.DefectSpec]) -> dict:
   mask = record.get("mask")
   config = text(record.get("defects_config", b"")) if "defects_config" in record else ""
   if config:
-    specs = tuple(records._parse_defect(e, "TFDS record defects_config") for e in json.loads(config))
+    specs = tuple(records.parse_defect(e, "TFDS record defects_config") for e in json.loads(config))
   rid = text(record["id"])
   return {"image": record["image"], "name": f"tfds record {rid}", "id": rid,
           "label": int(record["label"]), "defect": text(record["defect"]),

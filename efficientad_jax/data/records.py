@@ -95,14 +95,14 @@ def parse_defects_config(path: str | pathlib.Path) -> tuple[DefectSpec, ...]:
     raise DataError(f"{path}: expected a non-empty JSON list of defect objects")
   specs = []
   for i, entry in enumerate(entries):
-    specs.append(_parse_defect(entry, f"{path}: entry {i}"))
+    specs.append(parse_defect(entry, f"{path}: entry {i}"))
   values = [s.pixel_value for s in specs]
   if len(set(values)) != len(values):
     raise DataError(f"{path}: pixel_value must be unique per defect, got {values}")
   return tuple(specs)
 
 
-def _parse_defect(entry: object, where: str) -> DefectSpec:
+def parse_defect(entry: object, where: str) -> DefectSpec:
   keys = ("defect_name", "pixel_value", "saturation_threshold", "relative_saturation")
   if not isinstance(entry, dict) or set(keys) - set(entry):
     raise DataError(f"{where}: expected an object with keys {keys}, got {entry!r}")
@@ -148,23 +148,29 @@ def loco_channel(mask: np.ndarray, specs: Sequence[DefectSpec], path: str) -> di
           "area": area, "saturation_area": saturation_area(spec, area)}
 
 
-def hold_out(samples: Sequence[Sample], fraction: float, seed: int
-             ) -> tuple[tuple[Sample, ...], tuple[Sample, ...]]:
-  """Splits normal training images into (train, validation), a seeded `fraction` held out (SPEC 2).
+def hold_out_positions(ids: Sequence[str], fraction: float, seed: int
+                       ) -> tuple[list[int], list[int]]:
+  """Positions (into `ids`) of the training and the held-out validation images (SPEC 2).
 
-  Deterministic for (ids, fraction, seed), independent of listing order. A positive fraction holds
-  out at least one image and always leaves at least one for training.
+  Deterministic for (set of ids, fraction, seed), independent of listing order. A positive
+  fraction holds out at least one image and always leaves at least one for training.
   """
   if not 0.0 <= fraction < 1.0:
     raise ValueError(f"validation_fraction must be in [0, 1), got {fraction}")
-  ordered = sorted(samples, key=lambda s: s.id)
-  n = len(ordered)
+  order = sorted(range(len(ids)), key=lambda i: ids[i])
+  n = len(order)
   n_val = int(round(fraction * n))
   if fraction > 0 and n >= 2:
     n_val = max(1, n_val)
   n_val = min(n_val, max(n - 1, 0))
-  perm = np.random.default_rng(seed).permutation(n)
-  val_idx = set(perm[:n_val].tolist())
-  train = tuple(s for i, s in enumerate(ordered) if i not in val_idx)
-  validation = tuple(s for i, s in enumerate(ordered) if i in val_idx)
+  held = set(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
+  train = [order[k] for k in range(n) if k not in held]
+  validation = [order[k] for k in range(n) if k in held]
   return train, validation
+
+
+def hold_out(samples: Sequence[Sample], fraction: float, seed: int
+             ) -> tuple[tuple[Sample, ...], tuple[Sample, ...]]:
+  """Splits normal training samples into (train, validation) by `hold_out_positions`."""
+  train, validation = hold_out_positions([s.id for s in samples], fraction, seed)
+  return tuple(samples[i] for i in train), tuple(samples[i] for i in validation)

@@ -1,0 +1,195 @@
+"""Loading a saved model and predicting on image files of any size (SPEC section 4).
+
+Every prediction goes through `inference.predict` (the one inference path), jitted once per
+(model config, map config) and compiled once per output size and batch shape:
+
+  model = load("runs/widget")                      # RUN or RUN/model
+  result = predict_file(model, "part.png")         # score, decision, full-resolution map
+  results, failures = predict_paths(model, list_images("images/*.png"), out_dir="pred")
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import glob
+import pathlib
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+import tifffile
+
+from efficientad_jax import config as config_lib
+from efficientad_jax import models
+from efficientad_jax.checkpoint import load_model
+from efficientad_jax.config import Config, MapConfig, ModelConfig
+from efficientad_jax.data import DataError
+from efficientad_jax.data import preprocess
+from efficientad_jax.inference import Detector, make_predict_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  """A saved model ready for inference.
+
+  Attributes:
+    detector: params, teacher statistics and map quantiles, on the default device.
+    cfg: the training config stored in the model (networks, map settings, normalisation).
+    meta: the saved metadata ('threshold', 'image_size', 'model_size', ...).
+    nets: the networks built from cfg.model.
+    predict_fn: jitted `inference.predict`: fn(detector, images [B,S,S,3], out_size=(H, W)).
+  """
+
+  detector: Detector
+  cfg: Config
+  meta: dict
+  nets: models.Models
+  predict_fn: Callable[..., dict]
+
+  @property
+  def image_size(self) -> int:
+    return int(self.meta["image_size"])
+
+  @property
+  def threshold(self) -> float:
+    """Decision threshold: an image is anomalous when its score > threshold (from validation normals)."""
+    return float(self.meta["threshold"])
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_predict(model_cfg: ModelConfig, map_cfg: MapConfig) -> tuple[models.Models, Callable]:
+  """(nets, jitted predict) per config pair: models loaded twice in one process share compilations."""
+  nets = models.build(model_cfg)
+  return nets, make_predict_fn(nets, map_cfg)
+
+
+def model_dir(path: str | pathlib.Path) -> pathlib.Path:
+  """A run directory (with model/ inside) or the model folder itself -> the model folder."""
+  path = pathlib.Path(path)
+  return path / "model" if (path / "model" / "meta").exists() else path
+
+
+def load(path: str | pathlib.Path) -> LoadedModel:
+  """Restores a model saved by training (`checkpoint.save_model`) from RUN or RUN/model."""
+  detector, meta = load_model(model_dir(path))
+  for key in ("config", "threshold", "image_size"):
+    if key not in meta:
+      raise ValueError(f"{model_dir(path)}: the saved model's meta has no {key!r}")
+  cfg = config_lib.from_dict(Config, meta["config"])
+  if cfg.model.image_size != int(meta["image_size"]):
+    raise ValueError(f"{model_dir(path)}: meta image_size {meta['image_size']} differs from the config's "
+                     f"{cfg.model.image_size}")
+  nets, predict_fn = compiled_predict(cfg.model, cfg.maps)
+  return LoadedModel(detector=jax.device_put(detector), cfg=cfg, meta=meta, nets=nets, predict_fn=predict_fn)
+
+
+# --- Single images.
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  """One image's result: score = max of anomaly_map [H, W] (original size); anomalous = score > threshold."""
+
+  name: str
+  score: float
+  anomalous: bool
+  anomaly_map: np.ndarray
+  rgb: np.ndarray  # [H, W, 3] uint8, the decoded input (for overlays)
+
+
+def prepare(source: preprocess.ImageSource, image_size: int, mean: Sequence[float], std: Sequence[float],
+            name: str = "") -> tuple[np.ndarray, np.ndarray]:
+  """Image file/bytes/array -> (network input [S, S, 3] float32, decoded RGB [H, W, 3] uint8).
+
+  The same decode -> resize -> normalise as the evaluation records (grayscale and RGBA handled by
+  `preprocess.decode_image`); raises `DataError` naming the file when it cannot be read.
+  """
+  rgb = preprocess.decode_image(source, name)
+  x = preprocess.normalize(preprocess.to_float(preprocess.resize(rgb, image_size)), mean, std)
+  return x, rgb
+
+
+def predict_image(model: LoadedModel, source: preprocess.ImageSource, name: str = "") -> Prediction:
+  """Predicts one image of any size; its map comes back at the image's own size."""
+  x, rgb = prepare(source, model.image_size, model.cfg.data.mean, model.cfg.data.std, name)
+  out = model.predict_fn(model.detector, x[None], out_size=rgb.shape[:2])
+  score = float(out["score"][0])
+  return Prediction(name=name or str(source), score=score, anomalous=score > model.threshold,
+                    anomaly_map=np.asarray(out["anomaly_map"][0]), rgb=rgb)
+
+
+def predict_file(model: LoadedModel, path: str | pathlib.Path) -> Prediction:
+  return predict_image(model, pathlib.Path(path), str(path))
+
+
+# --- Many files (the predict CLI).
+
+
+def list_images(spec: str | pathlib.Path) -> list[pathlib.Path]:
+  """A folder (its files, sorted, hidden ones skipped), a glob pattern or one file -> file paths.
+
+  Every file is returned, images or not: non-images are rejected one by one, with their name, by
+  `predict_paths`, rather than silently skipped.
+  """
+  path = pathlib.Path(spec)
+  if path.is_dir():
+    return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+  if path.is_file():
+    return [path]
+  matches = sorted(pathlib.Path(p) for p in glob.glob(str(spec), recursive=True))
+  files = [p for p in matches if p.is_file()]
+  if not files:
+    raise FileNotFoundError(f"{spec}: no such file or folder, and no files match it as a glob pattern")
+  return files
+
+
+def _unique_stem(path: pathlib.Path, used: set[str]) -> str:
+  stem, k = path.stem, 1
+  while stem in used:  # same file name in two folders of a glob: keep both outputs
+    stem, k = f"{path.stem}-{k}", k + 1
+  used.add(stem)
+  return stem
+
+
+def write_outputs(result: Prediction, out_dir: pathlib.Path, stem: str, display_max: float) -> None:
+  """<out>/<stem>.tiff (float32 map, original size) and <out>/<stem>_overlay.png."""
+  from efficientad_jax import visualize  # pylint: disable=g-import-not-at-top
+  out_dir.mkdir(parents=True, exist_ok=True)
+  tifffile.imwrite(out_dir / f"{stem}.tiff", result.anomaly_map.astype(np.float32))
+  overlay = visualize.overlay(result.rgb, result.anomaly_map, 0.0, display_max)
+  visualize.save_png(overlay, out_dir / f"{stem}_overlay.png")
+
+
+def predict_paths(model: LoadedModel, paths: Sequence[pathlib.Path], out_dir: str | pathlib.Path | None = None,
+                  on_result: Callable[[Prediction], Any] | None = None
+                  ) -> tuple[list[Prediction], list[tuple[str, str]]]:
+  """Predicts each file; unreadable ones are collected as (path, reason) and the others go on.
+
+  Args:
+    paths: image files (any size, gray/RGB/RGBA).
+    out_dir: if given, writes each map (TIFF) and overlay (PNG), and predictions.csv.
+    on_result: called with each Prediction as soon as it exists (e.g. to print it).
+  Returns:
+    (predictions, failures).
+  """
+  out = pathlib.Path(out_dir) if out_dir is not None else None
+  results, failures, used, rows = [], [], set(), [("file", "score", "anomalous")]
+  for path in paths:
+    try:
+      result = predict_file(model, path)
+    except DataError as e:
+      failures.append((str(path), str(e)))
+      continue
+    results.append(result)
+    if on_result is not None:
+      on_result(result)
+    if out is not None:
+      write_outputs(result, out, _unique_stem(path, used), display_max=2.0 * model.threshold)
+      rows.append((str(path), f"{result.score:.6g}", int(result.anomalous)))
+  if out is not None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.csv", "w", newline="") as f:
+      csv.writer(f).writerows(rows)  # quotes paths that hold commas
+  return results, failures

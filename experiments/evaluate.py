@@ -1,0 +1,47 @@
+"""Evaluate a trained run on its test set: metrics, maps in the official layout, curves, overlays.
+
+  python -m experiments.evaluate --workdir runs/synthetic_default_small_seed0
+  python -m experiments.evaluate --workdir RUN --set data.root=/data/mvtec_ad   # another copy of the data
+
+Writes RUN/eval/{metrics.json, results.md, anomaly_maps/, roc.png, pr.png, overlays/} and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from efficientad_jax import config as config_lib
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", required=True, help="run directory (holding model/) or a model folder")
+  p.add_argument("--out", help="output folder (default: RUN/eval)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override the saved config's data section, e.g. --set data.root=/data (repeatable)")
+  p.add_argument("--overlays", type=int, default=8, help="number of overlay pictures")
+  p.add_argument("--batch-size", type=int, default=8, help="images per predict call")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+  logging.getLogger("efficientad_jax").setLevel(logging.INFO)
+  from efficientad_jax import evaluate, predict  # after argument parsing: --help stays fast
+  cfg = None
+  if args.set:
+    try:
+      cfg = config_lib.override(predict.load(args.workdir).cfg, args.set)
+    except (ValueError, FileNotFoundError) as e:
+      raise SystemExit(f"error: {e}") from None
+  metrics = evaluate.evaluate(args.workdir, cfg=cfg, out_dir=args.out, max_overlays=args.overlays,
+                              batch_size=args.batch_size)
+  print(evaluate.results_table(metrics))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,48 @@
+"""Score images with a trained model: one line per image, maps and overlays with --out.
+
+  python -m experiments.predict --model RUN --images photos/            # a folder
+  python -m experiments.predict --model RUN/model --images 'parts/*.png' --out predictions/
+
+Prints `<file>\t<score>\t<anomalous|normal>` (anomalous when score > the model's saved threshold).
+Any image size; grayscale and RGBA are converted. Unreadable or non-image files are reported on stderr
+with their name, the others still run, and the exit code is 1 if any failed.
+With --out: <out>/<name>.tiff (float32 map at the image's size), <out>/<name>_overlay.png, predictions.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", required=True, help="run directory (holding model/) or the model folder")
+  p.add_argument("--images", required=True, help="a folder, an image file or a glob pattern (quote it)")
+  p.add_argument("--out", help="folder for maps (TIFF), overlays (PNG) and predictions.csv")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+  from efficientad_jax import predict  # after argument parsing: --help stays fast
+  try:
+    paths = predict.list_images(args.images)
+    model = predict.load(args.model)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"error: {e}") from None
+  print(f"# threshold {model.threshold:.6g} (score > threshold: anomalous)", flush=True)
+  show = lambda r: print(f"{r.name}\t{r.score:.6g}\t{'anomalous' if r.anomalous else 'normal'}",  # noqa: E731
+                         flush=True)
+  results, failures = predict.predict_paths(model, paths, args.out, on_result=show)
+  for path, reason in failures:
+    print(f"error: {path}: {reason}", file=sys.stderr)
+  if failures:
+    print(f"{len(failures)} of {len(paths)} files failed; {len(results)} predicted", file=sys.stderr)
+  return 1 if failures else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

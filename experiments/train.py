@@ -1,0 +1,79 @@
+"""Train (and evaluate) EfficientAD.
+
+  python -m experiments.train                                  # synthetic CPU demo (a few minutes)
+  python -m experiments.train --dataset mvtec_loco --size M --workdir runs/loco_bb \
+      --set data.root=/data/mvtec_loco --set data.category=breakfast_box \
+      --set train.teacher_checkpoint=teachers/medium
+
+Config: experiments/configs/<dataset>.py `get_config(size)`, or --config FILE (a .py with get_config);
+every field can be overridden with --set section.field=value. Re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import pathlib
+import sys
+
+from efficientad_jax import config as config_lib
+
+CONFIGS = pathlib.Path(__file__).parent / "configs"
+
+
+def load_config(dataset: str, size: str, config_file: str | None):
+  path = pathlib.Path(config_file) if config_file else CONFIGS / f"{dataset}.py"
+  if not path.is_file():
+    known = sorted(p.stem for p in CONFIGS.glob("*.py") if p.stem not in ("__init__", "common"))
+    raise SystemExit(f"error: no config {path}; datasets: {', '.join(known)}")
+  spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(size)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--dataset", default="synthetic", help="synthetic | mvtec_ad | mvtec_loco | visa | folder")
+  p.add_argument("--size", default="small", help="S/small or M/medium (tiny variants: e.g. 'small,tiny')")
+  p.add_argument("--config", help="a config .py with get_config(arg), instead of --dataset")
+  p.add_argument("--workdir", help="run directory (default: runs/<dataset>_<category>_<size>_seed<seed>)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config field, e.g. --set train.steps=1000 (repeatable)")
+  p.add_argument("--no-eval", action="store_true", help="train and calibrate only")
+  p.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize() (multi-host; reads the usual cluster env vars)")
+  return p.parse_args(argv)
+
+
+def default_workdir(cfg) -> str:
+  d = cfg.data
+  return f"runs/{d.dataset}_{d.category or 'default'}_{cfg.model.size}_seed{cfg.train.seed}"
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+  logging.getLogger("efficientad_jax").setLevel(logging.INFO)
+  if args.distributed:
+    import jax
+    jax.distributed.initialize()
+  try:
+    cfg = config_lib.override(load_config(args.dataset, args.size, args.config), args.set)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+  from efficientad_jax import trainer  # after distributed init
+  workdir = args.workdir or default_workdir(cfg)
+  model = trainer.train(cfg, workdir)
+  print(f"model: {model}")
+  if not args.no_eval:
+    from efficientad_jax import evaluate
+    metrics = evaluate.evaluate(workdir)
+    print(json.dumps(metrics, indent=2, default=str))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,106 @@
+"""TFDS builders (array_record, no TensorFlow) read back with tfds.data_source (SPEC 2)."""
+
+import dataclasses
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from efficientad_jax.config import DataConfig
+from efficientad_jax.data import api
+from efficientad_jax.data.records import DataError
+from tests.test_data_indexes import make_visa
+
+
+def test_tensorflow_is_not_installed():
+  # The builders must work without TF; if this fails, the environment changed, not the code.
+  assert importlib.util.find_spec("tensorflow") is None
+
+
+def _both(cfg):
+  return (api.make_datasets(cfg, 24, seed=0),
+          api.make_datasets(dataclasses.replace(cfg, source="files"), 24, seed=0))
+
+
+def _same_records(a, b):
+  by_id = {r["id"]: r for r in b}
+  got = list(a)
+  assert sorted(r["id"] for r in got) == sorted(by_id)
+  for rec in got:
+    ref = by_id[rec["id"]]
+    for key in rec:
+      if key == "channels":
+        strip = lambda cs: [{k: v for k, v in c.items() if k != "mask"} for c in cs]  # noqa: E731
+        assert strip(rec[key]) == strip(ref[key])
+        assert all(np.array_equal(x["mask"], y["mask"]) for x, y in zip(rec[key], ref[key]))
+      else:
+        assert np.array_equal(rec[key], ref[key]), (rec["id"], key)
+
+
+def test_mvtec_ad_tfds_matches_files(fixtures, tmp_path):
+  cfg = DataConfig(dataset="mvtec_ad", root=str(fixtures / "mvtec_ad/dataset"), category="bottle",
+                   source="tfds", tfds_data_dir=str(tmp_path / "tfds"))
+  via_tfds, via_files = _both(cfg)
+  _same_records(via_tfds.test, via_files.test)
+  _same_records(via_tfds.validation, via_files.validation)  # the same seeded hold-out
+  _same_records(via_tfds.train_eval, via_files.train_eval)
+  assert list((tmp_path / "tfds/mvtec_ad/bottle/1.0.0").glob("*.array_record-*"))
+  batch = next(via_tfds.train_iter(2))
+  assert batch["image"].shape == (2, 24, 24, 3)
+
+
+def test_loco_tfds_records_and_saturation(fixtures, tmp_path):
+  cfg = DataConfig(dataset="mvtec_loco", root=str(fixtures / "mvtec_loco/dataset"),
+                   category="pushpins", source="tfds", tfds_data_dir=str(tmp_path / "tfds"))
+  via_tfds, via_files = _both(cfg)
+  _same_records(via_tfds.test, via_files.test)
+  _same_records(via_tfds.validation, via_files.validation)
+  assert via_tfds.info["defects_config"] == via_files.info["defects_config"]
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  raw = tfds.data_source("mvtec_loco/pushpins", split="test", data_dir=str(tmp_path / "tfds"),
+                         download=False)
+  expected = json.loads((fixtures / "mvtec_loco/expected.json").read_text())
+  want = {f"test/{i['split']}/{i['id']}": [c["saturation_area"] for c in i["channels"]]
+          for i in expected["images"]}
+  for rec in raw:
+    assert list(rec["channel_saturation_areas"]) == want[rec["id"].decode()]
+    assert (rec["height"], rec["width"]) == (72, 104)
+
+
+def test_visa_tfds(tmp_path):
+  root = make_visa(tmp_path / "visa")
+  cfg = DataConfig(dataset="visa", root=str(root), category="candle", source="tfds",
+                   tfds_data_dir=str(tmp_path / "tfds"), validation_fraction=0.25)
+  via_tfds, via_files = _both(cfg)
+  _same_records(via_tfds.test, via_files.test)
+  _same_records(via_tfds.validation, via_files.validation)
+
+
+def test_failed_build_leaves_no_cache_and_build_is_cached(fixtures, tmp_path):
+  shutil.copytree(fixtures / "mvtec_ad/dataset", tmp_path / "ad")
+  (tmp_path / "ad/bottle/test/good/002.png").write_bytes(b"broken")
+  data_dir = tmp_path / "tfds"
+  cfg = DataConfig(dataset="mvtec_ad", root=str(tmp_path / "ad"), category="bottle",
+                   source="tfds", tfds_data_dir=str(data_dir))
+  with pytest.raises(Exception, match=r"good/002.png: corrupt"):
+    api.make_datasets(cfg, 24, 0)
+  leftovers = [p for p in data_dir.rglob("*") if p.is_file() and ".config" not in p.parts]
+  assert leftovers == []  # no records, no dataset_info: nothing that looks like a cache
+  shutil.copy(fixtures / "mvtec_ad/dataset/bottle/test/good/002.png",
+              tmp_path / "ad/bottle/test/good/002.png")
+  api.make_datasets(cfg, 24, 0)
+  shards = sorted((data_dir / "mvtec_ad/bottle/1.0.0").glob("*.array_record-*"))
+  stamps = [p.stat().st_mtime_ns for p in shards]
+  api.make_datasets(cfg, 24, 0)  # cached: not rebuilt
+  assert [p.stat().st_mtime_ns for p in shards] == stamps
+
+
+def test_tfds_errors(fixtures, tmp_path):
+  cfg = DataConfig(dataset="mvtec_ad", root=str(fixtures / "mvtec_ad/dataset"), category="botle",
+                   source="tfds", tfds_data_dir=str(tmp_path))
+  with pytest.raises(DataError, match=r"'botle' is not a mvtec_ad config; available: .*'bottle'"):
+    api.make_datasets(cfg, 24, 0)
+  with pytest.raises(DataError, match="supports"):
+    api.make_datasets(dataclasses.replace(cfg, dataset="folder"), 24, 0)

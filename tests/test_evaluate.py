@@ -1,0 +1,234 @@
+"""evaluate: end to end on tiny untrained models (both layouts), checked against independent paths.
+
+The maps are compared with the in-process predict function, and the metrics with the metrics functions
+fed from the TIFF files and from ground truth read straight from the dataset folders (not the data
+pipeline's records). `make_run` is shared with test_predict_export.py.
+"""
+
+import contextlib
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from efficientad_jax import checkpoint, evaluate, metrics, models, normalization, predict
+from efficientad_jax import config as config_lib
+from efficientad_jax.config import Config, DataConfig, ModelConfig
+from efficientad_jax.data import generate_synthetic, make_datasets
+from efficientad_jax.inference import Detector
+
+SIZE = 64
+B = 6  # not a divisor of the 8 (MVTec AD) and 16 (LOCO) test images: the last batch is padded
+
+
+def random_params(nets: models.Models, seed: int) -> dict:
+  """Random params in the structure of `models.init_params` (its shapes via eval_shape: the real
+  init takes ~20 s on CPU), uniform +-1/sqrt(fan_in) like PyTorch's default."""
+  shapes = jax.eval_shape(lambda k: models.init_params(nets, k, SIZE), jax.random.key(0))
+  rng = np.random.default_rng(seed)
+
+  def draw(s):
+    fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 64
+    return rng.uniform(-1, 1, s.shape).astype(np.float32) / np.sqrt(fan_in)
+
+  return jax.tree_util.tree_map(draw, shapes)
+
+
+def padded(images: np.ndarray) -> np.ndarray:
+  return np.concatenate([images, np.repeat(images[-1:], B - len(images), axis=0)])
+
+
+def make_run(root: pathlib.Path, layout: str) -> pathlib.Path:
+  """A saved, untrained model on a synthetic dataset in `layout`; returns the run folder.
+
+  Map quantiles and threshold are calibrated on the validation images with the same jitted predict
+  (and batch shape) as evaluation, so the whole module compiles predict once.
+  """
+  generate_synthetic(root / "data", layout=layout, size=SIZE, num_train=4, num_test=2, num_validation=2)
+  cfg = Config(model=ModelConfig(image_size=SIZE),
+               data=DataConfig(dataset=layout, root=str(root / "data"), category="widget"))
+  nets, predict_fn = predict.compiled_predict(cfg.model, cfg.maps)
+  c = cfg.model.teacher_channels
+  stats = normalization.TeacherStats(np.zeros(c, np.float32), np.ones(c, np.float32))
+  unit = normalization.MapQuantiles(*(np.float32(v) for v in (0, 1, 0, 1)))
+  detector = Detector(params=random_params(nets, seed=0), teacher_stats=stats, quantiles=unit)
+  ds = make_datasets(cfg.data, SIZE, seed=0)
+  val = np.stack([r["image"] for r in ds.validation])
+  out = predict_fn(detector, padded(val), out_size=(SIZE, SIZE))  # raw maps don't depend on quantiles
+  q = normalization.fit_map_quantiles(np.asarray(out["map_st"])[:len(val)], np.asarray(out["map_ae"])[:len(val)],
+                                      cfg.maps.q_start, cfg.maps.q_end)
+  detector = detector.replace(quantiles=q)
+  scores = np.asarray(predict_fn(detector, padded(val), out_size=(SIZE, SIZE))["score"])[:len(val)]
+  meta = {"config": config_lib.to_dict(cfg), "threshold": float(np.quantile(scores, 0.99)),
+          "image_size": SIZE, "model_size": "small", "teacher": "random", "steps": 0}
+  checkpoint.save_model(root / "run" / "model", detector, meta)
+  return root / "run"
+
+
+@contextlib.contextmanager
+def count_compiles(fun_name: str = "jit(predict)"):
+  """Yields a list that collects one entry per XLA compilation of `fun_name` inside the block."""
+  compiled = []
+
+  def listener(event, secs, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration" and kwargs.get("fun_name") == fun_name:
+      compiled.append(secs)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield compiled
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def evaluated(tmp_path_factory, layout: str):
+  """(run, metrics). Evaluation compiles nothing new here: all test images have one size, and its
+  padded batches have the shape the calibration in make_run already compiled (one compile per size)."""
+  run = make_run(tmp_path_factory.mktemp(layout), layout)
+  with count_compiles() as compiled:
+    m = evaluate.evaluate(run, max_overlays=3, batch_size=B, progress=False)
+  assert not compiled, "evaluate compiled predict again for an already compiled size"
+  return run, m
+
+
+@pytest.fixture(scope="module")
+def ad(tmp_path_factory):
+  return evaluated(tmp_path_factory, "mvtec_ad")
+
+
+@pytest.fixture(scope="module")
+def loco(tmp_path_factory):
+  return evaluated(tmp_path_factory, "mvtec_loco")
+
+
+def dataset_dir(run: pathlib.Path) -> pathlib.Path:
+  return run.parent / "data" / "widget"
+
+
+def test_files_in_official_layout(ad, loco):
+  for run, m in (ad, loco):
+    out = run / "eval"
+    for name in ("metrics.json", "results.md", "roc.png", "pr.png"):
+      assert (out / name).is_file(), name
+    images = sorted(p.relative_to(dataset_dir(run)).with_suffix(".tiff")
+                    for p in (dataset_dir(run) / "test").rglob("*.png"))
+    maps = sorted(p.relative_to(out / "anomaly_maps" / "widget")
+                  for p in (out / "anomaly_maps" / "widget").rglob("*.tiff"))
+    assert maps == images and len(maps) == m["num_images"]  # test/<defect>/<stem>.tiff, one per image
+    assert len(list((out / "overlays").rglob("*.png"))) == 3
+    assert set(m) == {"dataset", "category", "model", "layout", "num_images", "num_anomalous", "metrics",
+                      "decision"}
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(evaluate._jsonable(m)))
+    assert "| widget |" in (out / "results.md").read_text()
+  assert ad[1]["layout"] == "mvtec_ad" and loco[1]["layout"] == "mvtec_loco"
+  assert set(ad[1]["metrics"]["au_pro"]) == set(metrics.PRO_LIMITS)
+  assert set(loco[1]["metrics"]) == {"structural", "logical", "mean"}
+  assert set(loco[1]["metrics"]["mean"]["au_spro"]) == set(metrics.SPRO_LIMITS)
+
+
+def read_maps(run: pathlib.Path, ids) -> list[np.ndarray]:
+  return [tifffile.imread(run / "eval" / "anomaly_maps" / "widget" / f"{i}.tiff") for i in ids]
+
+
+@pytest.mark.parametrize("layout", ["ad", "loco"])
+def test_tiff_maps_equal_in_process_predict(layout, request):
+  run, _ = request.getfixturevalue(layout)
+  model = predict.load(run)
+  records = list(make_datasets(model.cfg.data, SIZE, seed=0).test)
+  for start in range(0, len(records), B):
+    chunk = records[start:start + B]
+    out = model.predict_fn(model.detector, padded(np.stack([r["image"] for r in chunk])), out_size=(SIZE, SIZE))
+    tiffs = read_maps(run, [r["id"] for r in chunk])
+    for k, tiff in enumerate(tiffs):
+      assert tiff.dtype == np.float32 and tiff.shape == (SIZE, SIZE)
+      np.testing.assert_array_equal(tiff, np.asarray(out["anomaly_map"][k]))
+
+
+def test_ad_metrics_equal_direct_computation(ad):
+  run, m = ad
+  base = dataset_dir(run)
+  images = sorted((base / "test").rglob("*.png"))
+  ids = [str(p.relative_to(base).with_suffix("")) for p in images]
+  maps = read_maps(run, ids)
+  masks, labels = [], []
+  for p in images:
+    defect = p.parent.name
+    labels.append(int(defect != "good"))
+    gt = base / "ground_truth" / defect / f"{p.stem}_mask.png"
+    masks.append(np.asarray(Image.open(gt)) > 0 if defect != "good" else np.zeros((SIZE, SIZE), bool))
+  assert m["metrics"] == metrics.mvtec_ad_metrics(maps, masks, labels)
+  scores, labels = np.array([x.max() for x in maps]), np.array(labels)
+  threshold = m["decision"]["saved_threshold"]
+  assert m["decision"]["accuracy_at_saved"] == pytest.approx(np.mean((scores > threshold) == labels))
+  assert m["decision"]["f1_optimal_threshold"] == pytest.approx(m["metrics"]["image_threshold"])
+  assert threshold == checkpoint.load_model(run / "model")[1]["threshold"]  # never overwritten
+
+
+def test_loco_metrics_equal_direct_computation(loco):
+  run, m = loco
+  base = dataset_dir(run)
+  config = json.loads((base / "defects_config.json").read_text())
+  images = sorted((base / "test").rglob("*.png"))
+  maps = read_maps(run, [str(p.relative_to(base).with_suffix("")) for p in images])
+  splits = [p.parent.name for p in images]
+  channels = [[metrics.channel_from_gt(gt, config)[0]
+               for gt in sorted((base / "ground_truth" / p.parent.name / p.stem).glob("*.png"))]
+              for p in images]
+  assert m["metrics"] == metrics.mvtec_loco_metrics(maps, channels, splits)
+  labels = np.array([s != "good" for s in splits])
+  assert m["num_anomalous"] == labels.sum() == 14
+
+
+def test_size_batches_groups_sizes_and_pads():
+  sizes = [(4, 6), (5, 5), (4, 6), (4, 6), (5, 5), (4, 6), (4, 6)]
+  records = [(i, {"orig_size": np.array(s), "image": np.full((2, 2, 3), i, np.float32)})
+             for i, s in enumerate(sizes)]
+  batches = list(evaluate.size_batches(records, 3))
+  assert sorted(i for _, idx, _ in batches for i in idx) == list(range(len(sizes)))
+  for size, idx, images in batches:
+    assert images.shape == (3, 2, 2, 3)  # always full: one compile per size
+    assert all(sizes[i] == size for i in idx)
+    np.testing.assert_array_equal(images[:len(idx), 0, 0, 0], idx)
+    np.testing.assert_array_equal(images[len(idx):, 0, 0, 0], idx[-1])  # padded with the last image
+  assert [len(idx) for _, idx, _ in batches] == [3, 2, 2]
+
+
+def test_decision_metrics_by_hand():
+  scores, labels = np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])
+  d = evaluate.decision_metrics(scores, labels, threshold=0.35)
+  assert d["accuracy_at_saved"] == 0.5  # 0.35 is not > 0.35
+  assert (d["tpr_at_saved"], d["fpr_at_saved"]) == (0.5, 0.5)
+  assert d["f1_optimal_threshold"] == 0.35 and d["f1_at_optimal"] == pytest.approx(0.8)
+  assert d["accuracy_at_f1_optimal"] == 0.75
+
+
+def test_overlay_marks_ground_truth():
+  from efficientad_jax import visualize
+  rgb = np.zeros((16, 16, 3), np.uint8)
+  mask = np.zeros((16, 16), bool)
+  mask[4:10, 4:10] = True
+  out = visualize.overlay(rgb, np.zeros((16, 16)), 0.0, 1.0, mask=mask)
+  assert (out[4, 4] == visualize.CONTOUR_RGB).all() and not (out[6, 6] == visualize.CONTOUR_RGB).all()
+  with pytest.raises(ValueError, match="sizes differ"):
+    visualize.overlay(rgb, np.zeros((8, 8)), 0.0, 1.0)
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not a saved EfficientAD model"):
+    evaluate.evaluate(tmp_path)
+
+
+def test_predict_records_compiles_once_per_original_size(ad):
+  model = predict.load(ad[0])
+  base = list(make_datasets(model.cfg.data, SIZE, seed=0).test)[:7]
+  records = [dict(r, orig_size=np.array((48, 80) if i % 2 else (SIZE, SIZE))) for i, r in enumerate(base)]
+  with count_compiles() as compiled:
+    infos, maps, scores, kept = evaluate.predict_records(model, records, B, keep_images=[1], progress=False)
+  assert len(compiled) == 1  # only (48, 80) is new: (64, 64) at batch B was compiled by make_run
+  assert [m.shape for m in maps] == [tuple(r["orig_size"]) for r in records]
+  np.testing.assert_array_equal(scores, [m.max() for m in maps])
+  assert list(kept) == [1] and "image" not in infos[0] and infos[3]["id"] == records[3]["id"]
