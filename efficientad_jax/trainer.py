@@ -7,6 +7,7 @@ quantiles and the decision threshold on validation normals, and writes the compl
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import pathlib
@@ -29,6 +30,14 @@ log = logging.getLogger("efficientad_jax")
 
 class TrainingDiverged(RuntimeError):
   """A loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def resolve_paths(cfg: Config, workdir: pathlib.Path) -> Config:
+  """The synthetic dataset without a root is generated inside the run (RUN/data), never in a shared folder
+  that another run with other synthetic settings could regenerate under it."""
+  if cfg.data.dataset == "synthetic" and not cfg.data.root:
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(workdir / "data")))
+  return cfg
 
 
 def write_config(workdir: pathlib.Path, cfg: Config) -> None:
@@ -122,6 +131,7 @@ def _log_writer(workdir: pathlib.Path):
 def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) -> pathlib.Path:
   """Trains, calibrates and saves the complete model; returns RUN/model. Resumes from RUN/checkpoints."""
   workdir = pathlib.Path(workdir).absolute()
+  cfg = resolve_paths(cfg, workdir)
   write_config(workdir, cfg)
   key = jax.random.key(cfg.train.seed)
   init_key, teacher_key, step_key = jax.random.split(key, 3)

@@ -46,7 +46,9 @@ def test_training_writes_a_complete_model(tmp_path):
   assert float(q.st_end) > float(q.st_start) and float(q.ae_end) > float(q.ae_start)
   assert meta["penalty"] == "off" and meta["teacher"] == "random"
   assert meta["image_size"] == 64 and meta["model_size"] == "small" and np.isfinite(meta["threshold"])
-  assert config_lib.from_dict(config_lib.Config, meta["config"]) == cfg
+  saved = config_lib.from_dict(config_lib.Config, meta["config"])
+  assert saved == trainer.resolve_paths(cfg, (tmp_path / "run").absolute())
+  assert saved.data.root == str((tmp_path / "run" / "data").absolute())  # synthetic data live in the run
   assert (tmp_path / "run" / "config.json").exists()
   # A restart with other settings must not silently continue this run.
   with pytest.raises(ValueError, match="different config"):
