@@ -25,6 +25,9 @@ class ModelConfig:
   image_size: int = 256  # networks see image_size x image_size
   dtype: str = "float32"  # compute dtype; params, statistics and maps stay float32
   ae_dropout: float = 0.2  # decoder dropout rate (training only)
+  # Conv backward pass (models/conv.py): "auto" = matmul weight gradients on CPU (XLA:CPU's own are ~20x
+  # slower), XLA's elsewhere; "xla" | "im2col" | "shifted" force one. Same parameters and forward numbers.
+  conv_impl: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,3 +186,89 @@ def _set(node: Any, keys: list[str], text: str, path: str) -> Any:
       raise ValueError(f"override {path!r}: {keys[0]!r} is not a section")
     value = _set(child, keys[1:], text, path)
   return dataclasses.replace(node, **{keys[0]: value})
+
+
+@dataclasses.dataclass(frozen=True)
+class AstConfig:
+  """EfficientAD-AST (method 'efficientad_ast', package `efficientad_jax.ast`): EfficientNet-B5 features +
+  2-D positional encoding, a conditional normalizing-flow teacher, a residual conv student and a
+  feature-space autoencoder. Published: MVTec AD image/pixel AU-ROC 96.98 / 94.00, LOCO 73.3 / 73.5."""
+
+  data: DataConfig = DataConfig()
+  image_size: int = 768  # network input side; features are image_size / 32
+  dtype: str = "float32"  # compute dtype of the trained nets; maps and losses stay float32
+  # Backbone: torchvision EfficientNet (B5: width 1.6, depth 2.2, BN eps 1e-3) cut after features.<stages>.
+  backbone_weights: str = ""  # torchvision efficientnet_b5 state_dict .pth; "" = random weights (demo only)
+  backbone_width: float = 1.6
+  backbone_depth: float = 2.2
+  backbone_stages: int = 6  # features.0..6 -> 304 channels at stride 32
+  backbone_bn_eps: float = 1e-3
+  pos_channels: int = 32  # 2-D sinusoidal positional encoding: half for x, half for y
+  # Teacher: conditional affine-coupling flow.
+  flow_blocks: int = 4
+  flow_hidden: int = 1024
+  flow_kernel: int = 3
+  flow_clamp: float = 3.0  # log-scales soft-clamped to (-clamp, clamp)
+  flow_seed: int = 0  # the fixed channel permutations
+  flow_epochs: int = 240
+  # Student (2C outputs: [:C] predicts the teacher, [C:] the autoencoder) and autoencoder.
+  student_hidden: int = 1024
+  student_blocks: int = 4
+  student_kernel: int = 3
+  leaky_slope: float = 0.01  # PyTorch LeakyReLU default
+  bn_momentum: float = 0.9  # Flax convention (= PyTorch momentum 0.1)
+  bn_eps: float = 1e-5
+  ae_channels: int = 64
+  ae_dropout: float = 0.2
+  student_epochs: int = 100  # maximum; early stopping on validation-normal loss
+  patience_fraction: float = 0.1  # patience = max(1, int(fraction * student_epochs)) epochs
+  # Optimisation (both stages): Adam with coupled L2 weight decay, constant learning rate.
+  learning_rate: float = 2e-4
+  weight_decay: float = 1e-5
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  batch_size: int = 8  # global batch, divisible by the device count
+  # Maps: combined = st_weight * map_st + ae_weight * map_ae, no normalisation, no padding; score = max.
+  st_weight: float = 0.5
+  ae_weight: float = 0.5
+  threshold_quantile: float = 0.99  # decision threshold: this quantile of validation image scores
+  seed: int = 0
+  checkpoint_every: int = 10  # epochs
+  max_to_keep: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """Teacher distillation on ImageNet (SPEC section 5; paper section 3.1).
+
+  The student of this stage is the padded PDN at `image_size` (output image_size / 4); the target comes from
+  WideResNet layer2 / layer3 at `backbone_size`, so layer2's grid (backbone_size / 8) must equal it.
+  """
+
+  size: str = "small"  # PDN-S or PDN-M being distilled
+  channels: int = 384  # teacher output channels = target channels
+  imagenet: str = ""  # image folder (searched recursively) or "tfds:imagenet2012"
+  tfds_data_dir: str = ""
+  backbone_weights: str = ""  # torchvision wide_resnet101_2 state_dict .pth
+  backbone_blocks: tuple[int, int, int] = (3, 4, 23)  # bottlenecks in layer1..3 (tests shrink these)
+  backbone_planes: tuple[int, int, int] = (64, 128, 256)
+  backbone_width: int = 2  # "wide": bottleneck width = planes * 2
+  backbone_stem: int = 64
+  layer_dim: int = 1024  # each layer's unfolded 3x3 patch vector is pooled to this
+  image_size: int = 256  # student input
+  backbone_size: int = 512  # backbone input (the same image)
+  grayscale_prob: float = 0.1  # RandomGrayscale before both networks
+  mean: tuple[float, float, float] = IMAGENET_MEAN
+  std: tuple[float, float, float] = IMAGENET_STD
+  steps: int = 60_000
+  batch_size: int = 16  # global batch, sharded over all devices
+  learning_rate: float = 1e-4  # Adam, no schedule
+  weight_decay: float = 1e-5  # coupled L2 (PyTorch Adam(weight_decay=))
+  num_stat_images: int = 10_000  # target channel statistics (rounded down to whole batches)
+  seed: int = 0
+  checkpoint_every: int = 5_000
+  max_to_keep: int = 2
+  log_every: int = 100
+  num_workers: int = 0  # grain worker processes
+  prefetch: int = 2

@@ -171,3 +171,16 @@ def test_folder_index(tmp_path):
   Image.new("L", (8, 8)).save(tmp_path / "ground_truth/dent/a_mask.png")
   test = indexes.index_folder(tmp_path, "", seed=0).test
   assert [(s.id, s.label) for s in test] == [("test/dent/a", 1)]
+
+
+def test_concurrent_generation_of_the_same_synthetic_tree(tmp_path):
+  """Processes of one multi-process run generate the same tree at once; all must end with one valid tree."""
+  import concurrent.futures
+  from efficientad_jax.data import generate_synthetic, index_mvtec_loco
+  args = dict(layout="mvtec_loco", size=32, num_train=3, num_test=2, num_validation=2)
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    paths = list(pool.map(lambda _: generate_synthetic(tmp_path, **args), range(4)))
+  assert len(set(paths)) == 1
+  splits = index_mvtec_loco(tmp_path, "widget")
+  assert len(splits.train) == 3 and len(splits.test) == 2 + 2 * 4 + 2 * 3
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary trees left behind

@@ -195,6 +195,13 @@ def _write_tree(base: pathlib.Path, layout: str, size: int, seed: int, counts: d
             mask.astype(np.uint8) * values[defect])
 
 
+def _made_with(stamp: pathlib.Path, params: dict) -> bool:
+  try:
+    return json.loads(stamp.read_text()) == params
+  except (OSError, ValueError):
+    return False
+
+
 def generate_synthetic(root: str | pathlib.Path, layout: str = "mvtec_ad", size: int = 64,
                        num_train: int = 40, seed: int = 0, category: str = "widget",
                        num_validation: int = 8, num_test: int = 8) -> pathlib.Path:
@@ -224,7 +231,7 @@ def generate_synthetic(root: str | pathlib.Path, layout: str = "mvtec_ad", size:
   root = pathlib.Path(root)
   target = root / category
   stamp = target / "synthetic.json"
-  if stamp.is_file() and json.loads(stamp.read_text()) == params:
+  if _made_with(stamp, params):
     return target
   if target.exists() and not stamp.is_file():
     raise FileExistsError(f"{target} exists and is not a synthetic dataset; choose another root")
@@ -233,9 +240,17 @@ def generate_synthetic(root: str | pathlib.Path, layout: str = "mvtec_ad", size:
   try:
     _write_tree(tmp, layout, size, seed, counts)
     (tmp / "synthetic.json").write_text(json.dumps(params))
+    # Several processes of one run may generate the same tree at once: the first rename wins and the
+    # others use its tree; only a tree made with OTHER arguments is replaced.
+    if _made_with(stamp, params):
+      return target
     if target.exists():
       shutil.rmtree(target)  # ours (it has synthetic.json), made with other arguments
-    tmp.rename(target)
+    try:
+      tmp.rename(target)
+    except OSError:
+      if not _made_with(stamp, params):
+        raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return target

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from efficientad_jax.models.conv import conv_fn_for
+
 # (kernel, in_channels_or_None_for_input, out_channels_or_None_for_C, padding_units, relu_after, pool_after)
 # padding_units is multiplied by p = 1 if padded else 0 (SPEC: "pad 3p", "pad p").
 _SMALL = (
@@ -47,12 +49,16 @@ def torch_default_init(fan_in: int):
 
 
 def conv(features: int, kernel: int, in_channels: int, *, padding: int = 0, stride: int = 1,
-         dtype: Any = jnp.float32, name: str) -> nn.Conv:
-  """A PyTorch-equivalent Conv2d: symmetric zero padding, bias, PyTorch default init, float32 params."""
+         dtype: Any = jnp.float32, impl: str = "auto", name: str) -> nn.Conv:
+  """A PyTorch-equivalent Conv2d: symmetric zero padding, bias, PyTorch default init, float32 params.
+
+  `impl` (ModelConfig.conv_impl) picks the backward pass only (models/conv.py: XLA:CPU's own weight gradient
+  is ~20x slower than a matmul); parameters and forward numbers are those of `nn.Conv` whatever the impl.
+  """
   init = torch_default_init(in_channels * kernel * kernel)
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)), dtype=dtype, param_dtype=jnp.float32,
-                 kernel_init=init, bias_init=init, name=name)
+                 kernel_init=init, bias_init=init, conv_general_dilated=conv_fn_for(impl), name=name)
 
 
 class PDN(nn.Module):

@@ -1,0 +1,179 @@
+"""EfficientAD-AST: the networks, `build(cfg)`, the one inference path and the saved-model round trip.
+
+Inference (images -> maps), method name 'efficientad_ast':
+  f = EfficientNet trunk(images)        [B, g, g, C]   (C = 304, g = S / 32 = 24 at S = 768)
+  p = positional encoding               [B, g, g, P]   (P = 32)
+  z = flow(f, p)                        teacher output [B, g, g, C]
+  s = student([f | p])                  [B, g, g, 2C]
+  a = autoencoder(f)                    [B, g, g, C]
+  map_st = mean_c (z - s[:C])^2;  map_ae = mean_c (a - s[C:])^2
+  map_combined = st_weight * map_st + ae_weight * map_ae   (no quantile normalisation)
+  anomaly_map = bilinear resize of map_combined to the original size (NO padding);  score = max.
+`predict` returns the same keys as `efficientad_jax.inference.predict`, so evaluation and the benchmark work
+unchanged. The model is stored with `checkpoint.save_model`: `Detector.params` holds {'backbone', 'flow',
+'student', 'student_stats' (BatchNorm running statistics), 'autoencoder'}; AST has no teacher normalisation
+and no map normalisation, so `Detector.teacher_stats` / `.quantiles` hold the identity (mean 0, std 1;
+start 0, end 1) only because the shared model format requires them; `predict` never reads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from efficientad_jax import checkpoint
+from efficientad_jax import config as config_lib
+from efficientad_jax.ast import efficientnet
+from efficientad_jax.ast.autoencoder import FeatureAutoencoder
+from efficientad_jax.ast.flow import ConditionalFlow, positional_encoding
+from efficientad_jax.ast.student import ResidualStudent
+from efficientad_jax.config import AstConfig
+from efficientad_jax.inference import Detector
+from efficientad_jax.models import resize
+from efficientad_jax.normalization import MapQuantiles, TeacherStats
+
+METHOD = "efficientad_ast"
+
+
+class Nets(NamedTuple):
+  backbone: efficientnet.EfficientNetTrunk
+  flow: ConditionalFlow
+  student: ResidualStudent
+  autoencoder: FeatureAutoencoder
+  channels: int  # C, feature channels
+  grid: int  # g, feature grid side
+  pos_channels: int  # P
+
+
+def build(cfg: AstConfig) -> Nets:
+  """The four networks for `cfg` (B5 by default: C = 304, g = image_size / 32)."""
+  stride = efficientnet.feature_stride(cfg.backbone_stages)
+  if cfg.image_size % stride:
+    raise ValueError(f"image_size {cfg.image_size} must be a multiple of the backbone stride {stride}")
+  dtype = jnp.dtype(cfg.dtype)
+  c = efficientnet.feature_channels(cfg.backbone_width, cfg.backbone_stages)
+  p = cfg.pos_channels
+  return Nets(
+      backbone=efficientnet.EfficientNetTrunk(cfg.backbone_width, cfg.backbone_depth, cfg.backbone_stages,
+                                              cfg.backbone_bn_eps),
+      flow=ConditionalFlow(c, p, cfg.flow_blocks, cfg.flow_hidden, cfg.flow_kernel, cfg.flow_clamp,
+                           cfg.flow_seed, dtype),
+      student=ResidualStudent(c + p, 2 * c, cfg.student_hidden, cfg.student_blocks, cfg.student_kernel,
+                              cfg.leaky_slope, cfg.bn_momentum, cfg.bn_eps, dtype),
+      autoencoder=FeatureAutoencoder(c, c, cfg.ae_channels, cfg.ae_dropout, dtype),
+      channels=c, grid=cfg.image_size // stride, pos_channels=p)
+
+
+def init_params(nets: Nets, key: jax.Array, image_size: int) -> dict:
+  """Fresh {'backbone', 'flow', 'student', 'student_stats', 'autoencoder'} (backbone: random, see trainer)."""
+  kb, kf, ks, ka = jax.random.split(key, 4)
+  g, c, p = nets.grid, nets.channels, nets.pos_channels
+  f = jnp.zeros((1, g, g, c))
+  student = nets.student.init(ks, jnp.zeros((1, g, g, c + p)))
+  return {"backbone": nets.backbone.init(kb, jnp.zeros((1, image_size, image_size, 3)))["params"],
+          "flow": nets.flow.init(kf, f, jnp.zeros((1, g, g, p)))["params"],
+          "student": student["params"], "student_stats": student["batch_stats"],
+          "autoencoder": nets.autoencoder.init(ka, f)["params"]}
+
+
+def cond(nets: Nets, batch: int) -> jnp.ndarray:
+  """The positional encoding [batch, g, g, P] (a constant of the grid)."""
+  pe = jnp.asarray(positional_encoding(nets.pos_channels, nets.grid, nets.grid))
+  return jnp.broadcast_to(pe, (batch, *pe.shape))
+
+
+def features(nets: Nets, backbone: dict, images: jnp.ndarray) -> jnp.ndarray:
+  """images [B, S, S, 3] (ImageNet-normalised) -> backbone features [B, g, g, C] float32."""
+  return nets.backbone.apply({"params": backbone}, images).astype(jnp.float32)
+
+
+def teacher(nets: Nets, flow: dict, f: jnp.ndarray) -> jnp.ndarray:
+  """The frozen teacher's output z [B, g, g, C] for features f."""
+  z, _ = nets.flow.apply({"params": flow}, f, cond(nets, f.shape[0]))
+  return z
+
+
+def maps_from_features(nets: Nets, params: dict, f: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(map_st, map_ae), float32 [B, g, g] each, from backbone features (module doc)."""
+  c = nets.channels
+  z = teacher(nets, params["flow"], f)
+  s = nets.student.apply({"params": params["student"], "batch_stats": params["student_stats"]},
+                         jnp.concatenate([f, cond(nets, f.shape[0])], axis=-1)).astype(jnp.float32)
+  a = nets.autoencoder.apply({"params": params["autoencoder"]}, f, deterministic=True).astype(jnp.float32)
+  return jnp.mean(jnp.square(z - s[..., :c]), -1), jnp.mean(jnp.square(a - s[..., c:]), -1)
+
+
+def predict(nets: Nets, cfg: AstConfig, detector: Detector, images: jnp.ndarray,
+            out_size: Sequence[int]) -> dict[str, jnp.ndarray]:
+  """Images [B, S, S, 3] -> {'map_st', 'map_ae', 'map_combined' ([B, g, g]), 'anomaly_map' ([B, *out_size]),
+  'score' ([B])}: the keys of `efficientad_jax.inference.predict`."""
+  map_st, map_ae = maps_from_features(nets, detector.params, features(nets, detector.params["backbone"], images))
+  combined = cfg.st_weight * map_st + cfg.ae_weight * map_ae
+  anomaly_map = resize(combined[..., None], tuple(out_size))[..., 0]
+  return {"map_st": map_st, "map_ae": map_ae, "map_combined": combined, "anomaly_map": anomaly_map,
+          "score": jnp.max(anomaly_map, axis=(1, 2))}
+
+
+def make_ast_predict_fn(nets: Nets, cfg: AstConfig) -> Callable[..., dict[str, jnp.ndarray]]:
+  """The jitted `predict`: fn(detector, images, out_size) with out_size static (one compile per size)."""
+  return jax.jit(functools.partial(predict, nets, cfg), static_argnames="out_size")
+
+
+# --- The saved model.
+
+
+def make_detector(params: dict) -> Detector:
+  """Wraps AST params in the shared `Detector` (identity statistics and quantiles: see the module doc)."""
+  c = params["autoencoder"]["out2"]["bias"].shape[0]
+  one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
+  return Detector(params=params, teacher_stats=TeacherStats(mean=jnp.zeros(c), std=jnp.ones(c)),
+                  quantiles=MapQuantiles(st_start=zero, st_end=one, ae_start=zero, ae_end=one))
+
+
+def save_ast_model(path: str | pathlib.Path, params: dict, meta: dict) -> pathlib.Path:
+  """`checkpoint.save_model` with meta['method'] = 'efficientad_ast'."""
+  return checkpoint.save_model(path, make_detector(params), dict(meta, method=METHOD))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedAst:
+  """A saved AST model ready for inference; the attributes of `predict.LoadedModel` that evaluation reads."""
+
+  detector: Detector
+  cfg: AstConfig
+  meta: dict
+  nets: Nets
+  predict_fn: Callable[..., dict]
+
+  @property
+  def image_size(self) -> int:
+    return int(self.meta["image_size"])
+
+  @property
+  def threshold(self) -> float:
+    return float(self.meta["threshold"])
+
+
+@functools.lru_cache(maxsize=4)
+def compiled_predict(cfg: AstConfig) -> tuple[Nets, Callable]:
+  nets = build(cfg)
+  return nets, make_ast_predict_fn(nets, cfg)
+
+
+def load_ast(path: str | pathlib.Path) -> LoadedAst:
+  """Restores a model written by `train_ast` from RUN or RUN/model."""
+  path = pathlib.Path(path)
+  path = path / "model" if (path / "model" / "meta").exists() else path
+  detector, meta = checkpoint.load_model(path)
+  if meta.get("method") != METHOD:
+    raise ValueError(f"{path}: meta['method'] is {meta.get('method')!r}, not {METHOD!r}")
+  cfg = config_lib.from_dict(AstConfig, meta["config"])
+  nets, predict_fn = compiled_predict(cfg)
+  return LoadedAst(detector=jax.device_put(detector), cfg=cfg, meta=meta, nets=nets, predict_fn=predict_fn)
+

@@ -1,0 +1,134 @@
+"""EfficientAD-AST training states, losses and pure steps (no I/O). The caller jits them (`compile_step`).
+
+Both stages read precomputed backbone features (the backbone is frozen and the training images are not
+augmented, so features are computed once per run):
+  stage 1, teacher:  flow params <- Adam on nll_loss(flow(f, pe))                    (flow.py)
+  stage 2, student:  L = mean (z - S[:C])^2 + mean (z - A)^2 + mean (A - S[C:])^2      on all elements
+                     z = teacher output (frozen, precomputed), S = student([f | pe]), A = autoencoder(f)
+Optimiser: PyTorch Adam(lr, eps, weight_decay) = coupled L2 added to the gradient before Adam's moments.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from efficientad_jax.ast import method
+from efficientad_jax.ast.flow import nll_loss
+from efficientad_jax.config import AstConfig
+
+
+def make_optimizer(cfg: AstConfig) -> optax.GradientTransformation:
+  return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                     optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+                     optax.scale_by_learning_rate(cfg.learning_rate))
+
+
+@flax.struct.dataclass
+class FlowState:
+  step: jnp.ndarray  # int32 scalar
+  params: dict  # flow params
+  opt_state: Any
+
+
+@flax.struct.dataclass
+class StudentState:
+  step: jnp.ndarray
+  params: dict  # {'student', 'autoencoder'}
+  batch_stats: dict  # the student's BatchNorm running statistics
+  opt_state: Any
+  best_params: dict  # params and statistics at the best validation loss so far (early stopping)
+  best_batch_stats: dict
+
+
+def init_flow_state(params: dict, tx: optax.GradientTransformation) -> FlowState:
+  return FlowState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def init_student_state(params: dict, tx: optax.GradientTransformation) -> StudentState:
+  trainable = {"student": params["student"], "autoencoder": params["autoencoder"]}
+  return StudentState(step=jnp.zeros((), jnp.int32), params=trainable, batch_stats=params["student_stats"],
+                      opt_state=tx.init(trainable), best_params=trainable,
+                      best_batch_stats=params["student_stats"])
+
+
+def flow_train_step(nets: method.Nets, tx: optax.GradientTransformation, state: FlowState,
+                    batch: dict[str, jnp.ndarray]) -> tuple[FlowState, dict[str, jnp.ndarray]]:
+  """batch: 'features' [B, g, g, C], optional 'weight' [B, g, g] (downsampled foreground mask)."""
+  f = batch["features"]
+
+  def loss_fn(params):
+    z, logdet = nets.flow.apply({"params": params}, f, method.cond(nets, f.shape[0]))
+    return nll_loss(z, logdet, batch.get("weight"))
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return FlowState(step=state.step + 1, params=params, opt_state=opt_state), {"loss": loss}
+
+
+def student_losses(nets: method.Nets, trainable: dict, batch_stats: dict, batch: dict[str, jnp.ndarray],
+                   dropout_key: jax.Array | None) -> tuple[dict[str, jnp.ndarray], dict]:
+  """Per-sample losses [B] ('loss_st', 'loss_ae', 'loss_stae', 'loss') and the updated BN statistics.
+
+  batch: 'features' [B, g, g, C], 'target' [B, g, g, C] (teacher z). dropout_key None = evaluation mode
+  (running BN statistics, no dropout); otherwise training mode.
+  """
+  c, f, z = nets.channels, batch["features"], batch["target"]
+  train = dropout_key is not None
+  x = jnp.concatenate([f, method.cond(nets, f.shape[0])], axis=-1)
+  variables = {"params": trainable["student"], "batch_stats": batch_stats}
+  if train:
+    s, updated = nets.student.apply(variables, x, train=True, mutable=["batch_stats"])
+    batch_stats = updated["batch_stats"]
+    a = nets.autoencoder.apply({"params": trainable["autoencoder"]}, f, deterministic=False,
+                               rngs={"dropout": dropout_key})
+  else:
+    s = nets.student.apply(variables, x)
+    a = nets.autoencoder.apply({"params": trainable["autoencoder"]}, f, deterministic=True)
+  s, a = s.astype(jnp.float32), a.astype(jnp.float32)
+  per_sample = lambda u, v: jnp.mean(jnp.square(u - v), axis=(1, 2, 3))  # noqa: E731
+  out = {"loss_st": per_sample(z, s[..., :c]), "loss_ae": per_sample(z, a), "loss_stae": per_sample(a, s[..., c:])}
+  out["loss"] = out["loss_st"] + out["loss_ae"] + out["loss_stae"]
+  return out, batch_stats
+
+
+def student_train_step(nets: method.Nets, tx: optax.GradientTransformation, state: StudentState,
+                       batch: dict[str, jnp.ndarray], key: jax.Array
+                       ) -> tuple[StudentState, dict[str, jnp.ndarray]]:
+  """One update of student + autoencoder; this step's dropout key is fold_in(key, step)."""
+  dropout_key = jax.random.fold_in(key, state.step)
+
+  def loss_fn(trainable):
+    losses, stats = student_losses(nets, trainable, state.batch_stats, batch, dropout_key)
+    losses = {k: jnp.mean(v) for k, v in losses.items()}
+    return losses["loss"], (losses, stats)
+
+  grads, (losses, stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return state.replace(step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state), losses
+
+
+def student_eval_losses(nets: method.Nets, state: StudentState, batch: dict[str, jnp.ndarray]
+                        ) -> dict[str, jnp.ndarray]:
+  """Per-sample validation losses [B] of the current params (evaluation mode)."""
+  return student_losses(nets, state.params, state.batch_stats, batch, None)[0]
+
+
+def keep_best(state: StudentState) -> StudentState:
+  return state.replace(best_params=state.params, best_batch_stats=state.batch_stats)
+
+
+def compile_step(fn: Callable, mesh: jax.sharding.Mesh, kinds: Sequence[str], out_kinds: Sequence[str],
+                 donate: Sequence[int] = ()) -> Callable:
+  """jit `fn` for data parallelism: each argument/output is 'r' (replicated) or 'd' (sharded on 'data')."""
+  spec = {"r": jax.sharding.PartitionSpec(), "d": jax.sharding.PartitionSpec("data")}
+  sh = lambda kinds: tuple(jax.sharding.NamedSharding(mesh, spec[k]) for k in kinds)  # noqa: E731
+  out = sh(out_kinds)
+  return jax.jit(fn, in_shardings=sh(kinds), out_shardings=out[0] if len(out) == 1 else out,
+                 donate_argnums=tuple(donate))

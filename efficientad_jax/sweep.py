@@ -1,0 +1,365 @@
+"""Reproducibility sweeps: every (collection, category, size, seed) run, aggregated into the paper's table.
+
+  jobs = enumerate_jobs(["mvtec_ad"], ["S", "M"], range(5))     # deterministic order
+  mine = task_jobs(jobs, task_index=0, num_tasks=4)             # job k belongs to task k % n
+  statuses = run_jobs(mine, out, make_config)                   # skips finished runs, records failures
+  rows, problems = aggregate(jobs, out)                         # mean ± std over seeds, paper beside
+
+A run lives in OUT/runs/<collection>/<category>/<size>/seed<seed>; it is finished when its
+eval/metrics.json exists (written last by `evaluate.evaluate`). An interrupted run is simply run again:
+`trainer.train` resumes from its checkpoints. A failing run leaves its traceback in sweep_error.txt.
+
+Reported metrics (SPEC 6-7), in %: image AU-ROC; segmentation = AU-PRO up to FPR 0.3 (MVTec AD layout:
+MVTec AD, VisA) or AU-sPRO up to 0.05 (LOCO layout: mean of structural and logical, each also given).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import pathlib
+import traceback
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+log = logging.getLogger("efficientad_jax")
+
+COLLECTIONS = {
+    "mvtec_ad": ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
+                 "screw", "tile", "toothbrush", "transistor", "wood", "zipper"),
+    "visa": ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2",
+             "pcb3", "pcb4", "pipe_fryum"),
+    "mvtec_loco": ("breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicing_connectors"),
+    # Synthetic objects are generated under any name (`--categories`); this is the default one.
+    "synthetic": ("widget",),
+}
+TITLES = {"mvtec_ad": "MVTec AD", "visa": "VisA", "mvtec_loco": "LOCO", "synthetic": "synthetic"}
+SIZES = {"s": "S", "small": "S", "m": "M", "medium": "M"}
+PRO_LIMIT, SPRO_LIMIT = "0.3", "0.05"  # keys of metrics.json (`evaluate` writes float keys as strings)
+
+# Paper (Batzner et al., WACV 2024; SPEC 7): (collection, size, metric) -> value in %; "all" = the mean over
+# MVTec AD, VisA and LOCO.
+PAPER = {
+    ("mvtec_ad", "S", "image_auroc"): 98.8, ("mvtec_ad", "M", "image_auroc"): 99.1,
+    ("visa", "S", "image_auroc"): 97.5, ("visa", "M", "image_auroc"): 98.1,
+    ("mvtec_loco", "S", "image_auroc"): 90.0, ("mvtec_loco", "M", "image_auroc"): 90.7,
+    ("mvtec_loco", "M", "image_auroc_structural"): 94.7, ("mvtec_loco", "M", "image_auroc_logical"): 86.8,
+    ("all", "S", "image_auroc"): 95.4, ("all", "M", "image_auroc"): 96.0,
+    ("all", "S", "seg"): 92.5, ("all", "M", "seg"): 93.3,
+    ("all", "S", "latency_ms"): 2.2, ("all", "M", "latency_ms"): 4.5,
+    ("all", "S", "throughput"): 614.0, ("all", "M", "throughput"): 269.0,
+}
+PAPER_COLLECTIONS = ("mvtec_ad", "visa", "mvtec_loco")
+METRIC_NAMES = {"image_auroc": "image AU-ROC", "seg": "AU-PRO 0.3 / AU-sPRO 0.05",
+                "image_auroc_structural": "structural AU-ROC", "image_auroc_logical": "logical AU-ROC",
+                "spro_structural": "structural AU-sPRO 0.05", "spro_logical": "logical AU-sPRO 0.05"}
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Job:
+  """One training + evaluation run."""
+
+  collection: str
+  category: str
+  size: str  # "S" | "M"
+  seed: int
+
+  def run_dir(self, out: str | pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(out) / "runs" / self.collection / self.category / self.size / f"seed{self.seed}"
+
+  def __str__(self) -> str:
+    return f"{self.collection}/{self.category}/{self.size}/seed{self.seed}"
+
+
+# --- Jobs.
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+  """'0..4' (inclusive) | '0,2,7' | '0..2,7' -> sorted unique seeds."""
+  seeds = set()
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    lo, _, hi = part.partition("..")
+    seeds.update(range(int(lo), int(hi or lo) + 1))
+  if not seeds:
+    raise ValueError(f"no seeds in {text!r}")
+  return tuple(sorted(seeds))
+
+
+def parse_sizes(text: str) -> tuple[str, ...]:
+  """'S,M' | 'small,medium' -> ('S', 'M')."""
+  sizes = [p.strip().lower() for p in text.split(",") if p.strip()]
+  unknown = [s for s in sizes if s not in SIZES]
+  if unknown or not sizes:
+    raise ValueError(f"sizes must be S/small or M/medium, got {text!r}")
+  return tuple(dict.fromkeys(SIZES[s] for s in sizes))
+
+
+def enumerate_jobs(collections: Sequence[str], sizes: Sequence[str], seeds: Iterable[int],
+                   categories: Sequence[str] | None = None) -> list[Job]:
+  """Every (collection, category, size, seed) in a fixed order: collection, size, seed, category.
+
+  Seeds come before categories so that a partly finished sweep already holds complete seed-0 tables.
+
+  Args:
+    categories: restricts every collection to those of its categories named here; a name that no chosen
+      collection knows is an error (a typo must not shrink the sweep). For "synthetic" they are object names
+      to generate.
+  """
+  unknown = [c for c in categories or () if "synthetic" not in collections
+             and not any(c in COLLECTIONS.get(k, ()) for k in collections)]
+  if unknown:
+    raise ValueError(f"no chosen collection has the categories {unknown}")
+  jobs = []
+  for collection in collections:
+    if collection not in COLLECTIONS:
+      raise ValueError(f"unknown collection {collection!r}; known: {', '.join(COLLECTIONS)}")
+    cats = COLLECTIONS[collection]
+    if categories:
+      cats = tuple(categories) if collection == "synthetic" else tuple(c for c in cats if c in categories)
+    jobs += [Job(collection, c, s, int(seed)) for s in sizes for seed in seeds for c in cats]
+  return jobs
+
+
+def task_jobs(jobs: Sequence[Job], task_index: int, num_tasks: int) -> list[Job]:
+  """The jobs of one machine: job k belongs to task k % num_tasks (round robin balances sizes)."""
+  if num_tasks < 1 or not 0 <= task_index < num_tasks:
+    raise ValueError(f"need 0 <= task_index < num_tasks, got {task_index} and {num_tasks}")
+  return [job for k, job in enumerate(jobs) if k % num_tasks == task_index]
+
+
+def job_status(job: Job, out: str | pathlib.Path) -> str:
+  """'finished' (metrics.json) | 'failed' (sweep_error.txt) | 'incomplete' (started) | 'missing'."""
+  run = job.run_dir(out)
+  if (run / "eval" / "metrics.json").is_file():
+    return "finished"
+  if (run / "sweep_error.txt").is_file():
+    return "failed"
+  return "incomplete" if run.exists() else "missing"
+
+
+# --- Running.
+
+
+def run_job(job: Job, out: str | pathlib.Path, cfg) -> None:
+  """Trains (resuming any checkpoint) and evaluates one run; raises whatever they raise."""
+  from efficientad_jax import evaluate, trainer  # pylint: disable=g-import-not-at-top  (aggregation needs no jax)
+  run = job.run_dir(out)
+  trainer.train(cfg, run, progress=False)
+  evaluate.evaluate(run, progress=False)
+
+
+def run_jobs(jobs: Sequence[Job], out: str | pathlib.Path, make_config: Callable[[Job], object],
+             run_fn: Callable = run_job) -> dict[Job, str]:
+  """Runs each unfinished job in this process; a failure is recorded and the next job goes on.
+
+  Args:
+    make_config: job -> `config.Config` of that run (its category, seed, size, root, teacher, overrides).
+    run_fn: fn(job, out, cfg), `run_job` (a parameter for tests).
+  Returns:
+    {job: 'skipped' (already finished) | 'finished' | 'failed'}.
+  """
+  statuses = {}
+  for k, job in enumerate(jobs, 1):
+    run = job.run_dir(out)
+    if job_status(job, out) == "finished":
+      log.info("[%d/%d] skip %s: finished", k, len(jobs), job)
+      statuses[job] = "skipped"
+      continue
+    log.info("[%d/%d] run %s -> %s", k, len(jobs), job, run)
+    (run / "sweep_error.txt").unlink(missing_ok=True)  # a retry starts clean; it fails again or finishes
+    try:
+      run_fn(job, out, make_config(job))
+      statuses[job] = "finished"
+    except Exception:  # pylint: disable=broad-except  (one bad run must not stop the sweep)
+      run.mkdir(parents=True, exist_ok=True)
+      (run / "sweep_error.txt").write_text(traceback.format_exc())
+      log.error("[%d/%d] %s failed (traceback in %s)", k, len(jobs), job, run / "sweep_error.txt")
+      statuses[job] = "failed"
+  return statuses
+
+
+# --- Aggregation.
+
+
+def run_metrics(m: dict) -> dict[str, float]:
+  """One metrics.json -> {metric: value in %} (module doc)."""
+  res = m["metrics"]
+  if m["layout"] == "mvtec_loco":
+    return {"image_auroc": 100 * res["mean"]["image_auroc"], "seg": 100 * res["mean"]["au_spro"][SPRO_LIMIT],
+            "image_auroc_structural": 100 * res["structural"]["image_auroc"],
+            "image_auroc_logical": 100 * res["logical"]["image_auroc"],
+            "spro_structural": 100 * res["structural"]["au_spro"][SPRO_LIMIT],
+            "spro_logical": 100 * res["logical"]["au_spro"][SPRO_LIMIT]}
+  return {"image_auroc": 100 * res["image_auroc"], "seg": 100 * res["au_pro"][PRO_LIMIT]}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+  """(mean, sample std with ddof=1); the std of a single value is NaN: one seed says nothing about spread."""
+  v = np.asarray(values, np.float64)
+  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+
+
+def collect(jobs: Sequence[Job], out: str | pathlib.Path) -> tuple[dict[Job, dict], list[tuple[Job, str, str]]]:
+  """({job: run_metrics} of the finished runs, [(job, status, reason)] of all the others)."""
+  results, problems = {}, []
+  for job in jobs:
+    status = job_status(job, out)
+    if status == "finished":
+      results[job] = run_metrics(json.loads((job.run_dir(out) / "eval" / "metrics.json").read_text()))
+    else:
+      reason = ""
+      if status == "failed":  # the exception line, the last of the traceback
+        lines = (job.run_dir(out) / "sweep_error.txt").read_text().strip().splitlines()
+        reason = lines[-1] if lines else ""
+      problems.append((job, status, reason))
+  return results, problems
+
+
+def _row(level, collection, category, size, metric, values):
+  mean, std = mean_std(values)
+  return {"level": level, "collection": collection, "category": category, "size": size, "metric": metric,
+          "n": len(values), "mean": mean, "std": std, "paper": PAPER.get((collection, size, metric))}
+
+
+def aggregate(jobs: Sequence[Job], out: str | pathlib.Path) -> tuple[list[dict], list[tuple[Job, str, str]]]:
+  """Mean ± std over seeds at three levels; returns (rows, problems of `collect`).
+
+  category:   the seeds of one (collection, category, size).
+  collection: per seed the mean over the collection's categories that seed has, then mean ± std over seeds.
+  all:        per seed the mean over the collections (image AU-ROC, segmentation), then over seeds; the
+              paper's value is given only when the sweep covers exactly MVTec AD, VisA and LOCO.
+  """
+  results, problems = collect(jobs, out)
+  rows, per_seed = [], {}  # per_seed[(collection, size, metric)][seed] = [category values]
+  keys = dict.fromkeys((j.collection, j.category, j.size) for j in jobs)
+  for collection, category, size in keys:
+    runs = [(j.seed, m) for j, m in results.items() if (j.collection, j.category, j.size) == (collection, category, size)]
+    for metric in dict.fromkeys(name for _, m in runs for name in m):
+      values = [(seed, m[metric]) for seed, m in runs if metric in m]
+      rows.append(_row("category", collection, category, size, metric, [v for _, v in values]))
+      for seed, v in values:
+        per_seed.setdefault((collection, size, metric), {}).setdefault(seed, []).append(v)
+  overall = {}
+  for (collection, size, metric), seeds in per_seed.items():
+    means = {seed: float(np.mean(v)) for seed, v in sorted(seeds.items())}
+    rows.append(_row("collection", collection, "mean", size, metric, list(means.values())))
+    if metric in ("image_auroc", "seg"):
+      for seed, v in means.items():
+        overall.setdefault((size, metric), {}).setdefault(seed, []).append(v)
+  paper_set = sorted({j.collection for j in jobs}) == sorted(PAPER_COLLECTIONS)
+  n_collections = len({j.collection for j in jobs})
+  for (size, metric), seeds in overall.items():
+    complete = [float(np.mean(v)) for _, v in sorted(seeds.items()) if len(v) == n_collections]
+    if complete:
+      row = _row("all", "all", "mean", size, metric, complete)
+      rows.append(row if paper_set else {**row, "paper": None})
+  return rows, problems
+
+
+# --- Latency (a benchmark JSON) and the written tables.
+
+
+def load_benchmark(path: str | pathlib.Path) -> dict[str, dict[str, float]]:
+  """A benchmark JSON -> {size: {'latency_ms', 'throughput'}} (what is there of them).
+
+  Expected: {"results": [{"size": "S", "latency_ms": 2.2, "throughput_img_s": 614, ...}, ...]} or that list
+  itself; "model_size" may stand for "size" ("small" / "medium" too), "throughput" for "throughput_img_s".
+  Other keys (device, dtype, batch, ...) are ignored here.
+  """
+  data = json.loads(pathlib.Path(path).read_text())
+  records = data.get("results", []) if isinstance(data, dict) else data
+  table = {}
+  for r in records:
+    size = SIZES.get(str(r.get("size", r.get("model_size", ""))).lower())
+    entry = {"latency_ms": r.get("latency_ms"), "throughput": r.get("throughput_img_s", r.get("throughput"))}
+    entry = {k: float(v) for k, v in entry.items() if v is not None}
+    if size and entry:
+      table.setdefault(size, {}).update(entry)
+  if not table:
+    raise ValueError(f"{path}: no record with a size and latency_ms or throughput_img_s (see load_benchmark)")
+  return table
+
+
+def _cell(row: dict | None, digits: int = 1) -> str:
+  if row is None:
+    return "–"
+  std = "" if np.isnan(row["std"]) else f" ± {row['std']:.{digits}f}"
+  return f"{row['mean']:.{digits}f}{std}"
+
+
+def _paper(value: float | None) -> str:
+  return "–" if value is None else f"{value:g}"
+
+
+def _table(head: Sequence[str], body: Iterable[Sequence[str]]) -> list[str]:
+  return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in body), ""]
+
+
+def markdown(rows: Sequence[dict], problems: Sequence[tuple[Job, str, str]], num_jobs: int,
+             benchmark: dict | None = None) -> str:
+  """The sweep's report: the paper's headline table, LOCO splits, per category, missing/failed runs."""
+  find = {(r["level"], r["collection"], r["category"], r["size"], r["metric"]): r for r in rows}
+  collections = list(dict.fromkeys(r["collection"] for r in rows if r["level"] == "collection"))
+  sizes = list(dict.fromkeys(r["size"] for r in rows))
+  bench = benchmark or {}
+  lines = ["# EfficientAD reproducibility sweep", "",
+           f"Values in %: mean ± std over seeds (sample std, ddof 1); {num_jobs - len(problems)} of {num_jobs} "
+           "runs finished. Segmentation: AU-PRO up to FPR 0.3 (MVTec AD layout), AU-sPRO up to 0.05 (LOCO "
+           "layout, mean of structural and logical). Paper: Batzner et al., WACV 2024 (RTX A6000 latency).", "",
+           "## Per collection (the paper's table form)", ""]
+  head = ["model", *(TITLES[c] for c in collections), "mean image AU-ROC", "mean segmentation",
+          "latency [ms]", "throughput [img/s]"]
+  body, incomplete = [], {(job.collection, job.size) for job, _, _ in problems}
+  for size in sizes:
+    ours = [_cell(find.get(("collection", c, "mean", size, "image_auroc"))) + "*" * ((c, size) in incomplete)
+            for c in collections]
+    ours += [_cell(find.get(("all", "all", "mean", size, m))) + "*" * any(s == size for _, s in incomplete)
+             for m in ("image_auroc", "seg")]
+    ours += [f"{bench[size][k]:.3g}" if k in bench.get(size, {}) else "–" for k in ("latency_ms", "throughput")]
+    paper = [_paper(PAPER.get((c, size, "image_auroc"))) for c in collections]
+    paper += [_paper(find.get(("all", "all", "mean", size, m), {}).get("paper")) for m in ("image_auroc", "seg")]
+    paper += [_paper(PAPER.get(("all", size, m))) for m in ("latency_ms", "throughput")]
+    body += [[f"EfficientAD-{size} (ours)", *ours], [f"EfficientAD-{size} (paper)", *paper]]
+  lines += _table(head, body)
+  lines += ["\\* incomplete: some runs are missing or failed (listed at the end).", ""] if incomplete else []
+  loco = ("image_auroc_structural", "image_auroc_logical", "image_auroc", "spro_structural", "spro_logical", "seg")
+  loco_rows = [(c, s) for c in collections for s in sizes if ("collection", c, "mean", s, loco[0]) in find]
+  if loco_rows:
+    lines += ["## LOCO layout: structural and logical anomalies", ""]
+    body = []
+    for c, s in loco_rows:
+      body.append([TITLES[c], s, *(_cell(find.get(("collection", c, "mean", s, m))) for m in loco)])
+      if any(PAPER.get((c, s, m)) for m in loco[:2]):
+        body.append([TITLES[c], f"{s} (paper)", *(_paper(PAPER.get((c, s, m))) for m in loco)])
+    lines += _table(["collection", "size", *(METRIC_NAMES[m] for m in loco[:2]), "image AU-ROC",
+                     *(METRIC_NAMES[m] for m in loco[3:5]), "AU-sPRO 0.05"], body)
+  lines += ["## Per category", ""]
+  for c in collections:
+    cats = [r for r in rows if r["level"] == "category" and r["collection"] == c and r["metric"] == "image_auroc"]
+    body = [[r["category"], r["size"], str(r["n"]), _cell(r),
+             _cell(find.get(("category", c, r["category"], r["size"], "seg")))] for r in cats]
+    lines += [f"### {TITLES[c]}", "", *_table(["category", "size", "seeds", "image AU-ROC",
+                                                 METRIC_NAMES["seg"]], body)]
+  lines += [f"## Missing and failed runs ({len(problems)})", ""]
+  lines += [f"- {status}: {job}" + (f": {reason}" if reason else "") for job, status, reason in problems]
+  return "\n".join(lines + ([] if problems else ["none"]) + [""])
+
+
+CSV_FIELDS = ("level", "collection", "category", "size", "metric", "n", "mean", "std", "paper")
+
+
+def write_report(out: str | pathlib.Path, rows: Sequence[dict], problems: Sequence[tuple[Job, str, str]],
+                 num_jobs: int, benchmark: dict | None = None) -> tuple[pathlib.Path, pathlib.Path]:
+  """OUT/results.md and OUT/results.csv (one row per level, collection, category, size and metric)."""
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  md, table = out / "results.md", out / "results.csv"
+  md.write_text(markdown(rows, problems, num_jobs, benchmark))
+  with open(table, "w", newline="") as f:
+    writer = csv.DictWriter(f, CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+  return md, table

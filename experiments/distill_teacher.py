@@ -1,0 +1,54 @@
+"""Distils a PDN teacher from WideResNet-101-2 features on ImageNet (SPEC section 5).
+
+  python -m experiments.distill_teacher --size small --imagenet /data/imagenet/train \
+      --backbone wide_resnet101_2-32ee1156.pth --workdir runs/distill_small [--set distill.steps=1000]
+
+--imagenet: an image folder (searched recursively) or tfds:imagenet2012. --backbone: torchvision's
+wide_resnet101_2 state_dict (read without torch). Writes RUN/teacher, which training takes with
+--set train.teacher_checkpoint=RUN/teacher. Re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from efficientad_jax import config as config_lib
+from experiments.configs import distill as distill_configs
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m experiments.distill_teacher", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--size", default="small", help="S/small or M/medium (tests: 'small,tiny')")
+  p.add_argument("--imagenet", required=True, help="ImageNet train folder or tfds:imagenet2012")
+  p.add_argument("--backbone", required=True, help="torchvision wide_resnet101_2 state_dict .pth")
+  p.add_argument("--workdir", required=True, help="run directory (checkpoints, teacher)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config field, e.g. --set distill.steps=1000 (repeatable)")
+  p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+  logging.getLogger("efficientad_jax").setLevel(logging.INFO)
+  if args.distributed:
+    import jax  # noqa: PLC0415
+    jax.distributed.initialize()
+  try:
+    cfg = config_lib.override(distill_configs.get_config(args.size), args.set).distill
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+  cfg = dataclasses.replace(cfg, imagenet=args.imagenet, backbone_weights=args.backbone)
+  from efficientad_jax import distill  # noqa: PLC0415  (after distributed init)
+  teacher, _ = distill.distill(cfg, args.workdir)
+  print(f"teacher: {teacher}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

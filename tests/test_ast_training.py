@@ -1,0 +1,117 @@
+"""EfficientAD-AST training on a tiny synthetic dataset: one step of each stage (compiled once), the whole
+`train_ast` run with resume and the saved model, and predict on test records with the standard keys."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from efficientad_jax import checkpoint
+from efficientad_jax import train_step as base_step
+from efficientad_jax.ast import method, train_step, trainer
+from efficientad_jax.config import AstConfig, DataConfig
+from efficientad_jax.data import eval_batches, generate_synthetic, make_datasets
+
+KEYS = {"map_st", "map_ae", "map_combined", "anomaly_map", "score"}
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+  base = generate_synthetic(tmp_path_factory.mktemp("data"), layout="mvtec_ad", size=64, num_train=4, num_test=2)
+  data = DataConfig(dataset="mvtec_ad", root=str(base.parent), category=base.name, validation_fraction=0.25)
+  return AstConfig(data=data, image_size=128, backbone_width=0.25, backbone_depth=0.25, pos_channels=8,
+                   flow_blocks=2, flow_hidden=16, student_hidden=16, student_blocks=1, ae_channels=8,
+                   flow_epochs=2, student_epochs=3, batch_size=2, checkpoint_every=1)
+
+
+def _setup(cfg):
+  ds = make_datasets(cfg.data, image_size=cfg.image_size, seed=cfg.seed)
+  nets = method.build(cfg)
+  params = method.init_params(nets, jax.random.key(0), cfg.image_size)
+  feats = trainer.extract(nets, params["backbone"], ds.train_eval, cfg.batch_size)
+  return ds, nets, params, feats
+
+
+def test_one_step_of_each_stage(cfg):
+  ds, nets, params, feats = _setup(cfg)
+  assert feats.shape == (3, 4, 4, nets.channels)  # 4 train images, 1 held out for validation
+  mesh = base_step.data_mesh()
+  tx = train_step.make_optimizer(cfg)
+
+  flow_step = train_step.compile_step(lambda s, b: train_step.flow_train_step(nets, tx, s, b), mesh, "rd", "rr")
+  state = base_step.replicate(train_step.init_flow_state(params["flow"], tx), mesh)
+  for i in range(2):
+    state, out = flow_step(state, base_step.shard_batch({"features": feats[i:i + 2]}, mesh))
+    assert np.isfinite(float(out["loss"]))
+  assert int(state.step) == 2 and flow_step._cache_size() == 1
+  moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params, params["flow"])
+  assert min(jax.tree_util.tree_leaves(moved)) > 0
+
+  z = jax.jit(lambda p, f: method.teacher(nets, p, f))(state.params, feats[:2])
+  batch = base_step.shard_batch({"features": feats[:2], "target": np.asarray(z)}, mesh)
+  st_step = train_step.compile_step(lambda s, b, k: train_step.student_train_step(nets, tx, s, b, k), mesh,
+                                    "rdr", "rr")
+  sstate = base_step.replicate(train_step.init_student_state(params, tx), mesh)
+  for _ in range(2):
+    sstate, losses = st_step(sstate, batch, jax.random.key(1))
+  assert set(losses) == {"loss", "loss_st", "loss_ae", "loss_stae"} and st_step._cache_size() == 1
+  np.testing.assert_allclose(losses["loss"], losses["loss_st"] + losses["loss_ae"] + losses["loss_stae"], rtol=1e-6)
+  changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), sstate.batch_stats, params["student_stats"])
+  assert all(jax.tree_util.tree_leaves(changed))  # BN running statistics updated in training mode
+  per_sample = train_step.student_eval_losses(nets, sstate, batch)
+  assert per_sample["loss"].shape == (2,)
+
+
+def test_student_losses_by_hand(cfg):
+  """The loss is the plain MSE over all elements of the three pairs (no hard quantile)."""
+  _, nets, params, feats = _setup(cfg)
+  z = np.random.default_rng(0).normal(size=feats[:2].shape).astype(np.float32)
+  trainable = {"student": params["student"], "autoencoder": params["autoencoder"]}
+  losses, _ = train_step.student_losses(nets, trainable, params["student_stats"],
+                                        {"features": feats[:2], "target": z}, None)
+  c = nets.channels
+  x = np.concatenate([feats[:2], np.asarray(method.cond(nets, 2))], -1)
+  s = np.asarray(nets.student.apply({"params": params["student"], "batch_stats": params["student_stats"]}, x))
+  a = np.asarray(nets.autoencoder.apply({"params": params["autoencoder"]}, feats[:2]))
+  want = ((z - s[..., :c]) ** 2).mean((1, 2, 3)) + ((z - a) ** 2).mean((1, 2, 3)) + \
+      ((a - s[..., c:]) ** 2).mean((1, 2, 3))
+  np.testing.assert_allclose(losses["loss"], want, rtol=1e-5)
+
+
+def test_train_ast_resume_and_predict(cfg, tmp_path):
+  path = trainer.train_ast(cfg, tmp_path / "run", progress=False)
+  model = method.load_ast(tmp_path / "run")
+  assert model.meta["method"] == "efficientad_ast" and np.isfinite(model.threshold)
+  assert model.meta["student"]["epochs_run"] <= cfg.student_epochs
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["flow", "student"]
+
+  # Re-running the finished run resumes both stages from their last checkpoints: the same model.
+  again = trainer.train_ast(cfg, tmp_path / "run", progress=False)
+  assert again == path
+  same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), model.detector.params,
+                                method.load_ast(path).detector.params)
+  assert all(jax.tree_util.tree_leaves(same))
+  with pytest.raises(ValueError, match="different config"):
+    trainer.train_ast(dataclasses.replace(cfg, flow_epochs=3), tmp_path / "run", progress=False)
+
+  # The shared loader reads it too; predict on test records gives the standard keys at the original size.
+  detector, meta = checkpoint.load_model(path)
+  assert meta["method"] == "efficientad_ast" and set(detector.params) == {
+      "backbone", "flow", "student", "student_stats", "autoencoder"}
+  ds = make_datasets(cfg.data, image_size=cfg.image_size, seed=cfg.seed)
+  batch = next(iter(eval_batches(ds.test, 2)))
+  out = model.predict_fn(model.detector, batch["image"], out_size=(64, 64))
+  assert set(out) == KEYS
+  assert out["map_st"].shape == out["map_combined"].shape == (2, 4, 4)
+  assert out["anomaly_map"].shape == (2, 64, 64) and out["score"].shape == (2,)
+  np.testing.assert_allclose(out["map_combined"], 0.5 * out["map_st"] + 0.5 * out["map_ae"], rtol=1e-6)
+  np.testing.assert_allclose(out["score"], np.asarray(out["anomaly_map"]).max((1, 2)), rtol=1e-6)
+
+
+def test_bad_config_errors(cfg):
+  with pytest.raises(ValueError, match="multiple of the backbone stride"):
+    method.build(dataclasses.replace(cfg, image_size=100))
+  with pytest.raises(ValueError, match="not 'efficientad_ast'|not a saved"):
+    method.load_ast("/nonexistent")

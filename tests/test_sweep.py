@@ -1,0 +1,222 @@
+"""The sweep: job enumeration and splitting, aggregation against NumPy, failures, the paper's numbers, and a
+real tiny sweep (synthetic, 2 objects x 2 seeds) split over 2 tasks, then re-run to check it skips."""
+
+import csv
+import json
+import logging
+import time
+
+import numpy as np
+import pytest
+
+from efficientad_jax import sweep
+from experiments import sweep as sweep_cli
+
+TINY_ARGS = ["--collections", "synthetic", "--categories", "a,b", "--sizes", "S", "--seeds", "0..1",
+             "--variant", "tiny"]
+
+
+def read_csv(path):
+  with open(path, newline="") as f:
+    return {(r["level"], r["collection"], r["category"], r["size"], r["metric"]): r for r in csv.DictReader(f)}
+
+
+def fake_metrics(layout, auroc, seg):
+  """A metrics.json as `evaluate` writes it (fractions; float limits as string keys)."""
+  if layout == "mvtec_loco":
+    split = lambda a, s: {"image_auroc": a, "au_spro": {"0.01": 0.0, "0.05": s, "1.0": 1.0}}  # noqa: E731
+    return {"layout": layout, "metrics": {"structural": split(auroc + 0.02, seg + 0.01),
+                                          "logical": split(auroc - 0.02, seg - 0.01), "mean": split(auroc, seg)}}
+  return {"layout": layout, "metrics": {"image_auroc": auroc, "au_pro": {"0.05": 0.0, "0.3": seg, "1.0": 1.0}}}
+
+
+def write_run(out, job, m):
+  path = job.run_dir(out) / "eval" / "metrics.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(m))
+
+
+# --- Jobs.
+
+
+def test_parse_seeds_and_sizes():
+  assert sweep.parse_seeds("0..4") == (0, 1, 2, 3, 4)
+  assert sweep.parse_seeds("3,0..1,3") == (0, 1, 3)
+  assert sweep.parse_sizes("small,M,S") == ("S", "M")
+  with pytest.raises(ValueError, match="sizes"):
+    sweep.parse_sizes("L")
+  with pytest.raises(ValueError, match="no seeds"):
+    sweep.parse_seeds(",")
+
+
+def test_the_paper_sweep_has_every_job_once_in_a_fixed_order():
+  assert [len(sweep.COLLECTIONS[c]) for c in sweep.PAPER_COLLECTIONS] == [15, 12, 5]
+  jobs = sweep.enumerate_jobs(sweep.PAPER_COLLECTIONS, ("S", "M"), range(5))
+  assert len(jobs) == len(set(jobs)) == 32 * 2 * 5
+  assert jobs == sweep.enumerate_jobs(sweep.PAPER_COLLECTIONS, ("S", "M"), range(5))
+  # collection, size, seed, category: seed 0 of every category comes first
+  assert jobs[:2] == [sweep.Job("mvtec_ad", "bottle", "S", 0), sweep.Job("mvtec_ad", "cable", "S", 0)]
+  assert jobs[15] == sweep.Job("mvtec_ad", "bottle", "S", 1)
+  assert jobs[-1] == sweep.Job("mvtec_loco", "splicing_connectors", "M", 4)
+  assert str(jobs[0].run_dir("/s")) == "/s/runs/mvtec_ad/bottle/S/seed0"
+
+
+def test_categories_restrict_and_unknown_ones_are_errors():
+  jobs = sweep.enumerate_jobs(["mvtec_ad", "visa"], ["S"], [0], ["bottle", "pcb1"])
+  assert jobs == [sweep.Job("mvtec_ad", "bottle", "S", 0), sweep.Job("visa", "pcb1", "S", 0)]
+  assert [j.category for j in sweep.enumerate_jobs(["synthetic"], ["S"], [0], ["x", "y"])] == ["x", "y"]
+  assert [j.category for j in sweep.enumerate_jobs(["synthetic"], ["S"], [0])] == ["widget"]
+  with pytest.raises(ValueError, match="bottel"):
+    sweep.enumerate_jobs(["mvtec_ad"], ["S"], [0], ["bottel"])
+  with pytest.raises(ValueError, match="unknown collection"):
+    sweep.enumerate_jobs(["mvtec"], ["S"], [0])
+
+
+def test_tasks_split_the_jobs_round_robin():
+  jobs = sweep.enumerate_jobs(["mvtec_loco"], ["S", "M"], range(3))
+  tasks = [sweep.task_jobs(jobs, i, 4) for i in range(4)]
+  assert sorted(j for t in tasks for j in t) == sorted(jobs)  # every job exactly once
+  for k, job in enumerate(jobs):
+    assert job in tasks[k % 4]
+  assert max(map(len, tasks)) - min(map(len, tasks)) <= 1
+  for bad in ((4, 4), (-1, 2), (0, 0)):
+    with pytest.raises(ValueError, match="task_index"):
+      sweep.task_jobs(jobs, *bad)
+
+
+# --- Aggregation, failures, paper numbers (written metrics, no training).
+
+
+def test_aggregation_equals_numpy_with_a_missing_run(tmp_path):
+  rng = np.random.default_rng(0)
+  jobs = sweep.enumerate_jobs(["mvtec_ad", "mvtec_loco"], ["S"], range(3), ["bottle", "cable", "pushpins"])
+  values = {}
+  for job in jobs[:-1]:  # the last run (mvtec_loco/pushpins/S/seed2) is missing
+    auroc, seg = rng.uniform(0.8, 1.0, 2)
+    values[job] = (100 * auroc, 100 * seg)
+    write_run(tmp_path, job, fake_metrics("mvtec_loco" if job.collection == "mvtec_loco" else "mvtec_ad", auroc, seg))
+  rows, problems = sweep.aggregate(jobs, tmp_path)
+  assert [(str(j), s) for j, s, _ in problems] == [("mvtec_loco/pushpins/S/seed2", "missing")]
+  got = {(r["level"], r["collection"], r["category"], r["metric"]): r for r in rows}
+  for cat, seeds in (("bottle", 3), ("cable", 3), ("pushpins", 2)):
+    coll = "mvtec_loco" if cat == "pushpins" else "mvtec_ad"
+    auroc = [values[sweep.Job(coll, cat, "S", s)][0] for s in range(seeds)]
+    r = got[("category", coll, cat, "image_auroc")]
+    assert (r["n"], r["mean"], r["std"]) == (seeds, pytest.approx(np.mean(auroc)), pytest.approx(np.std(auroc, ddof=1)))
+  # collection: per seed the mean over the categories, then over seeds
+  per_seed = [np.mean([values[sweep.Job("mvtec_ad", c, "S", s)][1] for c in ("bottle", "cable")]) for s in range(3)]
+  r = got[("collection", "mvtec_ad", "mean", "seg")]
+  assert (r["mean"], r["std"]) == (pytest.approx(np.mean(per_seed)), pytest.approx(np.std(per_seed, ddof=1)))
+  # all: only seeds present in both collections
+  both = [np.mean([values[sweep.Job("mvtec_ad", c, "S", s)][0] for c in ("bottle", "cable")]
+                  ) / 2 + values[sweep.Job("mvtec_loco", "pushpins", "S", s)][0] / 2 for s in range(2)]
+  r = got[("all", "all", "mean", "image_auroc")]
+  assert (r["n"], r["mean"], r["paper"]) == (2, pytest.approx(np.mean(both)), None)
+  loco = got[("category", "mvtec_loco", "pushpins", "image_auroc_structural")]
+  assert loco["mean"] == pytest.approx(np.mean([values[sweep.Job("mvtec_loco", "pushpins", "S", s)][0] + 2
+                                                for s in range(2)]))
+  text = sweep.markdown(rows, problems, len(jobs))
+  assert "- missing: mvtec_loco/pushpins/S/seed2" in text and "* incomplete" in text
+
+
+def test_failing_job_is_recorded_and_the_others_go_on(tmp_path):
+  jobs = sweep.enumerate_jobs(["mvtec_ad"], ["S"], [0], ["bottle", "cable", "grid"])
+
+  def run_fn(job, out, cfg):
+    if job.category == "cable":
+      raise RuntimeError("out of memory")
+    write_run(out, job, fake_metrics("mvtec_ad", 0.9, 0.8))
+
+  statuses = sweep.run_jobs(jobs, tmp_path, make_config=lambda job: None, run_fn=run_fn)
+  assert list(statuses.values()) == ["finished", "failed", "finished"]
+  assert "RuntimeError: out of memory" in (jobs[1].run_dir(tmp_path) / "sweep_error.txt").read_text()
+  _, problems = sweep.aggregate(jobs, tmp_path)
+  assert problems == [(jobs[1], "failed", "RuntimeError: out of memory")]
+  args = ["--collections", "mvtec_ad", "--categories", "bottle,cable,grid", "--sizes", "S", "--seeds", "0",
+          "--out", str(tmp_path)]
+  assert sweep_cli.main(args + ["--aggregate-only"]) == 1  # a failed run makes the exit status non-zero
+  assert "- failed: mvtec_ad/cable/S/seed0: RuntimeError: out of memory" in (tmp_path / "results.md").read_text()
+  # a retry that succeeds clears the error
+  statuses = sweep.run_jobs(jobs, tmp_path, lambda job: None, lambda job, out, cfg: write_run(
+      out, job, fake_metrics("mvtec_ad", 0.9, 0.8)))
+  assert list(statuses.values()) == ["skipped", "finished", "skipped"]
+  assert not (jobs[1].run_dir(tmp_path) / "sweep_error.txt").exists()
+
+
+def test_paper_numbers_and_latency_are_in_the_table(tmp_path):
+  jobs = sweep.enumerate_jobs(sweep.PAPER_COLLECTIONS, ["S", "M"], [0], ["bottle", "candle", "screw_bag"])
+  for job in jobs:
+    write_run(tmp_path, job, fake_metrics("mvtec_loco" if job.collection == "mvtec_loco" else "mvtec_ad", 0.9, 0.9))
+  bench = tmp_path / "bench.json"
+  bench.write_text(json.dumps({"device": "x", "results": [{"size": "small", "latency_ms": 1.25, "throughput_img_s": 700},
+                                                          {"model_size": "M", "latency_ms": 3.5}]}))
+  assert sweep.load_benchmark(bench) == {"S": {"latency_ms": 1.25, "throughput": 700.0}, "M": {"latency_ms": 3.5}}
+  rows, problems = sweep.aggregate(jobs, tmp_path)
+  text = sweep.markdown(rows, problems, len(jobs), sweep.load_benchmark(bench))
+  lines = set(text.splitlines())
+  assert "| EfficientAD-S (paper) | 98.8 | 97.5 | 90 | 95.4 | 92.5 | 2.2 | 614 |" in lines
+  assert "| EfficientAD-M (paper) | 99.1 | 98.1 | 90.7 | 96 | 93.3 | 4.5 | 269 |" in lines
+  assert "| EfficientAD-S (ours) | 90.0 | 90.0 | 90.0 | 90.0 | 90.0 | 1.25 | 700 |" in lines  # 1 seed: no std
+  assert "| EfficientAD-M (ours) | 90.0 | 90.0 | 90.0 | 90.0 | 90.0 | 3.5 | – |" in lines
+  assert "| LOCO | M (paper) | 94.7 | 86.8 | 90.7 |" in text
+  assert read_csv(sweep.write_report(tmp_path, rows, problems, len(jobs))[1])[
+      ("all", "all", "mean", "M", "seg")]["paper"] == "93.3"
+  with pytest.raises(ValueError, match="latency_ms"):
+    bench.write_text(json.dumps({"results": [{"size": "S"}]}))
+    sweep.load_benchmark(bench)
+
+
+# --- A real sweep: 4 tiny runs, 2 tasks.
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+  out = tmp_path_factory.mktemp("sweep")
+  codes = [sweep_cli.main(TINY_ARGS + ["--out", str(out), "--task-index", str(i), "--num-tasks", "2"])
+           for i in (0, 1)]
+  return out, codes
+
+
+def test_sweep_in_two_tasks_trains_and_evaluates_every_run(swept):
+  out, codes = swept
+  assert codes == [0, 0]
+  jobs = sweep.enumerate_jobs(["synthetic"], ["S"], [0, 1], ["a", "b"])
+  for job in jobs:
+    m = json.loads((job.run_dir(out) / "eval" / "metrics.json").read_text())
+    assert (m["category"], m["model"]["steps"], m["layout"]) == (job.category, 4, "mvtec_loco")
+    saved = json.loads((job.run_dir(out) / "config.json").read_text())
+    assert (saved["train"]["seed"], saved["data"]["category"]) == (job.seed, job.category)
+
+
+def test_sweep_tables_equal_numpy_over_the_run_metrics(swept):
+  out, _ = swept
+  table = read_csv(out / "results.csv")
+  text = (out / "results.md").read_text()
+  runs = {(c, s): json.loads((out / "runs" / "synthetic" / c / "S" / f"seed{s}" / "eval" / "metrics.json"
+                              ).read_text())["metrics"] for c in "ab" for s in (0, 1)}
+  metric = {"image_auroc": lambda m: m["mean"]["image_auroc"], "seg": lambda m: m["mean"]["au_spro"]["0.05"],
+            "spro_logical": lambda m: m["logical"]["au_spro"]["0.05"]}
+  for name, get in metric.items():
+    for c in "ab":
+      v = 100 * np.array([get(runs[(c, s)]) for s in (0, 1)])
+      r = table[("category", "synthetic", c, "S", name)]
+      assert (int(r["n"]), float(r["mean"]), float(r["std"])) == (2, pytest.approx(v.mean()),
+                                                                 pytest.approx(v.std(ddof=1)))
+    per_seed = 100 * np.array([np.mean([get(runs[(c, s)]) for c in "ab"]) for s in (0, 1)])
+    r = table[("collection", "synthetic", "mean", "S", name)]
+    assert (float(r["mean"]), float(r["std"])) == (pytest.approx(per_seed.mean()), pytest.approx(per_seed.std(ddof=1)))
+    if name == "image_auroc":
+      assert f"| EfficientAD-S (ours) | {per_seed.mean():.1f} ± {per_seed.std(ddof=1):.1f} |" in text
+  assert "4 of 4 runs finished" in text and "## Missing and failed runs (0)" in text
+
+
+def test_second_invocation_skips_finished_runs(swept, caplog):
+  out, _ = swept
+  stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file() and "eval" not in p.parts}
+  start = time.monotonic()
+  with caplog.at_level(logging.INFO, logger="efficientad_jax"):
+    assert sweep_cli.main(TINY_ARGS + ["--out", str(out)]) == 0
+  assert time.monotonic() - start < 10
+  assert sum("skip synthetic/" in r.getMessage() for r in caplog.records) == 4
+  assert not any("saved the model" in r.getMessage() for r in caplog.records)
+  assert stamps == {p: p.stat().st_mtime_ns for p in stamps}  # nothing retrained or rewritten
