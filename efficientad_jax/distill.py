@@ -62,7 +62,7 @@ def unfold_pool(x: jnp.ndarray, out: int) -> jnp.ndarray:
   """
   x = x.astype(jnp.float32)
   c = x.shape[-1]
-  if (9 * c) % (9 * out) == 0:
+  if c % out == 0:  # every bin = 9 k consecutive values = k whole channels
     k = c // out
     y = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1),
                               ((0, 0), (1, 1), (1, 1), (0, 0))) / 9.0
@@ -198,7 +198,7 @@ def distill(cfg: DistillConfig, workdir: str | pathlib.Path, *, progress: bool =
 
   # --- The training loop (same structure as trainer.train).
   history = []
-  writer = trainer._log_writer(workdir) if jax.process_index() == 0 else None  # noqa: SLF001
+  writer = trainer.log_writer(workdir) if jax.process_index() == 0 else None
   bar = tqdm.tqdm(total=cfg.steps, initial=start, disable=not progress or jax.process_index() != 0,
                   unit="step", dynamic_ncols=True)
   for step in range(start, cfg.steps):
@@ -206,7 +206,7 @@ def distill(cfg: DistillConfig, workdir: str | pathlib.Path, *, progress: bool =
     done = step + 1
     if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == cfg.steps:
       values = {k: float(v) for k, v in losses.items()}
-      trainer._check_finite(values, done)  # noqa: SLF001  (before saving: keep the last good checkpoint)
+      trainer.check_finite(values, done)  # before saving: keep the last good checkpoint
       history.append((done, values["loss"]))
       bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()}, refresh=False)
       if writer is not None:

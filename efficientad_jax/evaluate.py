@@ -240,7 +240,8 @@ def evaluate(workdir: str | pathlib.Path, *, cfg: Config | None = None, out_dir:
   model = predict.load(workdir)
   cfg = cfg or model.cfg
   out = pathlib.Path(out_dir) if out_dir is not None else predict.model_dir(workdir).parent / "eval"
-  ds = make_datasets(cfg.data, image_size=model.image_size, seed=cfg.train.seed)
+  seed = cfg.train.seed if hasattr(cfg, "train") else cfg.seed  # AstConfig keeps its seed at the top
+  ds = make_datasets(cfg.data, image_size=model.image_size, seed=seed)
   category = ds.info["category"] or "default"
 
   # --- Maps of every test image, at the original resolution.

@@ -74,6 +74,9 @@ def model_dir(path: str | pathlib.Path) -> pathlib.Path:
 def load(path: str | pathlib.Path) -> LoadedModel:
   """Restores a model saved by training (`checkpoint.save_model`) from RUN or RUN/model."""
   detector, meta = load_model(model_dir(path))
+  if meta.get("method") == "efficientad_ast":  # the AST variant has its own networks and predict
+    from efficientad_jax.ast.method import from_loaded
+    return from_loaded(detector, meta)
   for key in ("config", "threshold", "image_size"):
     if key not in meta:
       raise ValueError(f"{model_dir(path)}: the saved model's meta has no {key!r}")

@@ -53,9 +53,7 @@ PAPER = {
     ("all", "S", "throughput"): 614.0, ("all", "M", "throughput"): 269.0,
 }
 PAPER_COLLECTIONS = ("mvtec_ad", "visa", "mvtec_loco")
-METRIC_NAMES = {"image_auroc": "image AU-ROC", "seg": "AU-PRO 0.3 / AU-sPRO 0.05",
-                "image_auroc_structural": "structural AU-ROC", "image_auroc_logical": "logical AU-ROC",
-                "spro_structural": "structural AU-sPRO 0.05", "spro_logical": "logical AU-sPRO 0.05"}
+METRIC_NAMES = {"image_auroc": "image AU-ROC", "seg": "AU-PRO 0.3 / AU-sPRO 0.05"}
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -283,83 +281,82 @@ def load_benchmark(path: str | pathlib.Path) -> dict[str, dict[str, float]]:
   return table
 
 
-def _cell(row: dict | None, digits: int = 1) -> str:
+def _cell(row: dict | None) -> str:
+  """'98.1 ± 0.2' (1 decimal, as the paper); the std is left out when undefined (one seed)."""
   if row is None:
     return "–"
-  std = "" if np.isnan(row["std"]) else f" ± {row['std']:.{digits}f}"
-  return f"{row['mean']:.{digits}f}{std}"
-
-
-def _paper(value: float | None) -> str:
-  return "–" if value is None else f"{value:g}"
+  return f"{row['mean']:.1f}" + ("" if np.isnan(row["std"]) else f" ± {row['std']:.1f}")
 
 
 def _table(head: Sequence[str], body: Iterable[Sequence[str]]) -> list[str]:
   return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in body), ""]
 
 
-def markdown(rows: Sequence[dict], problems: Sequence[tuple[Job, str, str]], num_jobs: int,
-             benchmark: dict | None = None) -> str:
-  """The sweep's report: the paper's headline table, LOCO splits, per category, missing/failed runs."""
-  find = {(r["level"], r["collection"], r["category"], r["size"], r["metric"]): r for r in rows}
-  collections = list(dict.fromkeys(r["collection"] for r in rows if r["level"] == "collection"))
-  sizes = list(dict.fromkeys(r["size"] for r in rows))
-  bench = benchmark or {}
-  lines = ["# EfficientAD reproducibility sweep", "",
-           f"Values in %: mean ± std over seeds (sample std, ddof 1); {num_jobs - len(problems)} of {num_jobs} "
-           "runs finished. Segmentation: AU-PRO up to FPR 0.3 (MVTec AD layout), AU-sPRO up to 0.05 (LOCO "
-           "layout, mean of structural and logical). Paper: Batzner et al., WACV 2024 (RTX A6000 latency).", "",
-           "## Per collection (the paper's table form)", ""]
-  head = ["model", *(TITLES[c] for c in collections), "mean image AU-ROC", "mean segmentation",
-          "latency [ms]", "throughput [img/s]"]
-  body, incomplete = [], {(job.collection, job.size) for job, _, _ in problems}
+def _headline(find: dict, collections: list, sizes: list, incomplete: set, bench: dict) -> list[str]:
+  """The paper's table 1 form: one 'ours' and one 'paper' row per size; * marks incomplete means."""
+  paper = lambda v: "–" if v is None else f"{v:g}"  # noqa: E731
+  body = []
   for size in sizes:
     ours = [_cell(find.get(("collection", c, "mean", size, "image_auroc"))) + "*" * ((c, size) in incomplete)
             for c in collections]
     ours += [_cell(find.get(("all", "all", "mean", size, m))) + "*" * any(s == size for _, s in incomplete)
              for m in ("image_auroc", "seg")]
     ours += [f"{bench[size][k]:.3g}" if k in bench.get(size, {}) else "–" for k in ("latency_ms", "throughput")]
-    paper = [_paper(PAPER.get((c, size, "image_auroc"))) for c in collections]
-    paper += [_paper(find.get(("all", "all", "mean", size, m), {}).get("paper")) for m in ("image_auroc", "seg")]
-    paper += [_paper(PAPER.get(("all", size, m))) for m in ("latency_ms", "throughput")]
-    body += [[f"EfficientAD-{size} (ours)", *ours], [f"EfficientAD-{size} (paper)", *paper]]
-  lines += _table(head, body)
-  lines += ["\\* incomplete: some runs are missing or failed (listed at the end).", ""] if incomplete else []
-  loco = ("image_auroc_structural", "image_auroc_logical", "image_auroc", "spro_structural", "spro_logical", "seg")
-  loco_rows = [(c, s) for c in collections for s in sizes if ("collection", c, "mean", s, loco[0]) in find]
-  if loco_rows:
-    lines += ["## LOCO layout: structural and logical anomalies", ""]
-    body = []
-    for c, s in loco_rows:
-      body.append([TITLES[c], s, *(_cell(find.get(("collection", c, "mean", s, m))) for m in loco)])
-      if any(PAPER.get((c, s, m)) for m in loco[:2]):
-        body.append([TITLES[c], f"{s} (paper)", *(_paper(PAPER.get((c, s, m))) for m in loco)])
-    lines += _table(["collection", "size", *(METRIC_NAMES[m] for m in loco[:2]), "image AU-ROC",
-                     *(METRIC_NAMES[m] for m in loco[3:5]), "AU-sPRO 0.05"], body)
-  lines += ["## Per category", ""]
+    theirs = [paper(PAPER.get((c, size, "image_auroc"))) for c in collections]
+    theirs += [paper(find.get(("all", "all", "mean", size, m), {}).get("paper")) for m in ("image_auroc", "seg")]
+    theirs += [paper(PAPER.get(("all", size, m))) for m in ("latency_ms", "throughput")]
+    body += [[f"EfficientAD-{size} (ours)", *ours], [f"EfficientAD-{size} (paper)", *theirs]]
+  head = ["model", *(TITLES[c] for c in collections), "mean image AU-ROC", "mean segmentation", "latency [ms]",
+          "throughput [img/s]"]
+  note = ["\\* incomplete: some runs are missing or failed (listed at the end).", ""] if incomplete else []
+  return ["## Per collection (the paper's table form)", "", *_table(head, body), *note]
+
+
+def _loco(find: dict, collections: list, sizes: list) -> list[str]:
+  """Structural and logical anomalies of the LOCO-layout collections (image AU-ROC and AU-sPRO)."""
+  metrics = ("image_auroc_structural", "image_auroc_logical", "image_auroc", "spro_structural", "spro_logical", "seg")
+  body = []
+  for c, s in ((c, s) for c in collections for s in sizes if ("collection", c, "mean", s, metrics[0]) in find):
+    body.append([TITLES[c], s, *(_cell(find.get(("collection", c, "mean", s, m))) for m in metrics)])
+    if PAPER.get((c, s, metrics[0])):
+      body.append([TITLES[c], f"{s} (paper)", *(f"{PAPER[(c, s, m)]:g}" if (c, s, m) in PAPER else "–"
+                                                 for m in metrics)])
+  head = ["collection", "size", "structural AU-ROC", "logical AU-ROC", "image AU-ROC", "structural AU-sPRO 0.05",
+          "logical AU-sPRO 0.05", "AU-sPRO 0.05"]
+  return ["## LOCO layout: structural and logical anomalies", "", *_table(head, body)] if body else []
+
+
+def markdown(rows: Sequence[dict], problems: Sequence[tuple[Job, str, str]], num_jobs: int,
+             benchmark: dict | None = None) -> str:
+  """The sweep's report: the paper's table, LOCO splits, every category, the missing and failed runs."""
+  find = {(r["level"], r["collection"], r["category"], r["size"], r["metric"]): r for r in rows}
+  collections = list(dict.fromkeys(r["collection"] for r in rows if r["level"] == "collection"))
+  sizes = list(dict.fromkeys(r["size"] for r in rows))
+  incomplete = {(job.collection, job.size) for job, _, _ in problems}
+  lines = ["# EfficientAD reproducibility sweep", "",
+           f"Values in %: mean ± std over seeds (sample std, ddof 1); {num_jobs - len(problems)} of {num_jobs} "
+           "runs finished. Segmentation: AU-PRO up to FPR 0.3 (MVTec AD layout), AU-sPRO up to 0.05 (LOCO "
+           "layout, mean of structural and logical). Paper: Batzner et al., WACV 2024 (latency: RTX A6000).", "",
+           *_headline(find, collections, sizes, incomplete, benchmark or {}), *_loco(find, collections, sizes),
+           "## Per category", ""]
   for c in collections:
-    cats = [r for r in rows if r["level"] == "category" and r["collection"] == c and r["metric"] == "image_auroc"]
-    body = [[r["category"], r["size"], str(r["n"]), _cell(r),
-             _cell(find.get(("category", c, r["category"], r["size"], "seg")))] for r in cats]
-    lines += [f"### {TITLES[c]}", "", *_table(["category", "size", "seeds", "image AU-ROC",
-                                                 METRIC_NAMES["seg"]], body)]
+    body = [[r["category"], r["size"], str(r["n"]), _cell(r), _cell(find.get(("category", c, r["category"],
+                                                                               r["size"], "seg")))]
+            for r in rows if (r["level"], r["collection"], r["metric"]) == ("category", c, "image_auroc")]
+    lines += [f"### {TITLES[c]}", "", *_table(["category", "size", "seeds", "image AU-ROC", METRIC_NAMES["seg"]], body)]
   lines += [f"## Missing and failed runs ({len(problems)})", ""]
   lines += [f"- {status}: {job}" + (f": {reason}" if reason else "") for job, status, reason in problems]
   return "\n".join(lines + ([] if problems else ["none"]) + [""])
 
 
-CSV_FIELDS = ("level", "collection", "category", "size", "metric", "n", "mean", "std", "paper")
-
-
 def write_report(out: str | pathlib.Path, rows: Sequence[dict], problems: Sequence[tuple[Job, str, str]],
                  num_jobs: int, benchmark: dict | None = None) -> tuple[pathlib.Path, pathlib.Path]:
-  """OUT/results.md and OUT/results.csv (one row per level, collection, category, size and metric)."""
+  """OUT/results.md and OUT/results.csv (one line per level, collection, category, size and metric)."""
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  md, table = out / "results.md", out / "results.csv"
-  md.write_text(markdown(rows, problems, num_jobs, benchmark))
-  with open(table, "w", newline="") as f:
-    writer = csv.DictWriter(f, CSV_FIELDS)
+  (out / "results.md").write_text(markdown(rows, problems, num_jobs, benchmark))
+  with open(out / "results.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, ("level", "collection", "category", "size", "metric", "n", "mean", "std", "paper"))
     writer.writeheader()
     writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
-  return md, table
+  return out / "results.md", out / "results.csv"

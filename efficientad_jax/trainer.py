@@ -112,14 +112,14 @@ def calibrate(cfg: Config, nets: models.Models, params: dict, stats: normalizati
   return quantiles, float(np.quantile(scores, cfg.maps.threshold_quantile))
 
 
-def _check_finite(losses: dict[str, float], step: int) -> None:
+def check_finite(losses: dict[str, float], step: int) -> None:
   bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
   if bad:
     raise TrainingDiverged(f"step {step}: non-finite loss {bad}; stopped, the last checkpoint is kept "
                            "(lower optim.learning_rate or check the input images)")
 
 
-def _log_writer(workdir: pathlib.Path):
+def log_writer(workdir: pathlib.Path):
   try:
     from tensorboardX import SummaryWriter  # optional: plain training needs no TensorBoard
   except ImportError:
@@ -168,7 +168,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) ->
     start = 0
 
   # --- The training loop.
-  writer = _log_writer(workdir) if jax.process_index() == 0 else None
+  writer = log_writer(workdir) if jax.process_index() == 0 else None
   bar = tqdm.tqdm(total=cfg.train.steps, initial=start, disable=not progress or jax.process_index() != 0,
                   unit="step", dynamic_ncols=True)
   for step in range(start, cfg.train.steps):
@@ -177,7 +177,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) ->
     done = step + 1
     if done % cfg.train.log_every == 0 or done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
       values = {k: float(v) for k, v in losses.items()}
-      _check_finite(values, done)  # before saving: a diverged state never overwrites a good checkpoint
+      check_finite(values, done)  # before saving: a diverged state never overwrites a good checkpoint
       bar.set_postfix({k.replace("loss_", ""): f"{v:.4f}" for k, v in values.items()}, refresh=False)
       if writer is not None:
         for k, v in values.items():

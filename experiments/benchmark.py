@@ -25,6 +25,7 @@ import json
 import os
 import pathlib
 import platform
+import sys
 import tempfile
 import time
 from typing import Callable
@@ -310,7 +311,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--out", default="", help="write the results as JSON here")
   args = p.parse_args(argv)
   if args.tiny:
-    given = {a.split("=")[0] for a in (argv if argv is not None else __import__("sys").argv[1:])}
+    given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
     for key, value in TINY.items():
       if f"--{key.replace('_', '-')}" not in given:
         setattr(args, key, value)

@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--task-index", type=int, default=0)
   p.add_argument("--num-tasks", type=int, default=1)
   p.add_argument("--aggregate-only", action="store_true", help="only write the tables from finished runs")
+  p.add_argument("--compilation-cache", default=None,
+                 help="XLA persistent compilation cache folder shared by the runs (default OUT/jax_cache; '' = off)")
   p.add_argument("--benchmark", help="benchmark JSON with latency/throughput per size (sweep.load_benchmark)")
   return p.parse_args(argv)
 
@@ -61,6 +63,15 @@ def config_maker(args: argparse.Namespace):
     return config_lib.override(load_config(job.collection, arg, None), sets + args.set)
 
   return make
+
+
+def enable_compilation_cache(path: str) -> None:
+  """Every run of one size compiles the same programs (only data and seeds differ), so XLA's persistent cache
+  compiles them once per sweep, and once for all tasks that share the folder (the key holds the device kind)."""
+  import jax  # pylint: disable=g-import-not-at-top  (aggregation alone needs no jax)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def main(argv=None) -> int:
@@ -81,6 +92,9 @@ def main(argv=None) -> int:
   failed = []
   if not args.aggregate_only:
     print(f"task {args.task_index}/{args.num_tasks}: {len(mine)} of {len(jobs)} runs", flush=True)
+    cache = f"{args.out}/jax_cache" if args.compilation_cache is None else args.compilation_cache
+    if cache and any(sweep.job_status(job, args.out) != "finished" for job in mine):
+      enable_compilation_cache(cache)
     statuses = sweep.run_jobs(mine, args.out, make_config)
     failed = [job for job, status in statuses.items() if status == "failed"]
   rows, problems = sweep.aggregate(jobs, args.out)

@@ -23,8 +23,9 @@ from efficientad_jax import config as config_lib
 CONFIGS = pathlib.Path(__file__).parent / "configs"
 
 
-def load_config(dataset: str, size: str, config_file: str | None):
-  path = pathlib.Path(config_file) if config_file else CONFIGS / f"{dataset}.py"
+def load_config(dataset: str, size: str, config_file: str | None, method: str = "efficientad"):
+  prefix = "ast_" if method == "efficientad_ast" else ""
+  path = pathlib.Path(config_file) if config_file else CONFIGS / f"{prefix}{dataset}.py"
   if not path.is_file():
     known = sorted(p.stem for p in CONFIGS.glob("*.py") if p.stem not in ("__init__", "common"))
     raise SystemExit(f"error: no config {path}; datasets: {', '.join(known)}")
@@ -39,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--dataset", default="synthetic", help="synthetic | mvtec_ad | mvtec_loco | visa | folder")
   p.add_argument("--size", default="small", help="S/small or M/medium (tiny variants: e.g. 'small,tiny')")
   p.add_argument("--config", help="a config .py with get_config(arg), instead of --dataset")
+  p.add_argument("--method", default="efficientad", choices=("efficientad", "efficientad_ast"),
+                 help="efficientad (the paper) or efficientad_ast (asymmetric student-teacher variant)")
   p.add_argument("--workdir", help="run directory (default: runs/<dataset>_<category>_<size>_seed<seed>)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config field, e.g. --set train.steps=1000 (repeatable)")
@@ -48,8 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def default_workdir(cfg) -> str:
+def default_workdir(cfg, method: str = "efficientad") -> str:
   d = cfg.data
+  if method == "efficientad_ast":
+    return f"runs/ast_{d.dataset}_{d.category or 'default'}_seed{cfg.seed}"
   return f"runs/{d.dataset}_{d.category or 'default'}_{cfg.model.size}_seed{cfg.train.seed}"
 
 
@@ -61,12 +66,16 @@ def main(argv=None) -> int:
     import jax
     jax.distributed.initialize()
   try:
-    cfg = config_lib.override(load_config(args.dataset, args.size, args.config), args.set)
+    cfg = config_lib.override(load_config(args.dataset, args.size, args.config, args.method), args.set)
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
-  from efficientad_jax import trainer  # after distributed init
-  workdir = args.workdir or default_workdir(cfg)
-  model = trainer.train(cfg, workdir)
+  workdir = args.workdir or default_workdir(cfg, args.method)
+  if args.method == "efficientad_ast":
+    from efficientad_jax.ast.trainer import train_ast
+    model = train_ast(cfg, workdir)
+  else:
+    from efficientad_jax import trainer  # after distributed init
+    model = trainer.train(cfg, workdir)
   print(f"model: {model}")
   if not args.no_eval:
     from efficientad_jax import evaluate

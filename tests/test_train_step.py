@@ -119,3 +119,17 @@ def test_eight_devices_equal_one_device_on_the_same_global_batch():
   proc = subprocess.run([sys.executable, "-c", _MULTI_DEVICE], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_step_makes_no_hidden_host_device_transfers():
+  """Under transfer_guard('disallow') only the explicit batch upload (shard_batch) may move data."""
+  nets, tx, state, frozen, batch = _tiny_setup()
+  mesh = train_step.data_mesh()
+  step = train_step.compile_train_step(nets, TINY, tx, mesh)
+  state, frozen = train_step.replicate((state, frozen), mesh)
+  key = jax.random.key(0)
+  state, _ = step(state, frozen, train_step.shard_batch(batch, mesh), key)  # compile outside the guard
+  with jax.transfer_guard("disallow"):
+    for _ in range(2):
+      state, losses = step(state, frozen, train_step.shard_batch(batch, mesh), key)
+  assert np.isfinite(float(losses["loss"]))

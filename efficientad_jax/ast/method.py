@@ -71,15 +71,22 @@ def build(cfg: AstConfig) -> Nets:
 
 
 def init_params(nets: Nets, key: jax.Array, image_size: int) -> dict:
-  """Fresh {'backbone', 'flow', 'student', 'student_stats', 'autoencoder'} (backbone: random, see trainer)."""
-  kb, kf, ks, ka = jax.random.split(key, 4)
+  """Fresh {'backbone', 'flow', 'student', 'student_stats', 'autoencoder'} (backbone: random, see trainer).
+
+  Jitted: an eager init of the ~400 backbone layers dispatches (and compiles) every op one by one.
+  """
   g, c, p = nets.grid, nets.channels, nets.pos_channels
-  f = jnp.zeros((1, g, g, c))
-  student = nets.student.init(ks, jnp.zeros((1, g, g, c + p)))
-  return {"backbone": nets.backbone.init(kb, jnp.zeros((1, image_size, image_size, 3)))["params"],
-          "flow": nets.flow.init(kf, f, jnp.zeros((1, g, g, p)))["params"],
-          "student": student["params"], "student_stats": student["batch_stats"],
-          "autoencoder": nets.autoencoder.init(ka, f)["params"]}
+
+  def init(key):
+    kb, kf, ks, ka = jax.random.split(key, 4)
+    f = jnp.zeros((1, g, g, c))
+    student = nets.student.init(ks, jnp.zeros((1, g, g, c + p)))
+    return {"backbone": nets.backbone.init(kb, jnp.zeros((1, image_size, image_size, 3)))["params"],
+            "flow": nets.flow.init(kf, f, jnp.zeros((1, g, g, p)))["params"],
+            "student": student["params"], "student_stats": student["batch_stats"],
+            "autoencoder": nets.autoencoder.init(ka, f)["params"]}
+
+  return jax.jit(init)(key)
 
 
 def cond(nets: Nets, batch: int) -> jnp.ndarray:
@@ -166,14 +173,17 @@ def compiled_predict(cfg: AstConfig) -> tuple[Nets, Callable]:
   return nets, make_ast_predict_fn(nets, cfg)
 
 
-def load_ast(path: str | pathlib.Path) -> LoadedAst:
-  """Restores a model written by `train_ast` from RUN or RUN/model."""
-  path = pathlib.Path(path)
-  path = path / "model" if (path / "model" / "meta").exists() else path
-  detector, meta = checkpoint.load_model(path)
+def from_loaded(detector: Detector, meta: dict) -> LoadedAst:
+  """A `LoadedAst` from what `checkpoint.load_model` returned (for loaders that dispatch on meta['method'])."""
   if meta.get("method") != METHOD:
-    raise ValueError(f"{path}: meta['method'] is {meta.get('method')!r}, not {METHOD!r}")
+    raise ValueError(f"meta['method'] is {meta.get('method')!r}, not {METHOD!r}")
   cfg = config_lib.from_dict(AstConfig, meta["config"])
   nets, predict_fn = compiled_predict(cfg)
   return LoadedAst(detector=jax.device_put(detector), cfg=cfg, meta=meta, nets=nets, predict_fn=predict_fn)
 
+
+def load_ast(path: str | pathlib.Path) -> LoadedAst:
+  """Restores a model written by `train_ast` from RUN or RUN/model."""
+  path = pathlib.Path(path)
+  path = path / "model" if (path / "model" / "meta").exists() else path
+  return from_loaded(*checkpoint.load_model(path))

@@ -51,9 +51,9 @@ def init_flow_state(params: dict, tx: optax.GradientTransformation) -> FlowState
 
 def init_student_state(params: dict, tx: optax.GradientTransformation) -> StudentState:
   trainable = {"student": params["student"], "autoencoder": params["autoencoder"]}
-  return StudentState(step=jnp.zeros((), jnp.int32), params=trainable, batch_stats=params["student_stats"],
-                      opt_state=tx.init(trainable), best_params=trainable,
-                      best_batch_stats=params["student_stats"])
+  return keep_best(StudentState(step=jnp.zeros((), jnp.int32), params=trainable,
+                                batch_stats=params["student_stats"], opt_state=tx.init(trainable),
+                                best_params=trainable, best_batch_stats=params["student_stats"]))
 
 
 def flow_train_step(nets: method.Nets, tx: optax.GradientTransformation, state: FlowState,
@@ -121,7 +121,9 @@ def student_eval_losses(nets: method.Nets, state: StudentState, batch: dict[str,
 
 
 def keep_best(state: StudentState) -> StudentState:
-  return state.replace(best_params=state.params, best_batch_stats=state.batch_stats)
+  """Copies (never aliases: the train step donates `params`) the current networks into `best_*`."""
+  copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)  # noqa: E731
+  return state.replace(best_params=copy(state.params), best_batch_stats=copy(state.batch_stats))
 
 
 def compile_step(fn: Callable, mesh: jax.sharding.Mesh, kinds: Sequence[str], out_kinds: Sequence[str],

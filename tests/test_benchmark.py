@@ -1,0 +1,50 @@
+"""experiments.benchmark --tiny runs end to end in both modes and writes the documented JSON (no timing
+assertions: the numbers depend on the machine)."""
+
+import json
+import subprocess
+import sys
+
+
+from tests.conftest import REPO
+
+ENV_KEYS = {"device", "platform", "jax_version", "date"}
+
+
+def _run(tmp_path, *extra):
+  out = tmp_path / "tmp.json"
+  proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--tiny", "--out", str(out), *extra],
+                        cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(out.read_text()), proc.stdout
+
+
+def test_inference_json_structure(tmp_path):
+  report, stdout = _run(tmp_path)
+  assert ENV_KEYS <= set(report["environment"])
+  assert report["mode"] == "inference" and report["tiny"] is True
+  (result,) = report["results"]
+  assert (result["size"], result["dtype"], result["image_size"]) == ("small", "float32", 64)
+  assert {"mean_ms", "p50_ms", "p90_ms", "p99_ms"} <= set(result["latency"])
+  assert result["latency"]["runs"] == report["protocol"]["runs"]
+  thr = result["throughput"]
+  assert set(thr["per_batch"]) == {"1", "2"} and str(thr["best_batch_size"]) in thr["per_batch"]
+  assert thr["images_per_s"] > 0
+  assert result["paper"] == {"latency_ms": 2.2, "throughput_img_s": 614}
+  assert "| small | float32 |" in stdout
+
+
+def test_train_json_structure(tmp_path):
+  report, stdout = _run(tmp_path, "--mode", "train")
+  assert report["mode"] == "train" and ENV_KEYS <= set(report["environment"])
+  (result,) = report["results"]
+  assert result["image_size"] == 64 and result["steps"] == 3 and result["penalty"] is True
+  assert result["steps_per_s"] > 0 and 0.0 <= result["data_share"] <= 1.0
+  assert result["conv_impl"] in ("xla", "im2col", "shifted")
+  assert "steps/s" in stdout
+
+
+def test_bad_mode_is_rejected(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--mode", "nope"], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and "invalid choice" in proc.stderr
