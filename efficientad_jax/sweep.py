@@ -40,18 +40,14 @@ TITLES = {"mvtec_ad": "MVTec AD", "visa": "VisA", "mvtec_loco": "LOCO", "synthet
 SIZES = {"s": "S", "small": "S", "m": "M", "medium": "M"}
 PRO_LIMIT, SPRO_LIMIT = "0.3", "0.05"  # keys of metrics.json (`evaluate` writes float keys as strings)
 
-# Paper (Batzner et al., WACV 2024; SPEC 7): (collection, size, metric) -> value in %; "all" = the mean over
-# MVTec AD, VisA and LOCO.
-PAPER = {
-    ("mvtec_ad", "S", "image_auroc"): 98.8, ("mvtec_ad", "M", "image_auroc"): 99.1,
-    ("visa", "S", "image_auroc"): 97.5, ("visa", "M", "image_auroc"): 98.1,
-    ("mvtec_loco", "S", "image_auroc"): 90.0, ("mvtec_loco", "M", "image_auroc"): 90.7,
-    ("mvtec_loco", "M", "image_auroc_structural"): 94.7, ("mvtec_loco", "M", "image_auroc_logical"): 86.8,
-    ("all", "S", "image_auroc"): 95.4, ("all", "M", "image_auroc"): 96.0,
-    ("all", "S", "seg"): 92.5, ("all", "M", "seg"): 93.3,
-    ("all", "S", "latency_ms"): 2.2, ("all", "M", "latency_ms"): 4.5,
-    ("all", "S", "throughput"): 614.0, ("all", "M", "throughput"): 269.0,
-}
+# Paper (Batzner et al., WACV 2024; SPEC 7), in %: (collection, size, metric) -> value; "all" is the mean over
+# MVTec AD, VisA and LOCO (segmentation: AU-PRO, LOCO AU-sPRO), latency and throughput on an RTX A6000.
+PAPER = {(collection, size, metric): value for collection, metric, values in (
+    ("mvtec_ad", "image_auroc", (98.8, 99.1)), ("visa", "image_auroc", (97.5, 98.1)),
+    ("mvtec_loco", "image_auroc", (90.0, 90.7)), ("mvtec_loco", "image_auroc_structural", (None, 94.7)),
+    ("mvtec_loco", "image_auroc_logical", (None, 86.8)), ("all", "image_auroc", (95.4, 96.0)),
+    ("all", "seg", (92.5, 93.3)), ("all", "latency_ms", (2.2, 4.5)), ("all", "throughput", (614.0, 269.0)),
+) for size, value in zip("SM", values) if value is not None}
 PAPER_COLLECTIONS = ("mvtec_ad", "visa", "mvtec_loco")
 METRIC_NAMES = {"image_auroc": "image AU-ROC", "seg": "AU-PRO 0.3 / AU-sPRO 0.05"}
 
@@ -106,6 +102,7 @@ def enumerate_jobs(collections: Sequence[str], sizes: Sequence[str], seeds: Iter
       collection knows is an error (a typo must not shrink the sweep). For "synthetic" they are object names
       to generate.
   """
+  collections, seeds = list(dict.fromkeys(collections)), tuple(seeds)  # no duplicates; seeds read per size
   unknown = [c for c in categories or () if "synthetic" not in collections
              and not any(c in COLLECTIONS.get(k, ()) for k in collections)]
   if unknown:
@@ -204,14 +201,14 @@ def collect(jobs: Sequence[Job], out: str | pathlib.Path) -> tuple[dict[Job, dic
   """({job: run_metrics} of the finished runs, [(job, status, reason)] of all the others)."""
   results, problems = {}, []
   for job in jobs:
-    status = job_status(job, out)
+    status, run = job_status(job, out), job.run_dir(out)
     if status == "finished":
-      results[job] = run_metrics(json.loads((job.run_dir(out) / "eval" / "metrics.json").read_text()))
-    else:
-      reason = ""
-      if status == "failed":  # the exception line, the last of the traceback
-        lines = (job.run_dir(out) / "sweep_error.txt").read_text().strip().splitlines()
-        reason = lines[-1] if lines else ""
+      try:
+        results[job] = run_metrics(json.loads((run / "eval" / "metrics.json").read_text()))
+      except (ValueError, KeyError, TypeError) as e:  # e.g. a file cut short: listed, never a crash
+        problems.append((job, "unreadable", f"eval/metrics.json: {type(e).__name__}: {e}"))
+    else:  # a failure's reason: the exception line, the last of the traceback
+      reason = ([""] + (run / "sweep_error.txt").read_text().strip().splitlines())[-1] if status == "failed" else ""
       problems.append((job, status, reason))
   return results, problems
 
@@ -231,53 +228,51 @@ def aggregate(jobs: Sequence[Job], out: str | pathlib.Path) -> tuple[list[dict],
               paper's value is given only when the sweep covers exactly MVTec AD, VisA and LOCO.
   """
   results, problems = collect(jobs, out)
-  rows, per_seed = [], {}  # per_seed[(collection, size, metric)][seed] = [category values]
-  keys = dict.fromkeys((j.collection, j.category, j.size) for j in jobs)
-  for collection, category, size in keys:
-    runs = [(j.seed, m) for j, m in results.items() if (j.collection, j.category, j.size) == (collection, category, size)]
-    for metric in dict.fromkeys(name for _, m in runs for name in m):
-      values = [(seed, m[metric]) for seed, m in runs if metric in m]
-      rows.append(_row("category", collection, category, size, metric, [v for _, v in values]))
-      for seed, v in values:
-        per_seed.setdefault((collection, size, metric), {}).setdefault(seed, []).append(v)
-  overall = {}
+  rows, per_seed, overall = [], {}, {}  # per_seed[(collection, size, metric)][seed] = [category values]
+  for key in dict.fromkeys((j.collection, j.category, j.size) for j in jobs):
+    runs = {j.seed: m for j, m in sorted(results.items()) if (j.collection, j.category, j.size) == key}
+    for metric in dict.fromkeys(name for m in runs.values() for name in m):  # one layout per category
+      rows.append(_row("category", *key, metric, [m[metric] for m in runs.values()]))
+      for seed, m in runs.items():
+        per_seed.setdefault((key[0], key[2], metric), {}).setdefault(seed, []).append(m[metric])
   for (collection, size, metric), seeds in per_seed.items():
     means = {seed: float(np.mean(v)) for seed, v in sorted(seeds.items())}
     rows.append(_row("collection", collection, "mean", size, metric, list(means.values())))
-    if metric in ("image_auroc", "seg"):
-      for seed, v in means.items():
-        overall.setdefault((size, metric), {}).setdefault(seed, []).append(v)
-  paper_set = sorted({j.collection for j in jobs}) == sorted(PAPER_COLLECTIONS)
-  n_collections = len({j.collection for j in jobs})
+    for seed, v in means.items() if metric in ("image_auroc", "seg") else ():
+      overall.setdefault((size, metric), {}).setdefault(seed, []).append(v)
+  chosen = {j.collection for j in jobs}
   for (size, metric), seeds in overall.items():
-    complete = [float(np.mean(v)) for _, v in sorted(seeds.items()) if len(v) == n_collections]
+    complete = [float(np.mean(v)) for _, v in sorted(seeds.items()) if len(v) == len(chosen)]
     if complete:
       row = _row("all", "all", "mean", size, metric, complete)
-      rows.append(row if paper_set else {**row, "paper": None})
+      rows.append(row if chosen == set(PAPER_COLLECTIONS) else {**row, "paper": None})
   return rows, problems
 
 
 # --- Latency (a benchmark JSON) and the written tables.
 
 
-def load_benchmark(path: str | pathlib.Path) -> dict[str, dict[str, float]]:
-  """A benchmark JSON -> {size: {'latency_ms', 'throughput'}} (what is there of them).
+def load_benchmark(path: str | pathlib.Path) -> dict[str, dict]:
+  """`python -m experiments.benchmark --out FILE` (inference mode) -> {size: {'latency_ms', 'throughput', 'dtype'}}.
 
-  Expected: {"results": [{"size": "S", "latency_ms": 2.2, "throughput_img_s": 614, ...}, ...]} or that list
-  itself; "model_size" may stand for "size" ("small" / "medium" too), "throughput" for "throughput_img_s".
-  Other keys (device, dtype, batch, ...) are ignored here.
+  Reads {"environment": {"device": ...}, "results": [{"size": "small", "dtype": "float16", "latency": {"mean_ms"},
+  "throughput": {"images_per_s"}}, ...]} (flat "latency_ms" / "throughput_img_s" numbers also do). Per size the
+  half-precision record is taken, as in the paper's protocol, else bfloat16, else the first.
   """
   data = json.loads(pathlib.Path(path).read_text())
   records = data.get("results", []) if isinstance(data, dict) else data
+  device = (data.get("environment") or {}).get("device", "") if isinstance(data, dict) else ""
+  rank = {"float16": 0, "bfloat16": 1}
   table = {}
-  for r in records:
-    size = SIZES.get(str(r.get("size", r.get("model_size", ""))).lower())
-    entry = {"latency_ms": r.get("latency_ms"), "throughput": r.get("throughput_img_s", r.get("throughput"))}
+  for r in sorted(records, key=lambda r: rank.get(r.get("dtype"), 2)):
+    size, lat, thr = SIZES.get(str(r.get("size", "")).lower()), r.get("latency"), r.get("throughput")
+    entry = {"latency_ms": lat.get("mean_ms") if isinstance(lat, dict) else r.get("latency_ms", lat),
+             "throughput": thr.get("images_per_s") if isinstance(thr, dict) else r.get("throughput_img_s", thr)}
     entry = {k: float(v) for k, v in entry.items() if v is not None}
-    if size and entry:
-      table.setdefault(size, {}).update(entry)
+    if size and entry and size not in table:
+      table[size] = {**entry, "dtype": r.get("dtype", ""), "device": device}
   if not table:
-    raise ValueError(f"{path}: no record with a size and latency_ms or throughput_img_s (see load_benchmark)")
+    raise ValueError(f"{path}: no result with a size and a latency or throughput (format: sweep.load_benchmark)")
   return table
 
 
@@ -309,6 +304,9 @@ def _headline(find: dict, collections: list, sizes: list, incomplete: set, bench
   head = ["model", *(TITLES[c] for c in collections), "mean image AU-ROC", "mean segmentation", "latency [ms]",
           "throughput [img/s]"]
   note = ["\\* incomplete: some runs are missing or failed (listed at the end).", ""] if incomplete else []
+  note += [f"Latency (batch 1) and throughput of EfficientAD-{k}: {v['dtype'] or 'dtype n/a'} on "
+           f"{v['device'] or 'an unnamed device'} (benchmark JSON)." for k, v in bench.items()]
+  note += [""] if bench else []
   return ["## Per collection (the paper's table form)", "", *_table(head, body), *note]
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import functools
 import json
 import os
 import pathlib
@@ -96,7 +95,7 @@ def plausible_detector(nets: models.Models, cfg: ModelConfig, key: jax.Array) ->
 
 def host_predict(nets: models.Models, map_cfg: MapConfig, detector: Detector,
                  out_size: tuple[int, int]) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-  """fn(host images [B, S, S, 3]) -> (host anomaly maps [B, *out_size], host scores [B]) via THE predict path."""
+  """fn(host images [B, S, S, 3]) -> (host maps [B, *out_size], host scores [B]) via THE predict path."""
   predict = make_predict_fn(nets, map_cfg)
   device = jax.devices()[0]
 
@@ -130,7 +129,8 @@ def bench_inference(cfg: ModelConfig, detector: Detector | None, args: argparse.
   for b in args.batch_sizes:
     images = rng.normal(size=(b, s, s, 3)).astype(np.float32)
     seconds = time_calls(lambda: run(images), args.throughput_warmup, args.throughput_runs)
-    per_batch[str(b)] = {"images_per_s": b / float(np.median(seconds)), "median_batch_ms": 1e3 * np.median(seconds)}
+    median = float(np.median(seconds))
+    per_batch[str(b)] = {"images_per_s": b / median, "median_batch_ms": 1e3 * median}
   best = max(per_batch, key=lambda k: per_batch[k]["images_per_s"])
   result["throughput"] = {"per_batch": per_batch, "best_batch_size": int(best),
                           "images_per_s": per_batch[best]["images_per_s"]}
@@ -267,13 +267,15 @@ def print_inference(results: list[dict], env: dict) -> None:
   print("|---|---|---|---|---|---|---|---|---|")
   for r in results:
     lat, thr, paper = r["latency"], r["throughput"], r["paper"] or {}
-    print(f"| {r['size']} | {r['dtype']} | {lat['mean_ms']:.2f} | {lat['p50_ms']:.2f} | {lat['p90_ms']:.2f} | "
+    print(f"| {r['size']} | {r['dtype']} | {lat['mean_ms']:.2f} | {lat['p50_ms']:.2f} | "
+          f"{lat['p90_ms']:.2f} | "
           f"{lat['p99_ms']:.2f} | {thr['images_per_s']:.1f} ({thr['best_batch_size']}) | "
           f"{paper.get('latency_ms', '-')} | {paper.get('throughput_img_s', '-')} |")
 
 
 def print_train(results: list[dict], env: dict) -> None:
-  print(f"\nTraining, compiled step + data pipeline ({env['device']}, jax {env['jax_version']}, {env['date']})")
+  print(f"\nTraining, compiled step + data pipeline ({env['device']}, jax {env['jax_version']}, "
+        f"{env['date']})")
   print("| model | dtype | image | conv | steps/s | step ms (p50) | data share |")
   print("|---|---|---|---|---|---|---|")
   for r in results:

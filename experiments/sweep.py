@@ -1,4 +1,4 @@
-"""Reproducibility sweep: train + evaluate every (collection, category, size, seed), then the paper's table.
+r"""Reproducibility sweep: train + evaluate every (collection, category, size, seed), then the paper's table.
 
   python -m experiments.sweep --collections mvtec_ad,visa,mvtec_loco --sizes S,M --seeds 0..4 \
       --root-mvtec-ad /data/mvtec_ad --root-visa /data/visa --root-mvtec-loco /data/mvtec_loco \
@@ -33,8 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--sizes", default="S,M", help="S,M (or small,medium)")
   p.add_argument("--seeds", default="0..4", help="'0..4' (inclusive), '0,1,2' or a mix")
   for name in sweep.COLLECTIONS:
-    p.add_argument(f"--root-{name.replace('_', '-')}", f"--root-{name}", dest=f"root_{name}", default="",
-                   help=f"{name} dataset folder (data.root)")
+    flags = dict.fromkeys([f"--root-{name.replace('_', '-')}", f"--root-{name}"])  # both spellings work
+    p.add_argument(*flags, dest=f"root_{name}", default="", help=f"{name} dataset folder (data.root)")
   p.add_argument("--teacher-small", default="", help="teacher checkpoint of the S runs (train.teacher_checkpoint)")
   p.add_argument("--teacher-medium", default="", help="teacher checkpoint of the M runs")
   p.add_argument("--variant", default="", help="config variant appended to the size, e.g. 'tiny' (synthetic)")

@@ -51,7 +51,7 @@ def build_torch_models(size: str, image_size: int, channels: int = 384):
   out_size = benchmark.pdn_out(image_size, size)
 
   class Autoencoder(nn.Module):
-    """5 x (conv k4 s2 p1, ReLU), conv k(n/32) bottleneck; 6 x (resize, conv k4 p2, ReLU, dropout), 2 convs."""
+    """5 x (conv k4 s2 p1, ReLU), conv k(n/32); 6 x (resize, conv k4 p2, ReLU, dropout), 2 k3 convs."""
 
     def __init__(self):
       super().__init__()
@@ -183,12 +183,14 @@ def main(argv=None) -> None:
   env["machine"] = platform.processor() or platform.machine()
   results = [compare(s, args.image_size, args.warmup, args.runs) for s in args.sizes.split(",")]
   print(f"device: {env['device']} | jax {env['jax_version']} | {env['date']}")
-  print("| model | JAX infer ms | torch infer ms | ratio | JAX train s/step (auto / xla) | torch train s/step | "
+  print("| model | JAX infer ms | torch infer ms | ratio | JAX train s/step (auto / xla) | "
+        "torch train s/step | "
         "ratio (auto / xla) |")
   print("|---|---|---|---|---|---|---|")
   for r in results:
     print(f"| {r['size']} | {1e3 * r['jax_infer_s']:.1f} | {1e3 * r['torch_infer_s']:.1f} | "
-          f"{r['infer_ratio_jax_over_torch']:.2f} | {r['jax_train_step_s']:.3f} / {r['jax_train_step_xla_s']:.3f} | "
+          f"{r['infer_ratio_jax_over_torch']:.2f} | {r['jax_train_step_s']:.3f} / "
+          f"{r['jax_train_step_xla_s']:.3f} | "
           f"{r['torch_train_step_s']:.3f} | {r['train_ratio_jax_over_torch']:.2f} / "
           f"{r['train_ratio_jax_xla_over_torch']:.2f} |")
   if args.out:

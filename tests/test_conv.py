@@ -40,7 +40,8 @@ def test_single_conv_gradients_match_xla(method, kernel, stride, padding):
     y = fn(x, w)
     return jnp.sum(jnp.sin(y) * y)  # a non-trivial output gradient
 
-  plain = functools.partial(conv_lib._forward, strides=strides, padding=pads)  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  plain = functools.partial(conv_lib._forward, strides=strides, padding=pads)
   custom = lambda x, w: conv_lib._conv(x, w, strides, pads, method)  # pylint: disable=protected-access
   y_plain, y_custom = jax.jit(plain)(x, w), jax.jit(custom)(x, w)
   np.testing.assert_array_equal(y_custom, y_plain)
@@ -123,3 +124,19 @@ def test_auto_resolves_by_backend_and_bad_names_fail():
     with conv_lib.override_auto("auto"):
       pass
   assert ModelConfig().conv_impl == "auto"
+
+
+def test_model_config_selects_the_backward_implementation():
+  """ModelConfig.conv_impl reaches the convs: 'xla' traces plain convs, 'shifted' the custom-VJP conv."""
+  from efficientad_jax import models
+  from efficientad_jax.config import ModelConfig
+
+  def forward_jaxpr(impl):
+    nets = models.build(ModelConfig(image_size=64, conv_impl=impl))
+    x = jnp.zeros((1, 64, 64, 3))
+    params = jax.eval_shape(lambda k: nets.student.init(k, x), jax.random.key(0))["params"]
+    apply = lambda p: nets.student.apply({"params": p}, x)
+    return str(jax.make_jaxpr(apply)(jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape), params)))
+
+  assert "custom_vjp" not in forward_jaxpr("xla")
+  assert forward_jaxpr("shifted").count("custom_vjp") >= 4  # all four convs of PDN-S

@@ -82,8 +82,9 @@ def test_inference_scores_a_folder_of_images(quickstart):
   Image.open(tests[0]).convert("L").resize((90, 70)).save(images / "gray_other_size.png")  # any size, gray
   (images / "notes.txt").write_text("not an image")  # reported, not fatal
   out = tmp / "predictions"
-  nb = execute("inference.ipynb", {"EFFICIENTAD_NOTEBOOK_MODEL": str(workdir), "EFFICIENTAD_NOTEBOOK_IMAGES": str(images),
-                                   "EFFICIENTAD_NOTEBOOK_OUT": str(out)}, tmp / "jax_cache")
+  env = {"EFFICIENTAD_NOTEBOOK_MODEL": str(workdir), "EFFICIENTAD_NOTEBOOK_IMAGES": str(images),
+         "EFFICIENTAD_NOTEBOOK_OUT": str(out)}
+  nb = execute("inference.ipynb", env, tmp / "jax_cache")
   text, figures = outputs(nb)
   with open(out / "predictions.csv", newline="") as f:
     rows = list(csv.DictReader(f))

@@ -30,9 +30,10 @@ def build(cfg: ModelConfig, *, padded_teacher: bool = False) -> Models:
   if min(out_size) < 1:
     raise ValueError(f"image_size {cfg.image_size} is too small for PDN-{cfg.size}")
   return Models(
-      teacher=PDN(cfg.size, c, padded=padded_teacher, dtype=dtype),
-      student=PDN(cfg.size, 2 * c, dtype=dtype),
-      autoencoder=Autoencoder(out_size=out_size, out_channels=c, dropout=cfg.ae_dropout, dtype=dtype),
+      teacher=PDN(cfg.size, c, padded=padded_teacher, dtype=dtype, conv_impl=cfg.conv_impl),
+      student=PDN(cfg.size, 2 * c, dtype=dtype, conv_impl=cfg.conv_impl),
+      autoencoder=Autoencoder(out_size=out_size, out_channels=c, dropout=cfg.ae_dropout, dtype=dtype,
+                              conv_impl=cfg.conv_impl),
   )
 
 

@@ -82,7 +82,7 @@ def _shifted_inputs(x: jnp.ndarray, kernel: tuple[int, int], strides: tuple[int,
 
 def weight_grad(x: jnp.ndarray, g: jnp.ndarray, kernel_shape: Sequence[int], strides: tuple[int, int],
                 padding: tuple[tuple[int, int], tuple[int, int]], method: str = "shifted") -> jnp.ndarray:
-  """dL/dW [kh, kw, Cin, Cout] (float32 accumulation) from input x [B, H, W, Cin], output grad g [B, Ho, Wo, Cout].
+  """dL/dW [kh, kw, Cin, Cout] (float32 accumulation) from x [B, H, W, Cin], output grad g [B, Ho, Wo, Cout].
 
   method "im2col": one matmul over materialised patches; "shifted": one matmul per kernel offset.
   """
@@ -123,7 +123,8 @@ def _conv_bwd(strides, padding, method, residuals, g):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _is_plain_2d(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count) -> bool:
+def _is_plain_2d(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                 feature_group_count) -> bool:
   """True for the convs this project uses: 2-D NHWC/HWIO, explicit padding, no dilation, no groups."""
   if lhs.ndim != 4 or isinstance(padding, str) or feature_group_count != 1:
     return False

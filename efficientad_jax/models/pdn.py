@@ -72,6 +72,7 @@ class PDN(nn.Module):
   out_channels: int = 384
   padded: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"  # backward pass of the convs (models/conv.py); same params and forward numbers
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -82,7 +83,7 @@ class PDN(nn.Module):
     for i, (k, cin, cout, pad, relu, pool) in enumerate(ARCHITECTURES[self.size], start=1):
       cin = self.out_channels if cin is None else cin
       cout = self.out_channels if cout is None else cout
-      x = conv(cout, k, cin, padding=pad * p, dtype=self.dtype, name=f"conv{i}")(x)
+      x = conv(cout, k, cin, padding=pad * p, dtype=self.dtype, impl=self.conv_impl, name=f"conv{i}")(x)
       if relu:
         x = nn.relu(x)
       if pool:
