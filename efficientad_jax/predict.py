@@ -43,9 +43,9 @@ class LoadedModel:
   """
 
   detector: Detector
-  cfg: Config
+  cfg: Config  # AstConfig for the AST variant (meta['method'] == 'efficientad_ast')
   meta: dict
-  nets: models.Models
+  nets: models.Models  # ast.method.Nets for the AST variant
   predict_fn: Callable[..., dict]
 
   @property

@@ -18,7 +18,6 @@ start 0, end 1) only because the shared model format requires them; `predict` ne
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import pathlib
 from typing import Callable, NamedTuple, Sequence
@@ -37,6 +36,7 @@ from efficientad_jax.config import AstConfig
 from efficientad_jax.inference import Detector
 from efficientad_jax.models import resize
 from efficientad_jax.normalization import MapQuantiles, TeacherStats
+from efficientad_jax.predict import LoadedModel  # the same loaded-model record as EfficientAD
 
 METHOD = "efficientad_ast"
 
@@ -148,41 +148,22 @@ def save_ast_model(path: str | pathlib.Path, params: dict, meta: dict) -> pathli
   return checkpoint.save_model(path, make_detector(params), dict(meta, method=METHOD))
 
 
-@dataclasses.dataclass(frozen=True)
-class LoadedAst:
-  """A saved AST model ready for inference; the attributes of `predict.LoadedModel` that evaluation reads."""
-
-  detector: Detector
-  cfg: AstConfig
-  meta: dict
-  nets: Nets
-  predict_fn: Callable[..., dict]
-
-  @property
-  def image_size(self) -> int:
-    return int(self.meta["image_size"])
-
-  @property
-  def threshold(self) -> float:
-    return float(self.meta["threshold"])
-
-
 @functools.lru_cache(maxsize=4)
 def compiled_predict(cfg: AstConfig) -> tuple[Nets, Callable]:
   nets = build(cfg)
   return nets, make_ast_predict_fn(nets, cfg)
 
 
-def from_loaded(detector: Detector, meta: dict) -> LoadedAst:
-  """A `LoadedAst` from what `checkpoint.load_model` returned (for loaders that dispatch on meta['method'])."""
+def from_loaded(detector: Detector, meta: dict) -> LoadedModel:
+  """A `LoadedModel` from what `checkpoint.load_model` returned (for loaders that dispatch on meta['method'])."""
   if meta.get("method") != METHOD:
     raise ValueError(f"meta['method'] is {meta.get('method')!r}, not {METHOD!r}")
   cfg = config_lib.from_dict(AstConfig, meta["config"])
   nets, predict_fn = compiled_predict(cfg)
-  return LoadedAst(detector=jax.device_put(detector), cfg=cfg, meta=meta, nets=nets, predict_fn=predict_fn)
+  return LoadedModel(detector=jax.device_put(detector), cfg=cfg, meta=meta, nets=nets, predict_fn=predict_fn)
 
 
-def load_ast(path: str | pathlib.Path) -> LoadedAst:
+def load_ast(path: str | pathlib.Path) -> LoadedModel:
   """Restores a model written by `train_ast` from RUN or RUN/model."""
   path = pathlib.Path(path)
   path = path / "model" if (path / "model" / "meta").exists() else path
