@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 
 from efficientad_jax import config as config_lib
 from experiments.configs import distill as distill_configs
+from experiments import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,11 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-  logging.getLogger("efficientad_jax").setLevel(logging.INFO)
-  if args.distributed:
-    import jax  # noqa: PLC0415
-    jax.distributed.initialize()
+  cli.setup_logging()
+  cli.init_distributed(args.distributed)
   try:
     cfg = config_lib.override(distill_configs.get_config(args.size), args.set).distill
   except ValueError as e:

@@ -9,10 +9,10 @@ Writes RUN/eval/{metrics.json, results.md, anomaly_maps/, roc.png, pr.png, overl
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from efficientad_jax import config as config_lib
+from experiments import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,8 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-  logging.getLogger("efficientad_jax").setLevel(logging.INFO)
+  cli.setup_logging()
   from efficientad_jax import evaluate, predict  # after argument parsing: --help stays fast
   cfg = None
   if args.set:

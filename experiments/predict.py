@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from experiments import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+  cli.setup_logging(logging.WARNING)
   from efficientad_jax import predict  # after argument parsing: --help stays fast
   try:
     paths = predict.list_images(args.images)

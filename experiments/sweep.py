@@ -17,12 +17,12 @@ and OUT/results.csv; runs live in OUT/runs/<collection>/<category>/<S|M>/seed<se
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from efficientad_jax import config as config_lib
 from efficientad_jax import sweep
 from experiments.train import load_config
+from experiments import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,8 +76,7 @@ def enable_compilation_cache(path: str) -> None:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-  logging.getLogger("efficientad_jax").setLevel(logging.INFO)
+  cli.setup_logging()
   try:
     categories = args.categories.split(",") if args.categories else None
     jobs = sweep.enumerate_jobs(args.collections.split(","), sweep.parse_sizes(args.sizes),

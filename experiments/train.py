@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import logging
 import pathlib
 import sys
 
 from efficientad_jax import config as config_lib
+from experiments import cli
 
 CONFIGS = pathlib.Path(__file__).parent / "configs"
 
@@ -60,11 +60,8 @@ def default_workdir(cfg, method: str = "efficientad") -> str:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-  logging.getLogger("efficientad_jax").setLevel(logging.INFO)
-  if args.distributed:
-    import jax
-    jax.distributed.initialize()
+  cli.setup_logging()
+  cli.init_distributed(args.distributed)
   try:
     cfg = config_lib.override(load_config(args.dataset, args.size, args.config, args.method), args.set)
   except ValueError as e:

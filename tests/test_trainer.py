@@ -1,7 +1,6 @@
 """The training run end to end on the tiny synthetic config: model contents, exact resume after SIGKILL,
 divergence handling, and two real jax.distributed processes."""
 
-import json
 import os
 import signal
 import subprocess

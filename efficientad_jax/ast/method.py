@@ -24,7 +24,6 @@ from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from efficientad_jax import checkpoint
 from efficientad_jax import config as config_lib
