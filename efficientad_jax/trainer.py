@@ -80,15 +80,11 @@ def fit_teacher_stats(nets: models.Models, teacher: dict, ds: Datasets, batch_si
   """Channel statistics of the teacher over the (un-augmented) training images (SPEC 3)."""
   apply = jax.jit(lambda p, x: nets.teacher.apply({"params": p}, x))
 
-  def batches():
-    for images, n in image_batches(ds.train_eval, batch_size):
-      yield images, n
-
   def features(batch):
     images, n = batch
-    return np.asarray(apply(teacher, images))[:n]
+    return np.asarray(apply(teacher, images))[:n]  # drop the padding images of the last batch
 
-  return normalization.fit_teacher_stats(features, batches)
+  return normalization.fit_teacher_stats(features, lambda: image_batches(ds.train_eval, batch_size))
 
 
 def calibrate(cfg: Config, nets: models.Models, params: dict, stats: normalization.TeacherStats,
