@@ -201,22 +201,24 @@ def distill(cfg: DistillConfig, workdir: str | pathlib.Path, *, progress: bool =
   writer = trainer.log_writer(workdir) if jax.process_index() == 0 else None
   bar = tqdm.tqdm(total=cfg.steps, initial=start, disable=not progress or jax.process_index() != 0,
                   unit="step", dynamic_ncols=True)
-  for step in range(start, cfg.steps):
-    state, losses = step_fn(state, backbone_vars, stats, train_step.shard_batch(next(it), mesh))
-    done = step + 1
-    if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == cfg.steps:
-      values = {k: float(v) for k, v in losses.items()}
-      trainer.check_finite(values, done)  # before saving: keep the last good checkpoint
-      history.append((done, values["loss"]))
-      bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()}, refresh=False)
-      if writer is not None:
-        writer.add_scalar("distill/loss", values["loss"], done)
-    if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-      ckpts.save(done, state, stats, it.get_state())
-    bar.update(1)
-  bar.close()
-  ckpts.wait()
-  ckpts.close()
+  try:
+    for step in range(start, cfg.steps):
+      state, losses = step_fn(state, backbone_vars, stats, train_step.shard_batch(next(it), mesh))
+      done = step + 1
+      if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        values = {k: float(v) for k, v in losses.items()}
+        trainer.check_finite(values, done)  # before saving: keep the last good checkpoint
+        history.append((done, values["loss"]))
+        bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()}, refresh=False)
+        if writer is not None:
+          writer.add_scalar("distill/loss", values["loss"], done)
+      if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        ckpts.save(done, state, stats, it.get_state())
+      bar.update(1)
+  finally:  # also on divergence or Ctrl-C: the last good checkpoint's async save must complete
+    bar.close()
+    ckpts.wait()
+    ckpts.close()
   if writer is not None:
     writer.close()
 

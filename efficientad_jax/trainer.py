@@ -167,25 +167,27 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) ->
   writer = log_writer(workdir) if jax.process_index() == 0 else None
   bar = tqdm.tqdm(total=cfg.train.steps, initial=start, disable=not progress or jax.process_index() != 0,
                   unit="step", dynamic_ncols=True)
-  for step in range(start, cfg.train.steps):
-    batch = train_step.shard_batch(next(it), mesh)
-    state, losses = step_fn(state, frozen, batch, step_key)
-    done = step + 1
-    if done % cfg.train.log_every == 0 or done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-      values = {k: float(v) for k, v in losses.items()}
-      check_finite(values, done)  # before saving: a diverged state never overwrites a good checkpoint
-      bar.set_postfix({k.replace("loss_", ""): f"{v:.4f}" for k, v in values.items()}, refresh=False)
-      if writer is not None:
-        for k, v in values.items():
-          writer.add_scalar(f"train/{k}", v, done)
-    if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-      # The iterator state is the number of batches consumed, equal on every process, so the primary host's
-      # copy (the one orbax writes) resumes all of them.
-      ckpts.save(done, state, frozen, it.get_state())
-    bar.update(1)
-  bar.close()
-  ckpts.wait()
-  ckpts.close()
+  try:
+    for step in range(start, cfg.train.steps):
+      batch = train_step.shard_batch(next(it), mesh)
+      state, losses = step_fn(state, frozen, batch, step_key)
+      done = step + 1
+      if done % cfg.train.log_every == 0 or done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+        values = {k: float(v) for k, v in losses.items()}
+        check_finite(values, done)  # before saving: a diverged state never overwrites a good checkpoint
+        bar.set_postfix({k.replace("loss_", ""): f"{v:.4f}" for k, v in values.items()}, refresh=False)
+        if writer is not None:
+          for k, v in values.items():
+            writer.add_scalar(f"train/{k}", v, done)
+      if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+        # The iterator state is the number of batches consumed, equal on every process, so the primary host's
+        # copy (the one orbax writes) resumes all of them.
+        ckpts.save(done, state, frozen, it.get_state())
+      bar.update(1)
+  finally:  # also on divergence or Ctrl-C: the last good checkpoint's async save must complete
+    bar.close()
+    ckpts.wait()
+    ckpts.close()
 
   # --- Calibration on validation normals, then the complete model.
   params = {"teacher": frozen.teacher, **state.params}
