@@ -1,25 +1,21 @@
-"""2-D convolution computed with matrix products, for fast CPU training and inference.
+"""2-D convolution with a custom backward pass for fast CPU training (forward is XLA's own).
 
 XLA's CPU backend computes the weight gradient of a convolution as another convolution with the batch as
 the contracted feature dimension; for the 4x4 kernels of the PDN on 256x256 images that is 20-30x slower
-than PyTorch. Inside the train step its forward convolution is slow too, while the same sums as one im2col GEMM are
-faster (PDN-S 256² step: 3.05 s -> 2.20 s). So when differentiated the custom path computes
+than PyTorch. The weight gradient is a plain matrix product of image patches and output gradients,
 
-  Y[b, y, x, o]  = sum_{i, j, c} X_pad[b, s*y + i, s*x + j, c] * W[i, j, c, o]   (forward: im2col GEMM)
-  dW[i, j, c, o] = sum_{b, y, x} X_pad[b, s*y + i, s*x + j, c] * G[b, y, x, o]   (weight gradient: GEMMs)
+  dW[i, j, c, o] = sum_{b, y, x} X_pad[b, s*y + i, s*x + j, c] * G[b, y, x, o],
 
-and the input gradient by lax's own transpose of the convolution, which XLA:CPU runs fast.
-`conv_general_dilated(impl)` returns a drop-in replacement for `jax.lax.conv_general_dilated` that
-`flax.linen.Conv(conv_general_dilated=...)` accepts, so the parameters (kernel HWIO, bias) are exactly those
-of `nn.Conv`. Un-differentiated calls (inference) run XLA's own forward conv, exactly nn.Conv's numbers
-(faster there: batch-1 predict 223 ms vs 374 ms with the GEMM); under differentiation the forward values equal
-XLA's within float32 rounding (summation order), ~1e-6 relative.
+which XLA:CPU runs through its fast GEMM. `conv_general_dilated(impl)` returns a drop-in replacement for
+`jax.lax.conv_general_dilated` that `flax.linen.Conv(conv_general_dilated=...)` accepts, so the parameters
+(kernel HWIO, bias) and the forward numbers stay exactly those of `nn.Conv`.
 
 Implementations (`ModelConfig.conv_impl`):
   "xla"      plain `lax.conv_general_dilated`, XLA differentiates it (best on GPU/TPU).
-  "im2col"   custom VJP: forward im2col GEMM; dX by the transposed conv (lax's own transpose rule); dW by one
-             im2col matmul [kh*kw*Cin, N] @ [N, Cout], N = B*Ho*Wo (patches materialised: kh*kw x the input).
-  "shifted"  as "im2col", but dW by kh*kw matmuls [Cin, N] @ [N, Cout], one per kernel offset.
+  "im2col"   custom VJP: dX by the transposed conv (lax's own transpose rule), dW by one im2col matmul
+             [kh*kw*Cin, N] @ [N, Cout], N = B*Ho*Wo (patches materialised: kh*kw x the input).
+  "shifted"  custom VJP: dX as above, dW by kh*kw matmuls [Cin, N] @ [N, Cout], one per kernel offset
+             (no kh*kw-times patch tensor).
   "auto"     "shifted" when the default backend is CPU, else "xla" (decided at trace time).
 """
 
@@ -74,20 +70,6 @@ def _forward(x: jnp.ndarray, w: jnp.ndarray, strides: tuple[int, int],
   return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn)
 
 
-def _forward_gemm(x: jnp.ndarray, w: jnp.ndarray, strides: tuple[int, int],
-                  padding: tuple[tuple[int, int], tuple[int, int]]) -> jnp.ndarray:
-  """The forward conv as one im2col matmul [N, kh*kw*Cin] @ [kh*kw*Cin, Cout], float32 accumulation."""
-  kh, kw, cin, cout = w.shape
-  hp, wp = x.shape[1] + sum(padding[0]), x.shape[2] + sum(padding[1])
-  out_hw = ((hp - kh) // strides[0] + 1, (wp - kw) // strides[1] + 1)
-  cols = _shifted_inputs(x, (kh, kw), strides, padding, out_hw)
-  n = x.shape[0] * out_hw[0] * out_hw[1]
-  patches = jnp.stack(cols, axis=3).reshape(n, kh * kw * cin)  # column order (i, j, c) = HWI
-  y = lax.dot_general(patches, w.reshape(kh * kw * cin, cout), (((1,), (0,)), ((), ())),
-                      preferred_element_type=jnp.float32)
-  return y.astype(jnp.result_type(x.dtype, w.dtype)).reshape(x.shape[0], *out_hw, cout)
-
-
 def _shifted_inputs(x: jnp.ndarray, kernel: tuple[int, int], strides: tuple[int, int],
                     padding: tuple[tuple[int, int], tuple[int, int]],
                     out_hw: tuple[int, int]) -> list[jnp.ndarray]:
@@ -122,14 +104,11 @@ def weight_grad(x: jnp.ndarray, g: jnp.ndarray, kernel_shape: Sequence[int], str
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv(x, w, strides, padding, method):
-  # Not differentiated (inference): XLA's own conv, which inside a whole network (its layout choices, fused
-  # bias and ReLU) is faster at small batches than the GEMM and gives exactly nn.Conv's numbers.
   return _forward(x, w, strides, padding)
 
 
 def _conv_fwd(x, w, strides, padding, method):
-  # Differentiated (training): the im2col GEMM, measured faster in the whole train step (3.05 -> 2.20 s).
-  return _forward_gemm(x, w, strides, padding), (x, w)
+  return _forward(x, w, strides, padding), (x, w)
 
 
 def _conv_bwd(strides, padding, method, residuals, g):
