@@ -25,8 +25,9 @@ class ModelConfig:
   image_size: int = 256  # networks see image_size x image_size
   dtype: str = "float32"  # compute dtype; params, statistics and maps stay float32
   ae_dropout: float = 0.2  # decoder dropout rate (training only)
-  # Conv backward pass (models/conv.py): "auto" = matmul weight gradients on CPU (XLA:CPU's own are ~20x
-  # slower), XLA's elsewhere; "xla" | "im2col" | "shifted" force one. Same parameters and forward numbers.
+  # Conv backward pass (models/conv.py): "auto" = "mixed" on CPU (matmul weight gradients where XLA:CPU's
+  # own are slow), XLA's elsewhere; "xla" | "im2col" | "shifted" | "mixed" force one. Same parameters and
+  # forward numbers.
   conv_impl: str = "auto"
 
 

@@ -28,7 +28,7 @@ import optax
 import tqdm
 from jax.experimental import multihost_utils
 
-from efficientad_jax import checkpoint, distill_data, normalization, train_step, trainer, weights
+from efficientad_jax import backend, checkpoint, distill_data, normalization, train_step, trainer, weights
 from efficientad_jax.config import DistillConfig, OptimConfig
 from efficientad_jax.losses import mse
 from efficientad_jax.models import PDN, pdn_output_size, resize, wide_resnet
@@ -128,7 +128,7 @@ def compile_distill_step(student: PDN, backbone: wide_resnet.WideResNet, cfg: Di
   Returns fn(state, backbone_vars, stats, batch) -> (state, {'loss'}).
   """
   replicated, sharded = _shardings(mesh)
-  return jax.jit(functools.partial(distill_step, student, backbone, cfg, tx),
+  return backend.jit(functools.partial(distill_step, student, backbone, cfg, tx),
                  in_shardings=(replicated, replicated, replicated, sharded),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
@@ -141,7 +141,7 @@ def fit_target_stats(backbone: wide_resnet.WideResNet, cfg: DistillConfig, backb
   batches: callable returning a fresh iterable of this process's {'backbone': ...} batches (called twice).
   """
   replicated, sharded = _shardings(mesh)
-  fn = jax.jit(functools.partial(target_features, backbone, cfg), in_shardings=(replicated, sharded),
+  fn = backend.jit(functools.partial(target_features, backbone, cfg), in_shardings=(replicated, sharded),
                out_shardings=sharded)
 
   def features(batch):

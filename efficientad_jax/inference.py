@@ -10,9 +10,9 @@ import functools
 from typing import Callable, Sequence
 
 import flax.struct
-import jax
 import jax.numpy as jnp
 
+from efficientad_jax import backend
 from efficientad_jax.config import MapConfig
 from efficientad_jax.models import Models, resize
 from efficientad_jax.normalization import MapQuantiles, TeacherStats, normalize_map, normalize_teacher
@@ -75,9 +75,9 @@ def predict(nets: Models, cfg: MapConfig, detector: Detector, images: jnp.ndarra
 
 def make_predict_fn(nets: Models, cfg: MapConfig) -> Callable[..., dict[str, jnp.ndarray]]:
   """The jitted `predict`: fn(detector, images, out_size) with out_size static (one compile per size)."""
-  return jax.jit(functools.partial(predict, nets, cfg), static_argnames="out_size")
+  return backend.jit(functools.partial(predict, nets, cfg), static_argnames="out_size")
 
 
 def make_raw_maps_fn(nets: Models) -> Callable[..., tuple[jnp.ndarray, jnp.ndarray]]:
   """The jitted first half of `predict`, for calibration: fn(params, stats, images)."""
-  return jax.jit(functools.partial(raw_maps, nets))
+  return backend.jit(functools.partial(raw_maps, nets))

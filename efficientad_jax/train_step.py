@@ -1,6 +1,6 @@
 """Training state, optimizer and the pure train step (SPEC section 3). No I/O here.
 
-The caller compiles `train_step` with `jax.jit` (see `compile_train_step` for the data-parallel version):
+The caller compiles `train_step` with `backend.jit` (see `compile_train_step` for the data-parallel version):
 the batch is sharded over a 1-D device mesh, parameters are replicated, and XLA inserts the gradient
 all-reduce. Only the student and the autoencoder are differentiated; the teacher and its statistics are a
 separate, frozen argument.
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from efficientad_jax import backend
 from efficientad_jax.config import Config, OptimConfig
 from efficientad_jax.losses import hard_loss, mse, penalty_loss
 from efficientad_jax.models import Models
@@ -114,7 +115,7 @@ def compile_train_step(nets: Models, cfg: Config, tx: optax.GradientTransformati
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   step = functools.partial(train_step, nets, cfg, tx)
-  return jax.jit(step, in_shardings=(replicated, replicated, sharded, replicated),
+  return backend.jit(step, in_shardings=(replicated, replicated, sharded, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 

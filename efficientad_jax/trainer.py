@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from efficientad_jax import checkpoint, models, normalization, train_step, weights
+from efficientad_jax import backend, checkpoint, models, normalization, train_step, weights
 from efficientad_jax import config as config_lib
 from efficientad_jax.config import Config
 from efficientad_jax.data import Datasets, eval_batches, make_datasets
@@ -78,7 +78,7 @@ def image_batches(records: Any, batch_size: int) -> Iterable[np.ndarray]:
 def fit_teacher_stats(nets: models.Models, teacher: dict, ds: Datasets, batch_size: int
                       ) -> normalization.TeacherStats:
   """Channel statistics of the teacher over the (un-augmented) training images (SPEC 3)."""
-  apply = jax.jit(lambda p, x: nets.teacher.apply({"params": p}, x))
+  apply = backend.jit(lambda p, x: nets.teacher.apply({"params": p}, x))
 
   def features(batch):
     images, n = batch

@@ -8,7 +8,7 @@ normalisation, resize to the image size, device->host copy of the anomaly map an
       --batch-sizes 1,8,16,32,64 --out bench.json                     # random params, 1000+1000 runs
   python -m experiments.benchmark --model RUN/model --dtypes float16   # a saved model
   python -m experiments.benchmark --mode train --sizes small --train-steps 20   # real step + real data
-  python -m experiments.benchmark --mode conv --sizes small              # conv backward: xla vs custom
+  python -m experiments.benchmark --mode conv --sizes small              # conv backward per conv_impl
   python -m experiments.benchmark --tiny --out tmp.json                  # 64x64, few runs (CI)
 
 The defaults (1000 warm-up + 1000 runs at 256x256) are meant for an accelerator; on a CPU one PDN-S image
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficientad_jax import checkpoint, models, normalization, train_step
+from efficientad_jax import backend, checkpoint, models, normalization, train_step
 from efficientad_jax.config import Config, DataConfig, MapConfig, ModelConfig, TrainConfig, from_dict
 from efficientad_jax.inference import Detector, make_predict_fn, make_raw_maps_fn
 from efficientad_jax.models import conv as conv_lib
@@ -51,7 +51,8 @@ def environment() -> dict:
   dev = jax.devices()[0]
   return {"device": dev.device_kind, "platform": dev.platform, "device_count": jax.device_count(),
           "cpu_count": os.cpu_count(), "host": platform.machine(), "jax_version": jax.__version__,
-          "flax_version": flax.__version__, "date": datetime.date.today().isoformat()}
+          "flax_version": flax.__version__, "date": datetime.date.today().isoformat(),
+          "compiler_options": backend.compiler_options()}
 
 
 def pdn_out(image_size: int, size: str) -> int:
@@ -211,7 +212,8 @@ def random_train_step_fn(size: str, image_size: int, seed: int = 0,
                          impl: str | None = None) -> Callable[[dict], float]:
   """fn(host batch {'image','image_ae','penalty'} [B, S, S, 3]) -> loss, one real compiled step per call.
 
-  `impl` forces the conv backward ("xla", "im2col", "shifted") instead of "auto" (traced at the first call).
+  `impl` forces the conv backward ("xla", "im2col", "shifted", "mixed") instead of "auto" (traced at the
+  first call).
   """
   cfg = Config(model=ModelConfig(size=size, image_size=image_size), train=TrainConfig(steps=10))
   nets = models.build(cfg.model)
@@ -236,7 +238,7 @@ def random_train_step_fn(size: str, image_size: int, seed: int = 0,
 def bench_conv(size: str, image_size: int, args: argparse.Namespace) -> dict:
   """Train-step seconds (batch 1, random data) per conv backward implementation, interleaved run by run so
   that a shared machine's load hits all of them alike. "xla" is the plain path (before)."""
-  impls = ("xla", "im2col", "shifted")
+  impls = ("xla", "im2col", "shifted", "mixed")
   rng = np.random.default_rng(args.seed)
   batch = {k: rng.normal(size=(1, image_size, image_size, 3)).astype(np.float32)
            for k in ("image", "image_ae", "penalty")}
@@ -285,12 +287,12 @@ def print_train(results: list[dict], env: dict) -> None:
 
 def print_conv(results: list[dict], env: dict) -> None:
   print(f"\nTrain step by conv backward, median s ({env['device']}, jax {env['jax_version']}, {env['date']})")
-  print("| model | image | xla (plain) | im2col | shifted | auto = |")
-  print("|---|---|---|---|---|---|")
+  print("| model | image | xla (plain) | im2col | shifted | mixed | auto = |")
+  print("|---|---|---|---|---|---|---|")
   for r in results:
     m = r["median_step_s"]
     print(f"| {r['size']} | {r['image_size']} | {m['xla']:.3f} | {m['im2col']:.3f} | {m['shifted']:.3f} | "
-          f"{r['auto']} |")
+          f"{m['mixed']:.3f} | {r['auto']} |")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -7,7 +7,8 @@ project's own `make_predict_fn` and `compile_train_step`, in one process so both
 
   python -m experiments.torch_reference --sizes small --image-size 256 --runs 10 --out torch_ref.json
 
-Needs torch (CPU is enough); exits with a message when it is missing. Medians over `--runs` after `--warmup`.
+Needs torch (CPU is enough); exits with a message when it is missing. Medians over `--runs` after `--warmup`,
+the contenders run in turn within each round.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Callable
 import numpy as np
 
 from experiments import benchmark
+
+PAUSE_S = 0.5  # idle time before each timed call (see _interleaved_medians)
 
 
 def _torch():
@@ -131,15 +134,23 @@ def torch_train_step_fn(size: str, image_size: int) -> Callable[[dict], float]:
   return step
 
 
-def _median_time(fn: Callable[[], object], warmup: int, runs: int) -> float:
+def _interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int, runs: int,
+                         pause_s: float = PAUSE_S) -> dict[str, float]:
+  """Median seconds of each fn, run in turn (a, b, c, a, b, c, ...) so that a shared machine's changing load
+  hits all of them alike; `warmup` untimed rounds first. Each call starts `pause_s` after the previous one
+  ended: PyTorch's OpenMP workers keep spinning for a while after an op and would otherwise steal the cores
+  from the next contender (measured: JAX inference 218 ms alone, 252 ms right after PyTorch calls)."""
   for _ in range(warmup):
-    fn()
-  times = []
+    for fn in fns.values():
+      fn()
+  times = {name: [] for name in fns}
   for _ in range(runs):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+    for name, fn in fns.items():
+      time.sleep(pause_s)
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def compare(size: str, image_size: int, warmup: int, runs: int) -> dict:
@@ -156,15 +167,17 @@ def compare(size: str, image_size: int, warmup: int, runs: int) -> dict:
   jax_predict = benchmark.host_predict_fn(size, "float32", image_size)
   torch_step = torch_train_step_fn(size, image_size)
   jax_step = benchmark.random_train_step_fn(size, image_size)
-  jax_step_xla = benchmark.random_train_step_fn(size, image_size, impl="xla")  # the plain path, "before"
+  jax_step_xla = benchmark.random_train_step_fn(size, image_size, impl="xla")  # XLA's own conv backward
 
   out = {"size": size, "image_size": image_size, "torch_version": torch.__version__,
-         "torch_threads": torch.get_num_threads()}
-  out["torch_infer_s"] = _median_time(lambda: torch_predict(nchw), warmup, runs)
-  out["jax_infer_s"] = _median_time(lambda: jax_predict(nhwc), warmup, runs)
-  out["torch_train_step_s"] = _median_time(lambda: torch_step(batch_t), min(warmup, 2), runs)
-  out["jax_train_step_s"] = _median_time(lambda: jax_step(batch_j), min(warmup, 2), runs)
-  out["jax_train_step_xla_s"] = _median_time(lambda: jax_step_xla(batch_j), min(warmup, 2), runs)
+         "torch_threads": torch.get_num_threads(), "runs": runs, "warmup": warmup}
+  infer = _interleaved_medians({"torch": lambda: torch_predict(nchw), "jax": lambda: jax_predict(nhwc)},
+                               warmup, runs)
+  train = _interleaved_medians({"torch": lambda: torch_step(batch_t), "jax": lambda: jax_step(batch_j),
+                                "jax_xla": lambda: jax_step_xla(batch_j)}, min(warmup, 2), runs)
+  out["torch_infer_s"], out["jax_infer_s"] = infer["torch"], infer["jax"]
+  out["torch_train_step_s"], out["jax_train_step_s"] = train["torch"], train["jax"]
+  out["jax_train_step_xla_s"] = train["jax_xla"]
   out["infer_ratio_jax_over_torch"] = out["jax_infer_s"] / out["torch_infer_s"]
   out["train_ratio_jax_over_torch"] = out["jax_train_step_s"] / out["torch_train_step_s"]
   out["train_ratio_jax_xla_over_torch"] = out["jax_train_step_xla_s"] / out["torch_train_step_s"]

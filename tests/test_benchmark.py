@@ -1,4 +1,4 @@
-"""experiments.benchmark --tiny runs end to end in both modes and writes the documented JSON (no timing
+"""experiments.benchmark --tiny runs end to end in every mode and writes the documented JSON (no timing
 assertions: the numbers depend on the machine)."""
 
 import json
@@ -40,8 +40,16 @@ def test_train_json_structure(tmp_path):
   (result,) = report["results"]
   assert result["image_size"] == 64 and result["steps"] == 3 and result["penalty"] is True
   assert result["steps_per_s"] > 0 and 0.0 <= result["data_share"] <= 1.0
-  assert result["conv_impl"] in ("xla", "im2col", "shifted")
+  assert result["conv_impl"] in ("xla", "im2col", "shifted", "mixed")
   assert "steps/s" in stdout
+
+
+def test_conv_mode_times_every_backward(tmp_path):
+  report, stdout = _run(tmp_path, "--mode", "conv")
+  (result,) = report["results"]
+  assert set(result["median_step_s"]) == {"xla", "im2col", "shifted", "mixed"}
+  assert all(len(v) == 1 and v[0] > 0 for v in result["step_s"].values())
+  assert "| small | 64 |" in stdout
 
 
 def test_bad_mode_is_rejected(tmp_path):

@@ -16,7 +16,8 @@ from efficientad_jax.models import conv as conv_lib
 from efficientad_jax.models.pdn import conv as pdn_conv
 from tests.test_train_step import _tiny_setup
 
-CUSTOM = ("im2col", "shifted")
+CUSTOM = ("im2col", "shifted")  # the custom-VJP weight gradients
+TRAINING = CUSTOM + ("mixed",)  # every non-plain conv_impl a model can train with
 
 
 def _assert_trees_close(a, b, rtol=2e-4, atol=1e-5):
@@ -68,7 +69,7 @@ def test_factory_keeps_nn_conv_parameters_and_forward():
 def _grads_per_impl(loss, *args):
   """{impl: jit(grad(loss))(*args)} with every "auto" conv traced as impl (a fresh jit per impl)."""
   out = {}
-  for impl in ("xla",) + CUSTOM:
+  for impl in ("xla",) + TRAINING:
     with conv_lib.override_auto(impl):
       out[impl] = jax.jit(jax.grad(loss))(*args)
   return out
@@ -88,7 +89,7 @@ def test_student_and_autoencoder_gradients_match_xla_at_64():
 
   for loss, p in ((student_loss, params["student"]), (ae_loss, params["autoencoder"])):
     grads = _grads_per_impl(loss, p)
-    for impl in CUSTOM:
+    for impl in TRAINING:
       _assert_trees_close(grads[impl], grads["xla"])
 
 
@@ -102,14 +103,15 @@ def test_full_train_step_gradients_match_xla():
     return train_step.compute_losses(nets, cfg, trainable, frozen, batch, key)["loss"]
 
   grads = _grads_per_impl(loss, state.params)
-  for impl in CUSTOM:
+  for impl in TRAINING:
     _assert_trees_close(grads[impl], grads["xla"])
   step = functools.partial(train_step.train_step, nets, cfg, tx)
   new = {}
-  for impl in ("xla", "shifted"):
+  for impl in ("xla", "shifted", "mixed"):
     with conv_lib.override_auto(impl):
       new[impl] = jax.jit(step)(state, frozen, batch, key)[0].params
-  _assert_trees_close(new["shifted"], new["xla"], rtol=1e-5, atol=1e-6)
+  for impl in ("shifted", "mixed"):
+    _assert_trees_close(new[impl], new["xla"], rtol=1e-5, atol=1e-6)
 
 
 def test_auto_resolves_by_backend_and_bad_names_fail():
@@ -140,3 +142,5 @@ def test_model_config_selects_the_backward_implementation():
 
   assert "custom_vjp" not in forward_jaxpr("xla")
   assert forward_jaxpr("shifted").count("custom_vjp") >= 4  # all four convs of PDN-S
+  # "mixed": only conv1 (3 input channels) is custom; conv2-4 (128-256 channels, stride 1) are XLA's own.
+  assert forward_jaxpr("mixed").count("custom_vjp_call") == 1

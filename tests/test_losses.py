@@ -1,6 +1,7 @@
 """Loss terms under jit against hand-written NumPy references."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -43,3 +44,28 @@ def test_shape_mismatch_is_an_error():
     losses.hard_loss(np.zeros((1, 4, 4, 8)), np.zeros((1, 4, 4, 9)), 0.999)
   with pytest.raises(ValueError, match="differ"):
     losses.mse(np.zeros((1, 4, 4, 8)), np.zeros((1, 4, 4, 9)))
+
+
+@pytest.mark.parametrize("q", [0.0, 0.25, 0.5, 0.9, 0.999, 1.0])
+@pytest.mark.parametrize("n,ties", [(1, False), (7, False), (560, False), (560, True), (100_003, False)])
+def test_row_quantile_equals_jnp_quantile_bit_for_bit(q, n, ties):
+  rng = np.random.default_rng(n)
+  rows = rng.normal(size=(3, n)).astype(np.float32)  # negatives, positives and (rounded) ties
+  if ties:
+    rows = np.round(rows, 1)
+  rows[1] = np.square(rows[1])  # squared errors, the case hard_loss feeds it
+  ours = np.asarray(jax.jit(losses.row_quantile, static_argnums=1)(rows, q))
+  ref = np.asarray(jax.vmap(lambda r: jnp.quantile(r, q))(rows))
+  np.testing.assert_array_equal(ours, ref)
+  # Independent of jnp: between NumPy's two neighbouring order statistics, and near its float64 linear value
+  # (jnp, and so we, place q*(N-1) in float32).
+  assert np.all(np.quantile(rows, q, axis=1, method="lower") <= ours)
+  assert np.all(ours <= np.quantile(rows, q, axis=1, method="higher"))
+  np.testing.assert_allclose(ours, np.quantile(rows.astype(np.float64), q, axis=1), rtol=2e-5, atol=1e-6)
+
+
+def test_row_quantile_of_extreme_values():
+  rows = np.array([[np.inf, -np.inf, 0.0, -0.0, 3.4e38, -3.4e38, 2.0, 1e-30]], np.float32)
+  for q in (0.0, 0.3, 0.5, 0.999, 1.0):
+    ref = jax.vmap(lambda r, q=q: jnp.quantile(r, q))(rows)
+    np.testing.assert_array_equal(np.asarray(losses.row_quantile(rows, q)), np.asarray(ref))

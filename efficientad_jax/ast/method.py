@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from efficientad_jax import checkpoint
+from efficientad_jax import backend, checkpoint
 from efficientad_jax import config as config_lib
 from efficientad_jax.ast import efficientnet
 from efficientad_jax.ast.autoencoder import FeatureAutoencoder
@@ -128,7 +128,7 @@ def predict(nets: Nets, cfg: AstConfig, detector: Detector, images: jnp.ndarray,
 
 def make_ast_predict_fn(nets: Nets, cfg: AstConfig) -> Callable[..., dict[str, jnp.ndarray]]:
   """The jitted `predict`: fn(detector, images, out_size) with out_size static (one compile per size)."""
-  return jax.jit(functools.partial(predict, nets, cfg), static_argnames="out_size")
+  return backend.jit(functools.partial(predict, nets, cfg), static_argnames="out_size")
 
 
 # --- The saved model.

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from efficientad_jax import backend
 from efficientad_jax.ast import method
 from efficientad_jax.ast.flow import nll_loss
 from efficientad_jax.config import AstConfig
@@ -132,5 +133,5 @@ def compile_step(fn: Callable, mesh: jax.sharding.Mesh, kinds: Sequence[str], ou
   spec = {"r": jax.sharding.PartitionSpec(), "d": jax.sharding.PartitionSpec("data")}
   sh = lambda kinds: tuple(jax.sharding.NamedSharding(mesh, spec[k]) for k in kinds)  # noqa: E731
   out = sh(out_kinds)
-  return jax.jit(fn, in_shardings=sh(kinds), out_shardings=out[0] if len(out) == 1 else out,
+  return backend.jit(fn, in_shardings=sh(kinds), out_shardings=out[0] if len(out) == 1 else out,
                  donate_argnums=tuple(donate))

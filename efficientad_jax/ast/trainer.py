@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import tqdm
 
-from efficientad_jax import checkpoint, train_step as base_step
+from efficientad_jax import backend, checkpoint, train_step as base_step
 from efficientad_jax import config as config_lib
 from efficientad_jax.ast import efficientnet, method, train_step
 from efficientad_jax.config import AstConfig
@@ -43,7 +43,7 @@ def load_backbone(cfg: AstConfig, params: dict) -> tuple[dict, str]:
 
 def extract(nets: method.Nets, backbone: dict, records, batch_size: int) -> np.ndarray:
   """Backbone features of eval records, in order: float32 [N, g, g, C] on the host."""
-  fn = jax.jit(lambda p, x: method.features(nets, p, x))
+  fn = backend.jit(lambda p, x: method.features(nets, p, x))
   out = [np.asarray(fn(backbone, images))[:n] for images, n in image_batches(records, batch_size)]
   return np.concatenate(out) if out else np.zeros((0, nets.grid, nets.grid, nets.channels), np.float32)
 
@@ -184,7 +184,7 @@ def train_ast(cfg: AstConfig, workdir: str | pathlib.Path, *, progress: bool = T
                               mesh, progress)
 
   # --- Stage 2: student + autoencoder on the frozen teacher's outputs.
-  teach = jax.jit(lambda p, f: method.teacher(nets, p, f))
+  teach = backend.jit(lambda p, f: method.teacher(nets, p, f))
   targets = lambda f: np.concatenate([np.asarray(teach(params["flow"], f[i:i + eval_batch]))  # noqa: E731
                                       for i in range(0, len(f), eval_batch)] or [f[:0]])
   train = {"features": feats, "target": targets(feats)}

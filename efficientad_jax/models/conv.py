@@ -1,8 +1,9 @@
 """2-D convolution with a custom backward pass for fast CPU training (forward is XLA's own).
 
 XLA's CPU backend computes the weight gradient of a convolution as another convolution with the batch as
-the contracted feature dimension; for the 4x4 kernels of the PDN on 256x256 images that is 20-30x slower
-than PyTorch. The weight gradient is a plain matrix product of image patches and output gradients,
+the contracted feature dimension. For the PDN's wide layers (128-256 input channels) that is fast, but for
+the autoencoder's narrow (32-64 channel) and strided layers it is 3-25x slower than a matmul (BUILD_NOTES,
+issue 6). The weight gradient is a plain matrix product of image patches and output gradients,
 
   dW[i, j, c, o] = sum_{b, y, x} X_pad[b, s*y + i, s*x + j, c] * G[b, y, x, o],
 
@@ -16,7 +17,9 @@ Implementations (`ModelConfig.conv_impl`):
              [kh*kw*Cin, N] @ [N, Cout], N = B*Ho*Wo (patches materialised: kh*kw x the input).
   "shifted"  custom VJP: dX as above, dW by kh*kw matmuls [Cin, N] @ [N, Cout], one per kernel offset
              (no kh*kw-times patch tensor).
-  "auto"     "shifted" when the default backend is CPU, else "xla" (decided at trace time).
+  "mixed"    per conv: "xla" for stride-1 convs with at least XLA_WGRAD_MIN_CHANNELS input channels,
+             "shifted" for the rest.
+  "auto"     "mixed" when the default backend is CPU, else "xla" (decided at trace time).
 """
 
 from __future__ import annotations
@@ -30,8 +33,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("auto", "xla", "im2col", "shifted")
-CPU_IMPL = "shifted"  # what "auto" picks on CPU (measured fastest, see experiments/benchmark.py --mode conv)
+IMPLS = ("auto", "xla", "im2col", "shifted", "mixed")
+CPU_IMPL = "mixed"  # what "auto" picks on CPU (measured fastest, see experiments/benchmark.py --mode conv)
+# "mixed" keeps XLA's own weight gradient from this many input channels up (stride 1): measured on 2 cores at
+# 3x256x256, PDN-S conv2 (128 -> 256) 150-240 ms vs 290 ms as matmuls, conv4 (256 -> 768) 170 vs 220 ms;
+# below it XLA's is the slow one (autoencoder 64 -> 64 at 63x63: 150 ms vs 7 ms).
+XLA_WGRAD_MIN_CHANNELS = 128
 
 
 # Trace-time override of "auto" (tests and benchmarks compare implementations of the same model). It is read
@@ -147,6 +154,9 @@ def conv_general_dilated(impl: str = "auto") -> Callable[..., jnp.ndarray]:
     plain = (batch_group_count == 1 and precision is None and preferred_element_type is None
              and _is_plain_2d(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                               feature_group_count))
+    if method == "mixed" and plain:
+      wide = rhs.shape[2] >= XLA_WGRAD_MIN_CHANNELS and all(int(s) == 1 for s in window_strides)
+      method = "xla" if wide else "shifted"
     if method == "xla" or not plain:
       return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                       dimension_numbers, feature_group_count, batch_group_count, precision,

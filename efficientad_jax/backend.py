@@ -1,0 +1,39 @@
+"""How this project's entry points are compiled: `jit` = `jax.jit` plus XLA options for the CPU backend.
+
+XLA:CPU (jaxlib 0.10) hands every convolution to YNNPACK by default ("individual_convolution" fusions).
+Inside the train step those ran at 14-63 GFLOP/s on 2 cores against 200-300 GFLOP/s for XLA's Eigen
+convolutions, and taking convolutions away from YNNPACK made a PDN-S step 3.3 s -> 2.0 s (BUILD_NOTES,
+issue 6). Dots and reductions stay with YNNPACK, where they are fast. Accelerators get XLA's defaults.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable
+
+import jax
+
+# The XLA:CPU default minus LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.cache
+def compiler_options() -> dict[str, Any] | None:
+  """CPU_COMPILER_OPTIONS on the CPU backend when this jaxlib accepts them; None (XLA's defaults) otherwise."""
+  if jax.default_backend() != "cpu":
+    return None
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(1.0).compile()
+  except Exception as e:  # pylint: disable=broad-except  # another jaxlib: its defaults are still correct
+    logging.warning("XLA:CPU options %s not accepted by jax %s (%s); using XLA's defaults",
+                    CPU_COMPILER_OPTIONS, jax.__version__, e)
+    return None
+  return dict(CPU_COMPILER_OPTIONS)
+
+
+def jit(fun: Callable, **kwargs) -> Callable:
+  """`jax.jit(fun, **kwargs)` compiled with `compiler_options()`; for top-level entry points only (JAX
+  refuses compiler options on a jit nested in another)."""
+  return jax.jit(fun, compiler_options=compiler_options(), **kwargs)

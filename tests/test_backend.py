@@ -1,0 +1,38 @@
+"""backend.jit: the XLA:CPU options reach the compiler, and a jaxlib that lacks them falls back to defaults."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from efficientad_jax import backend
+
+
+def _conv(x, w):
+  return lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU compiler options")
+def test_convolutions_stay_out_of_ynnpack_and_numbers_are_unchanged():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(1, 20, 20, 16)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(4, 4, 16, 32)).astype(np.float32))
+  assert backend.compiler_options() == backend.CPU_COMPILER_OPTIONS
+  compiled = backend.jit(_conv).lower(x, w).compile().as_text()
+  assert "convolution(" in compiled and "__ynn_fusion" not in compiled
+  xn, wn = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  reference = sum(np.einsum("bhwc,co->bhwo", xn[:, i:i + 17, j:j + 17], wn[i, j]) for i in range(4) for j in range(4))
+  np.testing.assert_allclose(np.asarray(backend.jit(_conv)(x, w)), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_options_fall_back_to_xla_defaults(monkeypatch, caplog):
+  monkeypatch.setattr(backend, "CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option_here": "1"})
+  backend.compiler_options.cache_clear()
+  try:
+    if jax.default_backend() == "cpu":
+      assert backend.compiler_options() is None
+      assert "not accepted" in caplog.text
+    assert float(backend.jit(lambda v: v * 2)(jnp.float32(3))) == 6.0
+  finally:
+    backend.compiler_options.cache_clear()
