@@ -52,6 +52,8 @@ def row_quantile(rows: jnp.ndarray, quantile: float) -> jnp.ndarray:
   around position q*(N-1) are needed, and those are found exactly by a radix search on the bit patterns:
   32 passes of compare-and-count (~7 ms), no sort.
   """
+  if not 0.0 <= quantile <= 1.0:
+    raise ValueError(f"row_quantile: quantile must be in [0, 1], got {quantile}")
   n = rows.shape[1]
   # The interpolation position and weights in float32, computed exactly as jnp.quantile computes them.
   pos = np.float32(quantile) * np.float32(n - 1)

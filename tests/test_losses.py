@@ -42,6 +42,8 @@ def test_penalty_and_mse():
 def test_shape_mismatch_is_an_error():
   with pytest.raises(ValueError, match="differ"):
     losses.hard_loss(np.zeros((1, 4, 4, 8)), np.zeros((1, 4, 4, 9)), 0.999)
+  with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    losses.row_quantile(np.zeros((1, 8), np.float32), 1.5)
   with pytest.raises(ValueError, match="differ"):
     losses.mse(np.zeros((1, 4, 4, 8)), np.zeros((1, 4, 4, 9)))
 
