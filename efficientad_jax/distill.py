@@ -129,8 +129,8 @@ def compile_distill_step(student: PDN, backbone: wide_resnet.WideResNet, cfg: Di
   """
   replicated, sharded = _shardings(mesh)
   return backend.jit(functools.partial(distill_step, student, backbone, cfg, tx),
-                 in_shardings=(replicated, replicated, replicated, sharded),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+                     in_shardings=(replicated, replicated, replicated, sharded),
+                     out_shardings=(replicated, replicated), donate_argnums=0)
 
 
 def fit_target_stats(backbone: wide_resnet.WideResNet, cfg: DistillConfig, backbone_vars: dict,
@@ -142,7 +142,7 @@ def fit_target_stats(backbone: wide_resnet.WideResNet, cfg: DistillConfig, backb
   """
   replicated, sharded = _shardings(mesh)
   fn = backend.jit(functools.partial(target_features, backbone, cfg), in_shardings=(replicated, sharded),
-               out_shardings=sharded)
+                   out_shardings=sharded)
 
   def features(batch):
     images = train_step.shard_batch({"backbone": batch["backbone"]}, mesh)["backbone"]

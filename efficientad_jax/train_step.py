@@ -116,7 +116,7 @@ def compile_train_step(nets: Models, cfg: Config, tx: optax.GradientTransformati
   sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   step = functools.partial(train_step, nets, cfg, tx)
   return backend.jit(step, in_shardings=(replicated, replicated, sharded, replicated),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+                     out_shardings=(replicated, replicated), donate_argnums=0)
 
 
 def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

@@ -134,4 +134,4 @@ def compile_step(fn: Callable, mesh: jax.sharding.Mesh, kinds: Sequence[str], ou
   sh = lambda kinds: tuple(jax.sharding.NamedSharding(mesh, spec[k]) for k in kinds)  # noqa: E731
   out = sh(out_kinds)
   return backend.jit(fn, in_shardings=sh(kinds), out_shardings=out[0] if len(out) == 1 else out,
-                 donate_argnums=tuple(donate))
+                     donate_argnums=tuple(donate))
