@@ -1,4 +1,4 @@
-"""Teacher distillation (SPEC section 5, paper section 3.1): the WideResNet target, the pure step, the run.
+"""Teacher distillation (docs/method.md §8, paper section 3.1): the WideResNet target, the pure step, the run.
 
 Target for an image at backbone_size (512): WideResNet-101-2 layer2 F2 [64, 64, 512] and layer3 F3
 [32, 32, 1024]. Per layer, every pixel's 3x3 neighbourhood is unfolded (stride 1, zero pad 1, channel-major
@@ -135,7 +135,7 @@ def compile_distill_step(student: PDN, backbone: wide_resnet.WideResNet, cfg: Di
 
 def fit_target_stats(backbone: wide_resnet.WideResNet, cfg: DistillConfig, backbone_vars: dict,
                      batches: Callable, mesh: jax.sharding.Mesh) -> TeacherStats:
-  """Per-channel mean / std of the target over the stats images (the teacher-statistics rule of SPEC 3);
+  """Per-channel mean / std of the target over the stats images (the teacher-statistics rule of docs/method.md §5.1);
   a constant channel gets std 1.
 
   batches: callable returning a fresh iterable of this process's {'backbone': ...} batches (called twice).

@@ -1,4 +1,4 @@
-"""grain pipelines of teacher distillation (SPEC section 5): ImageNet images at two sizes.
+"""grain pipelines of teacher distillation (paper §3.1; docs/method.md §8): ImageNet images at two sizes.
 
 One element is one ImageNet image, turned to grayscale with probability `grayscale_prob` (seeded by the
 pipeline seed and the element's index, like every transform in `data.pipeline`), then resized twice:

@@ -1,4 +1,4 @@
-"""Evaluation of a trained run on its test set (impure orchestration; SPEC sections 4 and 6).
+"""Evaluation of a trained run on its test set (impure orchestration; docs/method.md §7 and §9).
 
 `evaluate(RUN)` reads top to bottom: load RUN/model -> test records -> the one jitted predict in
 fixed-size batches grouped by original image size -> full-resolution maps -> metrics. It writes to
@@ -13,7 +13,7 @@ RUN/eval/:
   overlays/<id>.png                 image | image + heatmap with the ground truth outlined (a sample)
 
 Thresholds: the decision threshold saved with the model comes from validation normals (training,
-SPEC 4); the F1-optimal threshold below is measured ON THE TEST SET, reported for comparison and
+docs/method.md §7.4); the F1-optimal threshold below is measured ON THE TEST SET, reported for comparison and
 never written back into the model.
 """
 
@@ -238,7 +238,8 @@ def evaluate(workdir: str | pathlib.Path, *, cfg: Config | None = None, out_dir:
   """
   workdir = pathlib.Path(workdir).absolute()
   model = predict.load(workdir)
-  cfg = cfg or model.cfg
+  from efficientad_jax.trainer import resolve_paths  # pylint: disable=g-import-not-at-top
+  cfg = resolve_paths(cfg or model.cfg, predict.model_dir(workdir).parent)  # synthetic data: RUN/data
   out = pathlib.Path(out_dir) if out_dir is not None else predict.model_dir(workdir).parent / "eval"
   seed = cfg.train.seed if hasattr(cfg, "train") else cfg.seed  # AstConfig keeps its seed at the top
   ds = make_datasets(cfg.data, image_size=model.image_size, seed=seed)

@@ -1,4 +1,4 @@
-"""Serialised, framework-free predict function (`jax.export`; SPEC section 4).
+"""Serialised, framework-free predict function (`jax.export`; docs/method.md §7).
 
   python -m experiments.export --model RUN --out model.eadx      # writes the file
   m = load_exported("model.eadx")                                # needs jax + numpy only, no flax
@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import json
 import pathlib
+import zipfile
 from typing import Any, Sequence
 
 import jax
@@ -124,7 +125,7 @@ def load_exported(path: str | pathlib.Path) -> ExportedModel:
       meta = json.loads(archive["meta"].tobytes().decode())
       blob = bytearray(archive["exported"].tobytes())
       params = [archive[k] for k in sorted(archive.files) if k.startswith("param_")]
-  except (OSError, KeyError, ValueError) as e:
+  except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as e:  # truncated or not an .npz
     raise ValueError(f"{path}: not an exported EfficientAD model ({type(e).__name__}: {e})") from None
   if meta.get("format") != FORMAT:
     raise ValueError(f"{path}: format {meta.get('format')!r} is not supported (expected {FORMAT!r})")

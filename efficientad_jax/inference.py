@@ -1,4 +1,4 @@
-"""The ONE inference path (paper section 3.4, SPEC section 4): images -> maps -> anomaly maps and scores.
+"""The ONE inference path (paper section 3.4, docs/method.md §7): images -> maps -> anomaly maps and scores.
 
 Calibration (`raw_maps`), evaluation, the predict CLI, export and the benchmark all go through `predict`
 (calibration through its first half, `raw_maps`, since quantiles do not exist yet at that point).

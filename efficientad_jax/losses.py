@@ -1,7 +1,7 @@
-"""Training objective of EfficientAD (paper sections 3.2-3.3, SPEC section 3).
+"""Training objective of EfficientAD (paper sections 3.2-3.3, docs/method.md §5).
 
 All inputs are NHWC feature maps. Losses are per-sample and then averaged over the batch: with the paper's
-batch of one image per device this equals the reference exactly, and it keeps the data-parallel step
+global batch of one image this equals the reference exactly, and it keeps the data-parallel step
 independent of how the global batch is split across devices.
 """
 

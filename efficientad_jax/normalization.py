@@ -1,4 +1,4 @@
-"""Teacher channel statistics and anomaly-map quantile normalisation (SPEC sections 3-4).
+"""Teacher channel statistics and anomaly-map quantile normalisation (paper §3.2, §3.4; docs/method.md §5.1, §7.2).
 
 Fitting runs on the host over a few hundred images (not a hot path); applying is pure jnp used by the one
 inference path.

@@ -1,4 +1,4 @@
-"""Loading a saved model and predicting on image files of any size (SPEC section 4).
+"""Loading a saved model and predicting on image files of any size (docs/method.md §7).
 
 Every prediction goes through `inference.predict` (the one inference path), jitted once per
 (model config, map config) and compiled once per output size and batch shape:
@@ -138,7 +138,11 @@ def list_images(spec: str | pathlib.Path) -> list[pathlib.Path]:
   """
   path = pathlib.Path(spec)
   if path.is_dir():
-    return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+      raise FileNotFoundError(f"no image files in the folder {spec} (--images; subfolders are not searched): "
+                              f"pass a quoted glob such as '{path / '**' / '*.png'}'")
+    return files
   if path.is_file():
     return [path]
   matches = sorted(pathlib.Path(p) for p in glob.glob(str(spec), recursive=True))

@@ -9,7 +9,7 @@ A run lives in OUT/runs/<collection>/<category>/<size>/seed<seed>; it is finishe
 eval/metrics.json exists (written last by `evaluate.evaluate`). An interrupted run is simply run again:
 `trainer.train` resumes from its checkpoints. A failing run leaves its traceback in sweep_error.txt.
 
-Reported metrics (SPEC 6-7), in %: image AU-ROC; segmentation = AU-PRO up to FPR 0.3 (MVTec AD layout:
+Reported metrics (docs/method.md §9-§10), in %: image AU-ROC; segmentation = AU-PRO up to FPR 0.3 (MVTec AD layout:
 MVTec AD, VisA) or AU-sPRO up to 0.05 (LOCO layout: mean of structural and logical, each also given).
 """
 
@@ -40,7 +40,7 @@ TITLES = {"mvtec_ad": "MVTec AD", "visa": "VisA", "mvtec_loco": "LOCO", "synthet
 SIZES = {"s": "S", "small": "S", "m": "M", "medium": "M"}
 PRO_LIMIT, SPRO_LIMIT = "0.3", "0.05"  # keys of metrics.json (`evaluate` writes float keys as strings)
 
-# Paper (Batzner et al., WACV 2024; SPEC 7), in %: (collection, size, metric) -> value; "all" is the mean over
+# Paper (Batzner et al., WACV 2024, §4; docs/method.md §10), in %: (collection, size, metric) -> value; "all" is the mean over
 # MVTec AD, VisA and LOCO (segmentation: AU-PRO, LOCO AU-sPRO), latency and throughput on an RTX A6000.
 PAPER = {(collection, size, metric): value for collection, metric, values in (
     ("mvtec_ad", "image_auroc", (98.8, 99.1)), ("visa", "image_auroc", (97.5, 98.1)),

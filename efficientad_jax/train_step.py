@@ -1,4 +1,4 @@
-"""Training state, optimizer and the pure train step (SPEC section 3). No I/O here.
+"""Training state, optimizer and the pure train step (paper §3.2-§3.3; docs/method.md §5-§6). No I/O here.
 
 The caller compiles `train_step` with `backend.jit` (see `compile_train_step` for the data-parallel version):
 the batch is sharded over a 1-D device mesh, parameters are replicated, and XLA inserts the gradient
@@ -9,7 +9,7 @@ separate, frozen argument.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.struct
 import jax
@@ -100,8 +100,36 @@ def train_step(nets: Models, cfg: Config, tx: optax.GradientTransformation, stat
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), losses
 
 
+def data_parallel_devices(batch_size: int, devices: Sequence[jax.Device] | None = None) -> list[jax.Device]:
+  """The devices that share a global batch of `batch_size` images: as many as divide it.
+
+  One process: the largest d <= len(devices) with batch_size % d == 0 (the paper's batch of 1 runs on one
+  device, exactly as on a single-device machine). P processes: every process feeds batch_size / P images and
+  takes the same number k of its devices, the largest k <= its device count that divides batch_size / P.
+
+  Args:
+    batch_size: the global batch (`TrainConfig.batch_size`).
+    devices: all devices of all processes (default `jax.devices()`).
+  Returns:
+    The chosen devices, grouped by process in process order, each group in the given order.
+  Raises:
+    ValueError: batch_size < 1, or not a multiple of the process count.
+  """
+  if batch_size < 1:
+    raise ValueError(f"train.batch_size must be >= 1, got {batch_size}")
+  groups: dict[int, list[jax.Device]] = {}
+  for d in (jax.devices() if devices is None else devices):
+    groups.setdefault(d.process_index, []).append(d)
+  if batch_size % len(groups):
+    raise ValueError(f"train.batch_size {batch_size} is not a multiple of the {len(groups)} processes: every "
+                     f"process feeds an equal share of the global batch")
+  share = batch_size // len(groups)
+  k = max(k for k in range(1, min(len(g) for g in groups.values()) + 1) if share % k == 0)
+  return [d for _, g in sorted(groups.items()) for d in g[:k]]
+
+
 def data_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D mesh over all devices of all processes, axis 'data'."""
+  """A 1-D mesh over the given devices (default: all devices of all processes), axis 'data'."""
   devices = jax.devices() if devices is None else devices
   return jax.sharding.Mesh(devices, ("data",))
 

@@ -6,7 +6,7 @@ evaluation skips them, with a warning, when it is not installed.
 Colour scale: maps are shown on ONE fixed range for every image, [0, vmax] with vmax = 2 x the decision
 threshold by default, so the threshold sits mid-scale and a normal image stays blue (scaling each map to
 its own maximum would make every normal image look anomalous). 0 is the normalised level of the
-validation q_a quantile (SPEC 4).
+validation q_a quantile (docs/method.md §7.2).
 """
 
 from __future__ import annotations

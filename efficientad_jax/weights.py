@@ -1,5 +1,5 @@
 """PyTorch weights <-> Flax params for the PDNs and the autoencoder, the fixtures' weight recipe, and the
-on-disk format of an imported teacher (SPEC section 1).
+on-disk format of an imported teacher (docs/method.md §2.3).
 
 Two PyTorch layouts exist for the same tensors: nelson1425/EfficientAD saves bare `nn.Sequential`s (keys are
 layer indices, `0.weight`, `3.weight`, ...), anomalib saves named modules (`conv1.weight`; autoencoder
@@ -235,7 +235,9 @@ def load_teacher(directory: str | pathlib.Path) -> tuple[dict, str]:
 
   directory = pathlib.Path(directory).absolute()
   if not _is_teacher_checkpoint(directory):
-    raise FileNotFoundError(f"{directory}: no teacher checkpoint (format {TEACHER_FORMAT}) there")
+    raise FileNotFoundError(f"no teacher checkpoint (format {TEACHER_FORMAT}) at {directory} "
+                            "(train.teacher_checkpoint): import one with `python -m experiments.import_teacher "
+                            "--download small --out DIR` (or a .pth: see its --help), then pass that DIR")
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
     restored = ckpt.restore(directory, ocp.args.Composite(params=ocp.args.StandardRestore(),
                                                           meta=ocp.args.JsonRestore()))

@@ -1,4 +1,4 @@
-"""Latency, throughput and training speed of EfficientAD-JAX, next to the paper's numbers (SPEC section 7).
+"""Latency, throughput and training speed of EfficientAD-JAX, next to the paper's numbers (paper §4; docs/method.md §10).
 
 Inference times THE predict path (`inference.make_predict_fn`, no copy of the models) from host image to host
 map, as in the paper's protocol: host->device copy, teacher, student, autoencoder, both maps and their
@@ -38,8 +38,9 @@ from efficientad_jax import backend, checkpoint, models, normalization, train_st
 from efficientad_jax.config import Config, DataConfig, MapConfig, ModelConfig, TrainConfig, from_dict
 from efficientad_jax.inference import Detector, make_predict_fn, make_raw_maps_fn
 from efficientad_jax.models import conv as conv_lib
+from experiments import cli
 
-# SPEC section 7: the paper's latency (batch 1, half precision) and throughput on an RTX A6000.
+# docs/method.md §10 (paper §4): the paper's latency (batch 1, half precision) and throughput on an RTX A6000.
 PAPER = {"small": {"latency_ms": 2.2, "throughput_img_s": 614},
          "medium": {"latency_ms": 4.5, "throughput_img_s": 269}}
 TINY = {"image_size": 64, "warmup": 1, "runs": 3, "batch_sizes": "1,2", "throughput_runs": 2,
@@ -145,6 +146,9 @@ def inference_configs(args: argparse.Namespace) -> list[tuple[ModelConfig, Detec
     path = pathlib.Path(args.model)
     path = path / "model" if (path / "model" / "meta").exists() else path
     detector, meta = checkpoint.load_model(path)
+    if meta.get("method") == "efficientad_ast" or "model" not in meta.get("config", {}):
+      raise ValueError(f"{path} is an EfficientAD-AST model (--model): the benchmark times the PDN models only; "
+                       "pass an EfficientAD run, or drop --model to time random parameters")
     base = from_dict(ModelConfig, meta["config"]["model"])
     return [(dataclasses.replace(base, dtype=d), detector) for d in args.dtypes]
   return [(ModelConfig(size=s, dtype=d, image_size=args.image_size), None)
@@ -175,7 +179,8 @@ def bench_train(cfg: ModelConfig, args: argparse.Namespace) -> dict:
   ds = make_datasets(full.data, image_size=cfg.image_size, seed=0)
   setup_s = time.perf_counter() - generate
   nets = models.build(cfg)
-  mesh = train_step.data_mesh()
+  batch_size = full.train.batch_size
+  mesh = train_step.data_mesh(train_step.data_parallel_devices(batch_size))
   tx = train_step.make_optimizer(full.optim, full.train.steps)
   params = models.init_params(nets, jax.random.key(args.seed), cfg.image_size)
   c = cfg.teacher_channels
@@ -183,7 +188,6 @@ def bench_train(cfg: ModelConfig, args: argparse.Namespace) -> dict:
                              stats=normalization.TeacherStats(jnp.zeros(c), jnp.ones(c)))
   state, frozen = train_step.replicate((train_step.init_state(params, tx), frozen), mesh)
   step_fn = train_step.compile_train_step(nets, full, tx, mesh)
-  batch_size = full.train.batch_per_device * jax.local_device_count()
   it = ds.train_iter(batch_size)
   key = jax.random.key(args.seed)
   data_s, total_s = [], []
@@ -313,6 +317,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--tiny", action="store_true", help="64x64 images, few runs, small model, float32 (CI)")
   p.add_argument("--out", default="", help="write the results as JSON here")
+  cli.add_debug_flag(p)
   args = p.parse_args(argv)
   if args.tiny:
     given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
@@ -350,5 +355,10 @@ def main(argv=None) -> dict:
   return report
 
 
+def cli_main(argv=None) -> int:
+  main(argv)
+  return 0
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run(cli_main))

@@ -1,4 +1,4 @@
-"""Distils a PDN teacher from WideResNet-101-2 features on ImageNet (SPEC section 5).
+"""Distils a PDN teacher from WideResNet-101-2 features on ImageNet (paper §3.1; docs/method.md §8).
 
   python -m experiments.distill_teacher --size small --imagenet /data/imagenet/train \
       --backbone wide_resnet101_2-32ee1156.pth --workdir runs/distill_small [--set distill.steps=1000]
@@ -29,6 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config field, e.g. --set distill.steps=1000 (repeatable)")
   p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+  cli.add_debug_flag(p)
   return p.parse_args(argv)
 
 
@@ -48,4 +49,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run(main))

@@ -22,19 +22,25 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override the saved config's data section, e.g. --set data.root=/data (repeatable)")
   p.add_argument("--overlays", type=int, default=8, help="number of overlay pictures")
-  p.add_argument("--batch-size", type=int, default=8, help="images per predict call")
+  p.add_argument("--batch-size", type=cli.positive_int, default=8, help="images per predict call")
+  cli.add_debug_flag(p)
   return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  for assignment in args.set:
+    if not assignment.startswith("data."):
+      raise config_lib.ConfigError(
+          f"--set {assignment}: evaluate may override only data.* fields (the networks, maps and threshold "
+          "come from the saved model): drop it, or train a model with that setting")
   cli.setup_logging()
   from efficientad_jax import evaluate, predict  # after argument parsing: --help stays fast
   cfg = None
   if args.set:
     try:
       cfg = config_lib.override(predict.load(args.workdir).cfg, args.set)
-    except (ValueError, FileNotFoundError) as e:
+    except FileNotFoundError as e:
       raise SystemExit(f"error: {e}") from None
   metrics = evaluate.evaluate(args.workdir, cfg=cfg, out_dir=args.out, max_overlays=args.overlays,
                               batch_size=args.batch_size)
@@ -43,4 +49,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run(main))

@@ -22,11 +22,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--model", required=True, help="run directory (holding model/) or the model folder")
   p.add_argument("--images", required=True, help="a folder, an image file or a glob pattern (quote it)")
   p.add_argument("--out", help="folder for maps (TIFF), overlays (PNG) and predictions.csv")
+  cli.add_debug_flag(p)
   return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.out:
+    cli.writable_folder(args.out, "--out")
   cli.setup_logging(logging.WARNING)
   from efficientad_jax import predict  # after argument parsing: --help stays fast
   try:
@@ -46,4 +49,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run(main))

@@ -47,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--compilation-cache", default=None,
                  help="XLA persistent compilation cache folder shared by the runs (default OUT/jax_cache; '' = off)")
   p.add_argument("--benchmark", help="benchmark JSON with latency/throughput per size (sweep.load_benchmark)")
+  cli.add_debug_flag(p)
   return p.parse_args(argv)
 
 
@@ -107,4 +108,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run(main))

@@ -1,8 +1,8 @@
 """PyTorch reference timings on the same machine: JAX/PyTorch ratios for training and inference.
 
-Builds PDN-S/M and the autoencoder from torch.nn primitives (written from SPEC section 1, not copied from a
+Builds PDN-S/M and the autoencoder from torch.nn primitives (written from docs/method.md §2-§3, not copied from a
 peer), times inference maps (teacher, student, autoencoder, both maps, normalisation) and one
-forward+backward+Adam training step (SPEC section 3) at batch 1, then the same two things in JAX through the
+forward+backward+Adam training step (docs/method.md §5-§6) at batch 1, then the same two things in JAX through the
 project's own `make_predict_fn` and `compile_train_step`, in one process so both see the same machine load.
 
   python -m experiments.torch_reference --sizes small --image-size 256 --runs 10 --out torch_ref.json
@@ -35,7 +35,7 @@ def _torch():
 
 
 def build_torch_models(size: str, image_size: int, channels: int = 384):
-  """(teacher, student, autoencoder) torch.nn.Modules with the SPEC-1 architectures (unpadded PDN)."""
+  """(teacher, student, autoencoder) torch.nn.Modules with the docs/method.md §2-§3 architectures (unpadded PDN)."""
   torch = _torch()
   nn, F = torch.nn, torch.nn.functional
 
@@ -105,7 +105,7 @@ def torch_predict_fn(size: str, image_size: int) -> Callable[[np.ndarray], tuple
 
 
 def torch_train_step_fn(size: str, image_size: int) -> Callable[[dict], float]:
-  """One SPEC-3 step (hard loss, penalty, AE and student-AE losses; Adam with coupled L2) on host batches."""
+  """One docs/method.md §5-§6 step (hard loss, penalty, AE and student-AE losses; Adam with coupled L2) on host batches."""
   torch = _torch()
   teacher, student, ae = build_torch_models(size, image_size)
   teacher.eval()

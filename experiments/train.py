@@ -28,7 +28,7 @@ def load_config(dataset: str, size: str, config_file: str | None, method: str = 
   path = pathlib.Path(config_file) if config_file else CONFIGS / f"{prefix}{dataset}.py"
   if not path.is_file():
     known = sorted(p.stem for p in CONFIGS.glob("*.py") if p.stem not in ("__init__", "common"))
-    raise SystemExit(f"error: no config {path}; datasets: {', '.join(known)}")
+    raise config_lib.ConfigError(f"no config {path} (--dataset/--method/--config): datasets: {', '.join(known)}")
   spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -38,7 +38,8 @@ def load_config(dataset: str, size: str, config_file: str | None, method: str = 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--dataset", default="synthetic", help="synthetic | mvtec_ad | mvtec_loco | visa | folder")
-  p.add_argument("--size", default="small", help="S/small or M/medium (tiny variants: e.g. 'small,tiny')")
+  p.add_argument("--size", default="small",
+                 help="S/small or M/medium; --dataset synthetic also takes 'small,tiny' (a seconds-long test run)")
   p.add_argument("--config", help="a config .py with get_config(arg), instead of --dataset")
   p.add_argument("--method", default="efficientad", choices=("efficientad", "efficientad_ast"),
                  help="efficientad (the paper) or efficientad_ast (asymmetric student-teacher variant)")
@@ -48,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--no-eval", action="store_true", help="train and calibrate only")
   p.add_argument("--distributed", action="store_true",
                  help="call jax.distributed.initialize() (multi-host; reads the usual cluster env vars)")
+  cli.add_debug_flag(p)
   return p.parse_args(argv)
 
 
@@ -62,10 +64,9 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   cli.setup_logging()
   cli.init_distributed(args.distributed)
-  try:
-    cfg = config_lib.override(load_config(args.dataset, args.size, args.config, args.method), args.set)
-  except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
+  cfg = config_lib.override(load_config(args.dataset, args.size, args.config, args.method), args.set)
+  if args.method == "efficientad":
+    config_lib.validate(cfg)  # a bad --set value fails here, before jax starts
   workdir = args.workdir or default_workdir(cfg, args.method)
   if args.method == "efficientad_ast":
     from efficientad_jax.ast.trainer import train_ast
@@ -82,4 +83,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run(main))

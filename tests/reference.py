@@ -1,4 +1,4 @@
-"""Loading of the reference fixtures (format: shared/fixtures/README.md) for the tests."""
+"""Loading of the reference fixtures (format: tests/fixtures/README.md) for the tests."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from efficientad_jax import checkpoint
 from efficientad_jax import train_step as base_step
@@ -58,7 +59,8 @@ def test_one_step_of_each_stage(cfg, setup):
   sstate = base_step.replicate(train_step.init_student_state(params, tx), mesh)
   for _ in range(2):
     sstate, losses = st_step(sstate, batch, jax.random.key(1))
-  assert set(losses) == {"loss", "loss_st", "loss_ae", "loss_stae"} and st_step._cache_size() == 1
+  assert set(losses) == {"loss", "loss_st", "loss_ae", "loss_stae", "loss_penalty"} and st_step._cache_size() == 1
+  assert float(losses["loss_penalty"]) == 0.0  # no penalty features in the batch
   np.testing.assert_allclose(losses["loss"], losses["loss_st"] + losses["loss_ae"] + losses["loss_stae"], rtol=1e-6)
   changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), sstate.batch_stats, params["student_stats"])
   assert all(jax.tree_util.tree_leaves(changed))  # BN running statistics updated in training mode
@@ -80,6 +82,49 @@ def test_student_losses_by_hand(setup):
   want = ((z - s[..., :c]) ** 2).mean((1, 2, 3)) + ((z - a) ** 2).mean((1, 2, 3)) + \
       ((a - s[..., c:]) ** 2).mean((1, 2, 3))
   np.testing.assert_allclose(losses["loss"], want, rtol=1e-5)
+
+
+def test_penalty_loss_by_hand(setup):
+  """With penalty features: + mean S_P[:C]^2 per sample, the student's own training-mode call on them; the
+  running BN statistics come from the training images alone."""
+  _, nets, params, feats = setup
+  rng = np.random.default_rng(1)
+  z = rng.normal(size=feats[:2].shape).astype(np.float32)
+  pen = rng.normal(size=feats[:2].shape).astype(np.float32)
+  trainable = {"student": params["student"], "autoencoder": params["autoencoder"]}
+  key = jax.random.key(3)
+  plain, stats = train_step.student_losses(nets, trainable, params["student_stats"],
+                                           {"features": feats[:2], "target": z}, key)
+  with_pen, stats_pen = train_step.student_losses(nets, trainable, params["student_stats"],
+                                                  {"features": feats[:2], "target": z, "penalty": pen}, key)
+  c = nets.channels
+  x_p = np.concatenate([pen, np.asarray(method.cond(nets, 2))], -1)
+  s_p, _ = nets.student.apply({"params": params["student"], "batch_stats": params["student_stats"]}, x_p,
+                              train=True, mutable=["batch_stats"])
+  want = (np.asarray(s_p)[..., :c] ** 2).mean((1, 2, 3))
+  np.testing.assert_allclose(with_pen["loss_penalty"], want, rtol=1e-5)
+  np.testing.assert_allclose(with_pen["loss"], plain["loss"] + want, rtol=1e-5)
+  for k in ("loss_st", "loss_ae", "loss_stae"):
+    np.testing.assert_array_equal(with_pen[k], plain[k])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, stats_pen, stats)
+  with pytest.raises(ValueError, match="training input"):
+    train_step.student_losses(nets, trainable, params["student_stats"],
+                              {"features": feats[:2], "target": z, "penalty": pen}, None)
+
+
+def test_train_ast_with_penalty(cfg, tmp_path):
+  """`data.penalty` switches the AST penalty on, as for EfficientAD; a too small penalty_resize is an error."""
+  folder = tmp_path / "penalty"
+  folder.mkdir()
+  for i in range(3):
+    Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+  on = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, penalty=str(folder), penalty_resize=32),
+                           flow_epochs=1, student_epochs=1)
+  model = method.load_ast(trainer.train_ast(on, tmp_path / "run", progress=False))
+  assert model.meta["penalty"] == "on" and np.isfinite(model.threshold)
+  small = dataclasses.replace(on, data=dataclasses.replace(on.data, penalty_resize=8))
+  with pytest.raises(ValueError, match="penalty_resize 8 is smaller than image_size 16"):
+    trainer.train_ast(small, tmp_path / "small", progress=False)
 
 
 def test_train_ast_resume_and_predict(cfg, tmp_path):

@@ -1,7 +1,8 @@
-"""Bad input: every case is a `DataError` naming the file or folder (SPEC 2)."""
+"""Bad input: every case is a `DataError` naming the file or folder (docs/method.md §4)."""
 
 import dataclasses
 import json
+import re
 import shutil
 
 import numpy as np
@@ -11,67 +12,88 @@ from PIL import Image
 from efficientad_jax.config import DataConfig
 from efficientad_jax.data import api, indexes, pipeline, preprocess, records
 from efficientad_jax.data.records import DataError
+from tests import fixture_sets
 from tests.test_data_indexes import make_visa
 
 
 @pytest.fixture
 def ad(fixtures, tmp_path):
-  """A writable copy of the MVTec AD fixture tree; returns its root (category 'bottle')."""
-  shutil.copytree(fixtures / "mvtec_ad/dataset", tmp_path / "ad")
-  return tmp_path / "ad"
+  """A writable copy of the MVTec AD fixture set (its category, sizes and expected.json unchanged)."""
+  ref = fixture_sets.mvtec_ad(fixtures)
+  shutil.copytree(ref.root, tmp_path / "ad")
+  return dataclasses.replace(ref, root=tmp_path / "ad")
 
 
 @pytest.fixture
 def loco(fixtures, tmp_path):
-  shutil.copytree(fixtures / "mvtec_loco/dataset", tmp_path / "loco")
-  return tmp_path / "loco"
+  """A writable copy of the MVTec LOCO fixture set."""
+  ref = fixture_sets.mvtec_loco(fixtures)
+  shutil.copytree(ref.root, tmp_path / "loco")
+  return dataclasses.replace(ref, root=tmp_path / "loco")
+
+
+def _index_ad(ad):
+  return indexes.index_mvtec_ad(ad.root, ad.category, 0)
+
+
+def _first_mask(ad):
+  """(defect folder, image stem, mask path) of the first mask of the first defect folder."""
+  defect = fixture_sets.defect_folders(ad.category_dir)[0]
+  mask = fixture_sets.pngs(ad.category_dir / "ground_truth" / defect)[0]
+  return defect, mask.name.removesuffix("_mask.png"), mask
 
 
 def test_missing_category_lists_available(ad):
-  with pytest.raises(DataError, match=r"'botle' not found.*available: \['bottle'\]"):
-    indexes.index_mvtec_ad(ad, "botle", 0)
+  typo = ad.category[:-1]
+  available = re.escape(str(fixture_sets.subfolders(ad.root)))
+  with pytest.raises(DataError, match=rf"'{re.escape(typo)}' not found.*available: {available}"):
+    indexes.index_mvtec_ad(ad.root, typo, 0)
   with pytest.raises(DataError, match="does not exist"):
-    indexes.index_mvtec_ad(ad / "nowhere", "bottle", 0)
+    indexes.index_mvtec_ad(ad.root / "nowhere", ad.category, 0)
 
 
 def test_misspelled_test_folder_lists_folders(ad):
-  (ad / "bottle/test").rename(ad / "bottle/tests")
-  with pytest.raises(DataError, match=r"bottle/test: missing.*'tests'"):
-    indexes.index_mvtec_ad(ad, "bottle", 0)
+  (ad.category_dir / "test").rename(ad.category_dir / "tests")
+  with pytest.raises(DataError, match=rf"{re.escape(ad.category)}/test: missing.*'tests'"):
+    _index_ad(ad)
 
 
 def test_empty_train_split(ad):
-  for p in (ad / "bottle/train/good").iterdir():
+  for p in (ad.category_dir / "train/good").iterdir():
     p.unlink()
   with pytest.raises(DataError, match=r"train/good: empty split \(train\)"):
-    indexes.index_mvtec_ad(ad, "bottle", 0)
+    _index_ad(ad)
 
 
 def test_empty_defect_folder(ad):
-  (ad / "bottle/test/scratch").mkdir()
-  with pytest.raises(DataError, match=r"test/scratch: empty split"):
-    indexes.index_mvtec_ad(ad, "bottle", 0)
+  name = fixture_sets.unused_name(fixture_sets.subfolders(ad.category_dir / "test"))
+  (ad.category_dir / "test" / name).mkdir()
+  with pytest.raises(DataError, match=rf"test/{name}: empty split"):
+    _index_ad(ad)
 
 
 def test_missing_mask(ad):
-  (ad / "bottle/ground_truth/hole/001_mask.png").unlink()
-  with pytest.raises(DataError, match=r"test/hole/001.png: its ground-truth mask .*001_mask.png"):
-    indexes.index_mvtec_ad(ad, "bottle", 0)
+  defect, stem, mask = _first_mask(ad)
+  mask.unlink()
+  with pytest.raises(DataError, match=rf"test/{defect}/{stem}.png: its ground-truth mask .*{stem}_mask.png"):
+    _index_ad(ad)
 
 
 def test_mask_without_image(ad):
-  (ad / "bottle/test/crack/002.png").unlink()
-  with pytest.raises(DataError, match=r"crack/002_mask.png: ground-truth mask without a test image"):
-    indexes.index_mvtec_ad(ad, "bottle", 0)
+  defect, stem, _ = _first_mask(ad)
+  (ad.category_dir / "test" / defect / f"{stem}.png").unlink()
+  with pytest.raises(DataError, match=rf"{defect}/{stem}_mask.png: ground-truth mask without a test image"):
+    _index_ad(ad)
 
 
 def test_mask_size_mismatch(ad):
-  Image.new("L", (10, 10)).save(ad / "bottle/ground_truth/crack/000_mask.png")
-  with pytest.raises(DataError, match=r"crack/000_mask.png: mask size \(10, 10\).*differs"):
-    indexes.index_mvtec_ad(ad, "bottle", 0)
+  defect, stem, mask = _first_mask(ad)
+  h, w = ad.size_hw
+  Image.new("L", (w + 3, h + 1)).save(mask)
+  with pytest.raises(DataError, match=rf"{defect}/{stem}_mask.png: mask size \({w + 3}, {h + 1}\).*differs"):
+    _index_ad(ad)
   with pytest.raises(DataError, match="mask size"):
-    preprocess.load_mask(str(ad / "bottle/ground_truth/crack/000_mask.png"), (64, 96),
-                         "the_mask.png")
+    preprocess.load_mask(str(mask), ad.size_hw, "the_mask.png")
 
 
 def test_corrupt_and_truncated_images(tmp_path):
@@ -86,14 +108,16 @@ def test_corrupt_and_truncated_images(tmp_path):
 
 
 def test_corrupt_image_fails_in_the_pipelines(ad):
-  (ad / "bottle/test/good/001.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-  splits = indexes.index_mvtec_ad(ad, "bottle", 0)  # not a masked image: found at load time
+  good = fixture_sets.pngs(ad.category_dir / "test/good")[0]
+  good.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+  splits = _index_ad(ad)  # not a masked image: found at load time
   ds = pipeline.eval_dataset(splits.test, image_size=16, data_cfg=DataConfig())
-  with pytest.raises(DataError, match=r"good/001.png: corrupt"):
+  with pytest.raises(DataError, match=rf"good/{good.name}: corrupt"):
     list(ds)
-  (ad / "bottle/test/crack/000.png").write_bytes(b"broken")  # masked: found by the index
-  with pytest.raises(DataError, match=r"crack/000.png: cannot be read"):
-    indexes.index_mvtec_ad(ad, "bottle", 0)
+  defect, stem, _ = _first_mask(ad)
+  (ad.category_dir / "test" / defect / f"{stem}.png").write_bytes(b"broken")  # masked: found by the index
+  with pytest.raises(DataError, match=rf"{defect}/{stem}.png: cannot be read"):
+    _index_ad(ad)
 
 
 def test_unsupported_mode(tmp_path):
@@ -117,53 +141,62 @@ def test_unsupported_mode(tmp_path):
      ' "saturation_threshold": 5, "relative_saturation": false}]', "pixel_value must be unique"),
 ])
 def test_malformed_defects_config(loco, text, match):
-  (loco / "pushpins/defects_config.json").write_text(text)
+  (loco.category_dir / "defects_config.json").write_text(text)
   with pytest.raises(DataError, match=r"defects_config.json.*" + match):
-    indexes.index_mvtec_loco(loco, "pushpins")
+    indexes.index_mvtec_loco(loco.root, loco.category)
 
 
 def test_missing_defects_config(loco):
-  (loco / "pushpins/defects_config.json").unlink()
+  (loco.category_dir / "defects_config.json").unlink()
   with pytest.raises(DataError, match="defects_config.json: missing"):
-    indexes.index_mvtec_loco(loco, "pushpins")
+    indexes.index_mvtec_loco(loco.root, loco.category)
 
 
 def test_unknown_pixel_value_in_loco_mask(loco):
-  png = loco / "pushpins/ground_truth/logical_anomalies/000/000.png"
+  gt = loco.category_dir / "ground_truth/logical_anomalies"
+  image_id = fixture_sets.subfolders(gt)[0]
+  png = fixture_sets.pngs(gt / image_id)[0]
+  configured = sorted(d["pixel_value"] for d in loco.doc["defects_config"])
+  unknown = next(v for v in range(1, 256) if v not in configured)
   mask = np.asarray(Image.open(png)).copy()
-  mask[mask > 0] = 17
+  mask[mask > 0] = unknown
   Image.fromarray(mask).save(png)
-  splits = indexes.index_mvtec_loco(loco, "pushpins")
+  splits = indexes.index_mvtec_loco(loco.root, loco.category)
   ds = pipeline.eval_dataset(splits.test, image_size=16, data_cfg=DataConfig(),
                              specs=splits.defects_config)
-  with pytest.raises(DataError, match=r"logical_anomalies/000/000.png: pixel values \[17\]"):
+  where = f"logical_anomalies/{image_id}/{png.name}"
+  with pytest.raises(DataError, match=rf"{where}: pixel values \[{unknown}\]"):
     list(ds)
-  mask[:2, :2] = 255  # two defects in one channel PNG
-  mask[mask == 17] = 254
+  mask[:2, :2] = configured[0]  # two defects in one channel PNG
+  mask[mask == unknown] = configured[1]
   with pytest.raises(DataError, match="exactly one defect value"):
     records.loco_channel(mask, splits.defects_config, str(png))
 
 
 def test_loco_layout_errors(loco):
-  shutil.rmtree(loco / "pushpins/ground_truth/structural_anomalies/002")
-  with pytest.raises(DataError, match=r"structural_anomalies/002.png: its ground-truth folder"):
-    indexes.index_mvtec_loco(loco, "pushpins")
-  (loco / "pushpins/ground_truth/structural_anomalies/002").mkdir()
-  with pytest.raises(DataError, match=r"structural_anomalies/002: no ground-truth PNGs"):
-    indexes.index_mvtec_loco(loco, "pushpins")
-  shutil.copytree(loco / "pushpins/ground_truth/structural_anomalies/001",
-                  loco / "pushpins/ground_truth/structural_anomalies/002", dirs_exist_ok=True)
-  shutil.copytree(loco / "pushpins/ground_truth/structural_anomalies/001",
-                  loco / "pushpins/ground_truth/structural_anomalies/009")
-  with pytest.raises(DataError, match=r"structural_anomalies/009: ground truth without a test image"):
-    indexes.index_mvtec_loco(loco, "pushpins")
-  shutil.rmtree(loco / "pushpins/ground_truth/structural_anomalies/009")
-  (loco / "pushpins/test/logical_anomalies").rename(loco / "pushpins/test/logical_anomaly")
+  gt = loco.category_dir / "ground_truth/structural_anomalies"
+  ids = fixture_sets.subfolders(gt)
+  assert len(ids) >= 2, "the LOCO fixture needs two structural anomalies"
+  victim, donor = ids[0], ids[1]
+  index = lambda: indexes.index_mvtec_loco(loco.root, loco.category)  # noqa: E731
+  shutil.rmtree(gt / victim)
+  with pytest.raises(DataError, match=rf"structural_anomalies/{victim}.png: its ground-truth folder"):
+    index()
+  (gt / victim).mkdir()
+  with pytest.raises(DataError, match=rf"structural_anomalies/{victim}: no ground-truth PNGs"):
+    index()
+  shutil.copytree(gt / donor, gt / victim, dirs_exist_ok=True)
+  orphan = fixture_sets.unused_name(ids + fixture_sets.subfolders(loco.category_dir / "test"), "999")
+  shutil.copytree(gt / donor, gt / orphan)
+  with pytest.raises(DataError, match=rf"structural_anomalies/{orphan}: ground truth without a test image"):
+    index()
+  shutil.rmtree(gt / orphan)
+  (loco.category_dir / "test/logical_anomalies").rename(loco.category_dir / "test/logical_anomaly")
   with pytest.raises(DataError, match=r"unknown folders \['logical_anomaly'\]"):
-    indexes.index_mvtec_loco(loco, "pushpins")
-  shutil.rmtree(loco / "pushpins/validation")
-  with pytest.raises(DataError, match=r"pushpins/validation/good: missing"):
-    indexes.index_mvtec_loco(loco, "pushpins")
+    index()
+  shutil.rmtree(loco.category_dir / "validation")
+  with pytest.raises(DataError, match=rf"{re.escape(loco.category)}/validation/good: missing"):
+    index()
 
 
 def test_visa_errors(tmp_path):
@@ -205,8 +238,8 @@ def test_synthetic_refuses_to_overwrite_other_data(tmp_path):
 
 
 def test_saturation_config_round_trip(loco):
-  specs = records.parse_defects_config(loco / "pushpins/defects_config.json")
-  assert json.loads((loco / "pushpins/defects_config.json").read_text()) == [
+  specs = records.parse_defects_config(loco.category_dir / "defects_config.json")
+  assert json.loads((loco.category_dir / "defects_config.json").read_text()) == [
       {**dataclasses.asdict(s), "saturation_threshold": (
           int(s.saturation_threshold) if not s.relative_saturation else s.saturation_threshold)}
       for s in specs]

@@ -1,6 +1,5 @@
-"""Dataset indexes on the fixture trees, generated synthetic trees and a tiny VisA tree (SPEC 2)."""
+"""Dataset indexes on the fixture trees, generated synthetic trees and a tiny VisA tree (docs/method.md §4.2-§4.3)."""
 
-import json
 import pathlib
 
 import numpy as np
@@ -9,6 +8,7 @@ from PIL import Image
 
 from efficientad_jax.data import indexes, records, synthetic
 from efficientad_jax.data.records import Sample
+from tests import fixture_sets
 
 
 def _ids(samples):
@@ -16,45 +16,62 @@ def _ids(samples):
 
 
 def test_mvtec_ad_fixture_index(fixtures):
-  root = fixtures / "mvtec_ad" / "dataset"
-  splits = indexes.index_mvtec_ad(root, "bottle", seed=0, validation_fraction=0.1)
-  # 3 train images: 10 % rounds to 0, but a positive fraction holds out at least one.
-  assert len(splits.train) == 2 and len(splits.validation) == 1
-  assert {s.id for s in splits.train + splits.validation} == {f"train/good/00{i}" for i in range(3)}
+  ad = fixture_sets.mvtec_ad(fixtures)
+  splits = indexes.index_mvtec_ad(ad.root, ad.category, seed=0, validation_fraction=0.1)
+  train_ids = {f"train/good/{p.stem}" for p in fixture_sets.pngs(ad.category_dir / "train/good")}
+  # The reference trains on int(0.9 n) of n images, so at least one is held out; one is always kept.
+  n_val = min(len(train_ids) - int(0.9 * len(train_ids)), len(train_ids) - 1)
+  assert len(splits.train) == len(train_ids) - n_val and len(splits.validation) == n_val
+  assert {s.id for s in splits.train + splits.validation} == train_ids
   test = {s.id: s for s in splits.test}
-  assert len(test) == 10
-  assert sum(s.label for s in splits.test) == 6
-  crack = test["test/crack/001"]
-  assert crack.defect == "crack" and crack.label == 1
-  assert crack.mask == str(root / "bottle/ground_truth/crack/001_mask.png")
-  good = test["test/good/003"]
-  assert good.label == 0 and good.mask is None and good.defect == "good"
+  images = ad.doc["images"]  # expected.json lists every test image with its folder ("label")
+  assert set(test) == {im["path"].removesuffix(".png") for im in images}
+  assert sum(s.label for s in splits.test) == sum(im["label"] != "good" for im in images)
+  for image in images:
+    sample = test[image["path"].removesuffix(".png")]
+    stem = pathlib.PurePosixPath(image["path"]).stem
+    assert sample.defect == image["label"] and sample.label == int(image["label"] != "good")
+    if sample.label:
+      assert sample.mask == str(ad.category_dir / "ground_truth" / image["label"] / f"{stem}_mask.png")
+    else:
+      assert sample.mask is None
   assert all(s.loco_type == "" and s.channels == () for s in splits.test)
 
 
 def test_mvtec_loco_fixture_index(fixtures):
-  root = fixtures / "mvtec_loco" / "dataset"
-  splits = indexes.index_mvtec_loco(root, "pushpins")
-  assert _ids(splits.train) == ["train/good/000", "train/good/001"]
-  assert _ids(splits.validation) == ["validation/good/000", "validation/good/001"]
-  assert len(splits.test) == 12
-  expected = json.loads((fixtures / "mvtec_loco" / "expected.json").read_text())
+  loco = fixture_sets.mvtec_loco(fixtures)
+  splits = indexes.index_mvtec_loco(loco.root, loco.category)
+  for split, samples in (("train", splits.train), ("validation", splits.validation)):
+    files = fixture_sets.pngs(loco.category_dir / split / "good")
+    assert _ids(samples) == [f"{split}/good/{p.stem}" for p in files]
+  expected = loco.doc
+  assert len(splits.test) == len(expected["images"])
   by_id = {s.id: s for s in splits.test}
   for image in expected["images"]:
     sample = by_id[f"test/{image['split']}/{image['id']}"]
     assert sample.loco_type == image["split"] == sample.defect
     assert sample.label == int(image["split"] != "good")
     assert [pathlib.Path(c).name for c in sample.channels] == [c["png"] for c in image["channels"]]
-  assert [s.defect_name for s in splits.defects_config][:2] == ["missing_item", "extra_item"]
+  names = [d["defect_name"] for d in expected["defects_config"]]
+  assert [s.defect_name for s in splits.defects_config] == names
 
 
 def test_saturation_area_rule(fixtures):
-  specs = records.parse_defects_config(
-      fixtures / "mvtec_loco/dataset/pushpins/defects_config.json")
+  loco = fixture_sets.mvtec_loco(fixtures)
+  specs = records.parse_defects_config(loco.category_dir / "defects_config.json")
   by_name = {s.defect_name: s for s in specs}
-  assert records.saturation_area(by_name["missing_item"], 682) == 400  # absolute, capped
-  assert records.saturation_area(by_name["scratch"], 20) == 20  # absolute above the area
-  assert records.saturation_area(by_name["contamination"], 101) == 50  # int(0.5 * 101)
+  # Every channel of the set: the areas the official script computed.
+  for image in loco.doc["images"]:
+    for c in image["channels"]:
+      assert records.saturation_area(by_name[c["defect"]], c["area"]) == c["saturation_area"], c
+  # The rule on both sides of each threshold: absolute = min(threshold, area); relative = int(t * area).
+  for s in specs:
+    t = s.saturation_threshold
+    if s.relative_saturation:
+      assert records.saturation_area(s, 101) == int(t * 101)
+    else:
+      assert records.saturation_area(s, int(t) + 50) == int(t)  # capped
+      assert records.saturation_area(s, int(t) - 1) == int(t) - 1  # the area, when smaller
 
 
 def test_hold_out_is_seeded_and_disjoint():
@@ -69,6 +86,20 @@ def test_hold_out_is_seeded_and_disjoint():
   assert records.hold_out(samples, 0.0, seed=3) == (tuple(samples), ())
   with pytest.raises(ValueError, match="validation_fraction"):
     records.hold_out(samples, 1.0, seed=0)
+
+
+def test_hold_out_count_is_the_references():
+  """The reference trains on int(0.9 n) images and validates on the rest, for every n."""
+  for n in range(2, 10001):
+    assert records.hold_out_count(n, 0.1) == n - int(0.9 * n), n
+  for n in (2, 11, 25, 999):
+    train, val = records.hold_out_positions([f"{i:05d}" for i in range(n)], 0.1, seed=0)
+    assert len(val) == n - int(0.9 * n) and sorted(train + val) == list(range(n))
+  # A single image stays for training (the reference would be left without any).
+  assert records.hold_out_positions(["a"], 0.1, seed=0) == ([0], [])
+  assert records.hold_out_count(7, 0.0) == 0
+  with pytest.raises(ValueError, match="validation_fraction"):
+    records.hold_out_count(7, -0.1)
 
 
 def test_synthetic_mvtec_ad_layout(tmp_path):

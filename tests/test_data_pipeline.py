@@ -1,4 +1,4 @@
-"""Preprocessing and grain pipelines: conversions, jitter, penalty, determinism, resume (SPEC 2)."""
+"""Preprocessing and grain pipelines: conversions, jitter, penalty, determinism, resume (docs/method.md §4)."""
 
 import dataclasses
 import json
@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from efficientad_jax.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
-from efficientad_jax.data import api, indexes, pipeline, preprocess
+from efficientad_jax.data import api, indexes, pipeline, preprocess, records
+from tests import fixture_sets
 
 
 @pytest.fixture(scope="module")
@@ -92,35 +93,48 @@ def test_normalize():
 
 # --- colour jitter and penalty ----------------------------------------------------------------
 
-def test_jitter_ops_follow_torchvision_semantics():
-  x = np.random.default_rng(0).uniform(0, 1, (8, 8, 3)).astype(np.float32)
-  np.testing.assert_allclose(preprocess.adjust_brightness(x, 1.1), np.clip(x * 1.1, 0, 1),
-                             rtol=1e-6)
-  gray = x[..., 0] * 0.2989 + x[..., 1] * 0.587 + x[..., 2] * 0.114
-  np.testing.assert_allclose(preprocess.adjust_contrast(x, 0.8),
-                             np.clip(0.8 * x + 0.2 * gray.mean(), 0, 1), rtol=1e-5)
-  np.testing.assert_allclose(preprocess.adjust_saturation(x, 1.2),
-                             np.clip(1.2 * x - 0.2 * gray[..., None], 0, 1), rtol=1e-5, atol=1e-6)
-  assert np.array_equal(preprocess.adjust_saturation(x, 1.0), x)
+def _blend(x, degenerate, factor):
+  """PIL.ImageEnhance by hand: degenerate + f * (x - degenerate) in float32, truncated to uint8."""
+  out = degenerate + np.float32(factor) * (x.astype(np.float32) - degenerate)
+  return np.clip(np.floor(out), 0, 255).astype(np.uint8)
 
 
-def test_jitter_statistics():
+def test_jitter_ops_follow_pil_semantics():
+  x = np.random.default_rng(0).integers(0, 256, (9, 11, 3), dtype=np.uint8)
+  luma = np.asarray(Image.fromarray(x).convert("L")).astype(np.float32)[..., None]
+  for f in (0.8, 1.17):
+    assert np.array_equal(preprocess.adjust_color(x, "brightness", f), _blend(x, np.float32(0), f))
+    mean = np.float32(int(luma.mean() + 0.5))  # PIL's Contrast: the rounded mean of the L image
+    assert np.array_equal(preprocess.adjust_color(x, "contrast", f), _blend(x, mean, f))
+    assert np.array_equal(preprocess.adjust_color(x, "saturation", f), _blend(x, luma, f))
+  assert np.array_equal(preprocess.adjust_color(x, "saturation", 1.0), x)
+  with pytest.raises(ValueError, match="colour jitter kind"):
+    preprocess.adjust_color(x, "hue", 1.0)
+
+
+def test_jitter_draw_statistics():
   rng = np.random.default_rng(0)
-  x = np.random.default_rng(1).uniform(0.2, 0.8, (8, 8, 3)).astype(np.float32)
-  kinds, ratios = [], []
-  for _ in range(600):
-    y = preprocess.color_jitter(x, rng, 0.8, 1.2)
-    assert y.shape == x.shape and y.dtype == np.float32 and 0 <= y.min() and y.max() <= 1
-    ratio = (y / x).ravel()
-    if np.allclose(ratio, ratio[0], rtol=1e-5):
-      kinds.append("brightness")
-      ratios.append(ratio[0])
-    else:
-      kinds.append("other")
-  share = kinds.count("brightness") / len(kinds)
-  assert 0.25 < share < 0.42  # one of three ops, uniformly
-  assert 0.8 - 1e-5 <= min(ratios) and max(ratios) <= 1.2 + 1e-5
-  assert abs(np.mean(ratios) - 1.0) < 0.03 and np.std(ratios) > 0.08  # ~U(0.8, 1.2): std 0.115
+  draws = [preprocess.draw_jitter(rng, 0.8, 1.2) for _ in range(1200)]
+  kinds = [k for k, _ in draws]
+  factors = np.array([f for _, f in draws])
+  for kind in preprocess.JITTER_KINDS:
+    assert 0.28 < kinds.count(kind) / len(kinds) < 0.39  # one of three ops, uniformly
+  assert 0.8 <= factors.min() and factors.max() <= 1.2
+  assert abs(factors.mean() - 1.0) < 0.02 and abs(factors.std() - 0.4 / 12 ** 0.5) < 0.01  # U(0.8, 1.2)
+
+
+def test_train_element_jitters_the_full_resolution_image(tmp_path):
+  """'image_ae' = the drawn jitter on the decoded image, then the resize (the reference's order)."""
+  rgb = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+  Image.fromarray(rgb).save(tmp_path / "x.png")
+  sample = records.Sample(image=str(tmp_path / "x.png"), id="train/good/x", label=0, defect="good")
+  for seed in range(6):
+    out = pipeline.train_element(sample, np.random.default_rng(seed), 32, IMAGENET_MEAN, IMAGENET_STD,
+                                 (0.8, 1.2))
+    kind, factor = preprocess.draw_jitter(np.random.default_rng(seed), 0.8, 1.2)
+    np.testing.assert_array_equal(out["image"], preprocess.model_input(rgb, 32, IMAGENET_MEAN, IMAGENET_STD))
+    np.testing.assert_array_equal(out["image_ae"], preprocess.autoencoder_input(
+        rgb, kind, factor, 32, IMAGENET_MEAN, IMAGENET_STD))
 
 
 def test_penalty_image_shape_and_grayscale():
@@ -140,6 +154,12 @@ def test_penalty_image_shape_and_grayscale():
   np.testing.assert_allclose(never_gray, full[16:48, 16:48] / 255.0, atol=1e-6)
   with pytest.raises(ValueError, match="larger than penalty_resize"):
     preprocess.penalty_image(image, rng, 16, 32, 0.3, IMAGENET_MEAN, IMAGENET_STD)
+  # The drawn decision feeds the pure transform: the same generator state gives the same image.
+  for seed in range(4):
+    gray = np.random.default_rng(seed).uniform() < 0.3
+    np.testing.assert_array_equal(
+        preprocess.penalty_image(image, np.random.default_rng(seed), 64, 32, 0.3, IMAGENET_MEAN, IMAGENET_STD),
+        preprocess.penalty_transform(image, gray, 64, 32, IMAGENET_MEAN, IMAGENET_STD))
 
 
 # --- pipelines --------------------------------------------------------------------------------
@@ -191,15 +211,15 @@ def test_epochs_cover_training_images_only(syn_root):
 
 def test_eval_records_mvtec_ad(fixtures):
   cfg = DataConfig()
-  splits = indexes.index_mvtec_ad(fixtures / "mvtec_ad/dataset", "bottle", 0)
+  ad = fixture_sets.mvtec_ad(fixtures)
+  splits = indexes.index_mvtec_ad(ad.root, ad.category, 0)
   ds = pipeline.eval_dataset(splits.test, image_size=32, data_cfg=cfg)
-  expected = json.loads((fixtures / "mvtec_ad/expected.json").read_text())
-  gt_pixels = {e["path"].removesuffix(".png"): e["gt_pixels"] for e in expected["images"]}
+  gt_pixels = {e["path"].removesuffix(".png"): e["gt_pixels"] for e in ad.doc["images"]}
   recs = list(ds)
   assert sorted(r["id"] for r in recs) == sorted(gt_pixels)
   for rec in recs:
     assert rec["image"].shape == (32, 32, 3) and rec["image"].dtype == np.float32
-    assert tuple(rec["orig_size"]) == (64, 96) and rec["mask"].shape == (64, 96)
+    assert tuple(rec["orig_size"]) == ad.size_hw and rec["mask"].shape == ad.size_hw
     assert rec["mask"].dtype == bool and rec["channels"] == ()
     assert rec["mask"].sum() == gt_pixels[rec["id"]]
     assert rec["mask"].any() == bool(rec["label"])
@@ -208,21 +228,21 @@ def test_eval_records_mvtec_ad(fixtures):
 
 
 def test_eval_records_loco_saturation_areas(fixtures):
-  root = fixtures / "mvtec_loco/dataset"
-  splits = indexes.index_mvtec_loco(root, "pushpins")
+  loco = fixture_sets.mvtec_loco(fixtures)
+  splits = indexes.index_mvtec_loco(loco.root, loco.category)
   ds = pipeline.eval_dataset(splits.test, image_size=32, data_cfg=DataConfig(),
                              specs=splits.defects_config)
-  expected = json.loads((fixtures / "mvtec_loco/expected.json").read_text())
   got = {rec["id"]: rec for rec in ds}
-  for image in expected["images"]:
+  assert len(got) == len(loco.doc["images"])
+  for image in loco.doc["images"]:
     rec = got[f"test/{image['split']}/{image['id']}"]
-    assert rec["loco_type"] == image["split"] and tuple(rec["orig_size"]) == (72, 104)
+    assert rec["loco_type"] == image["split"] and tuple(rec["orig_size"]) == loco.size_hw
     want = [(c["defect"], c["pixel_value"], c["area"], c["saturation_area"])
             for c in image["channels"]]
     have = [(c["defect"], c["pixel_value"], c["area"], c["saturation_area"])
             for c in rec["channels"]]
     assert have == want
-    union = np.zeros((72, 104), bool)
+    union = np.zeros(loco.size_hw, bool)
     for c in rec["channels"]:
       union |= c["mask"]
     assert np.array_equal(rec["mask"], union)

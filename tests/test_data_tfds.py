@@ -1,8 +1,8 @@
-"""TFDS builders (array_record, no TensorFlow) read back with tfds.data_source (SPEC 2)."""
+"""TFDS builders (array_record, no TensorFlow) read back with tfds.data_source (docs/method.md §4.3)."""
 
 import dataclasses
 import importlib.util
-import json
+import re
 import shutil
 
 import numpy as np
@@ -11,6 +11,7 @@ import pytest
 from efficientad_jax.config import DataConfig
 from efficientad_jax.data import api
 from efficientad_jax.data.records import DataError
+from tests import fixture_sets
 from tests.test_data_indexes import make_visa
 
 
@@ -40,33 +41,40 @@ def _same_records(a, b):
 
 
 def test_mvtec_ad_tfds_matches_files(fixtures, tmp_path):
-  cfg = DataConfig(dataset="mvtec_ad", root=str(fixtures / "mvtec_ad/dataset"), category="bottle",
+  ad = fixture_sets.mvtec_ad(fixtures)
+  cfg = DataConfig(dataset="mvtec_ad", root=str(ad.root), category=ad.category,
                    source="tfds", tfds_data_dir=str(tmp_path / "tfds"))
   via_tfds, via_files = _both(cfg)
   _same_records(via_tfds.test, via_files.test)
   _same_records(via_tfds.validation, via_files.validation)  # the same seeded hold-out
   _same_records(via_tfds.train_eval, via_files.train_eval)
-  assert list((tmp_path / "tfds/mvtec_ad/bottle/1.0.0").glob("*.array_record-*"))
+  # The listing written to RUN/splits.json: TFDS record ids, the same split as the file index's paths.
+  listing, files = via_tfds.listing(), via_files.listing()
+  for split, records in (("train", via_tfds.train_eval), ("validation", via_tfds.validation)):
+    assert sorted(listing[split]) == sorted("tfds:" + r["id"] for r in records)
+    assert len(listing[split]) == len(files[split]) and all(f.endswith(".png") for f in files[split])
+  assert list((tmp_path / "tfds/mvtec_ad" / ad.category / "1.0.0").glob("*.array_record-*"))
   batch = next(via_tfds.train_iter(2))
   assert batch["image"].shape == (2, 24, 24, 3)
 
 
 def test_loco_tfds_records_and_saturation(fixtures, tmp_path):
-  cfg = DataConfig(dataset="mvtec_loco", root=str(fixtures / "mvtec_loco/dataset"),
-                   category="pushpins", source="tfds", tfds_data_dir=str(tmp_path / "tfds"))
+  loco = fixture_sets.mvtec_loco(fixtures)
+  cfg = DataConfig(dataset="mvtec_loco", root=str(loco.root),
+                   category=loco.category, source="tfds", tfds_data_dir=str(tmp_path / "tfds"))
   via_tfds, via_files = _both(cfg)
   _same_records(via_tfds.test, via_files.test)
   _same_records(via_tfds.validation, via_files.validation)
   assert via_tfds.info["defects_config"] == via_files.info["defects_config"]
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  raw = tfds.data_source("mvtec_loco/pushpins", split="test", data_dir=str(tmp_path / "tfds"),
+  raw = tfds.data_source(f"mvtec_loco/{loco.category}", split="test", data_dir=str(tmp_path / "tfds"),
                          download=False)
-  expected = json.loads((fixtures / "mvtec_loco/expected.json").read_text())
   want = {f"test/{i['split']}/{i['id']}": [c["saturation_area"] for c in i["channels"]]
-          for i in expected["images"]}
+          for i in loco.doc["images"]}
+  assert len(raw) == len(want)
   for rec in raw:
     assert list(rec["channel_saturation_areas"]) == want[rec["id"].decode()]
-    assert (rec["height"], rec["width"]) == (72, 104)
+    assert (rec["height"], rec["width"]) == loco.size_hw
 
 
 def test_visa_tfds(tmp_path):
@@ -79,28 +87,33 @@ def test_visa_tfds(tmp_path):
 
 
 def test_failed_build_leaves_no_cache_and_build_is_cached(fixtures, tmp_path):
-  shutil.copytree(fixtures / "mvtec_ad/dataset", tmp_path / "ad")
-  (tmp_path / "ad/bottle/test/good/002.png").write_bytes(b"broken")
+  ad = fixture_sets.mvtec_ad(fixtures)
+  shutil.copytree(ad.root, tmp_path / "ad")
+  good = fixture_sets.pngs(ad.category_dir / "test/good")[-1]  # an unmasked test image
+  broken = tmp_path / "ad" / good.relative_to(ad.root)
+  broken.write_bytes(b"broken")
   data_dir = tmp_path / "tfds"
-  cfg = DataConfig(dataset="mvtec_ad", root=str(tmp_path / "ad"), category="bottle",
+  cfg = DataConfig(dataset="mvtec_ad", root=str(tmp_path / "ad"), category=ad.category,
                    source="tfds", tfds_data_dir=str(data_dir))
-  with pytest.raises(Exception, match=r"good/002.png: corrupt"):
+  with pytest.raises(Exception, match=rf"good/{good.name}: corrupt"):
     api.make_datasets(cfg, 24, 0)
   leftovers = [p for p in data_dir.rglob("*") if p.is_file() and ".config" not in p.parts]
   assert leftovers == []  # no records, no dataset_info: nothing that looks like a cache
-  shutil.copy(fixtures / "mvtec_ad/dataset/bottle/test/good/002.png",
-              tmp_path / "ad/bottle/test/good/002.png")
+  shutil.copy(good, broken)
   api.make_datasets(cfg, 24, 0)
-  shards = sorted((data_dir / "mvtec_ad/bottle/1.0.0").glob("*.array_record-*"))
+  shards = sorted((data_dir / "mvtec_ad" / ad.category / "1.0.0").glob("*.array_record-*"))
   stamps = [p.stat().st_mtime_ns for p in shards]
   api.make_datasets(cfg, 24, 0)  # cached: not rebuilt
   assert [p.stat().st_mtime_ns for p in shards] == stamps
 
 
 def test_tfds_errors(fixtures, tmp_path):
-  cfg = DataConfig(dataset="mvtec_ad", root=str(fixtures / "mvtec_ad/dataset"), category="botle",
+  ad = fixture_sets.mvtec_ad(fixtures)
+  typo = ad.category[:-1]
+  cfg = DataConfig(dataset="mvtec_ad", root=str(ad.root), category=typo,
                    source="tfds", tfds_data_dir=str(tmp_path))
-  with pytest.raises(DataError, match=r"'botle' is not a mvtec_ad config; available: .*'bottle'"):
+  known = rf"'{re.escape(typo)}' is not a mvtec_ad config; available: .*'{re.escape(ad.category)}'"
+  with pytest.raises(DataError, match=known):
     api.make_datasets(cfg, 24, 0)
   with pytest.raises(DataError, match="supports"):
     api.make_datasets(dataclasses.replace(cfg, dataset="folder"), 24, 0)

@@ -11,7 +11,15 @@ from efficientad_jax import inference, models, normalization, train_step
 from efficientad_jax.config import Config, ModelConfig
 from tests import reference
 
-SEED = 100
+
+def _input(doc: dict, j: int) -> np.ndarray:
+  """Recipe image j of the fixture's own input seed and size (full_path.json `input_seed`, `input_size`)."""
+  h, w = doc["input_size"]
+  return reference.recipe_input(doc["input_seed"], j, h, w)
+
+
+def _pdn_size(doc: dict) -> str:
+  return "small" if "small" in doc["networks"]["student"] else "medium"
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +29,12 @@ def setup(fixtures):
   params = {role: reference.network_params(fixtures, doc["networks"][role])
             for role in ("teacher", "student", "autoencoder")}
   # The fixture's training step runs the autoencoder in eval mode: no dropout.
-  cfg = Config(model=ModelConfig(ae_dropout=0.0))
+  cfg = Config(model=ModelConfig(size=_pdn_size(doc), image_size=doc["input_size"][0], ae_dropout=0.0))
   nets = models.build(cfg.model)
   teacher_fn = jax.jit(lambda p, x: nets.teacher.apply({"params": p}, x))
   train_js = doc["teacher_normalization"]["train_images_j"]
   stats = normalization.fit_teacher_stats(lambda x: teacher_fn(params["teacher"], x),
-                                          lambda: (reference.recipe_input(SEED, j) for j in train_js))
+                                          lambda: (_input(doc, j) for j in train_js))
   return doc, arrays, params, cfg, nets, stats
 
 
@@ -39,7 +47,7 @@ def test_teacher_statistics(setup):
 def _validation_maps(setup):
   doc, _, params, _, nets, stats = setup
   raw = inference.make_raw_maps_fn(nets)
-  maps = [raw(params, stats, reference.recipe_input(SEED, j)) for j in doc["map_normalization"]["val_images_j"]]
+  maps = [raw(params, stats, _input(doc, j)) for j in doc["map_normalization"]["val_images_j"]]
   return np.concatenate([m[0] for m in maps]), np.concatenate([m[1] for m in maps])
 
 
@@ -62,7 +70,7 @@ def test_predict_maps_and_scores(setup):
   predict = inference.make_predict_fn(nets, cfg.maps)
   w, h = doc["test"]["original_size_wh"]
   for k, image in enumerate(doc["test"]["images"]):
-    out = predict(detector, reference.recipe_input(SEED, image["j"]), out_size=(h, w))
+    out = predict(detector, _input(doc, image["j"]), out_size=(h, w))
     np.testing.assert_allclose(out["map_st"], arrays[f"test{k}_map_st_raw"][:, 0], rtol=0, atol=2e-5)
     np.testing.assert_allclose(out["map_ae"], arrays[f"test{k}_map_ae_raw"][:, 0], rtol=0, atol=2e-5)
     np.testing.assert_allclose(out["map_combined"], arrays[f"test{k}_map_combined"][:, 0], rtol=0, atol=1e-5)
@@ -84,9 +92,9 @@ def test_training_step_losses_and_gradients(setup):
   doc, _, params, cfg, nets, stats = setup
   ts = doc["train_step"]
   js = ts["images_j"]
-  batch = {"image": reference.recipe_input(SEED, js["image_st"]),
-           "image_ae": reference.recipe_input(SEED, js["image_ae"]),
-           "penalty": reference.recipe_input(SEED, js["image_penalty"])}
+  batch = {"image": _input(doc, js["image_st"]),
+           "image_ae": _input(doc, js["image_ae"]),
+           "penalty": _input(doc, js["image_penalty"])}
   frozen = train_step.Frozen(teacher=params["teacher"], stats=stats)
   trainable = {"student": params["student"], "autoencoder": params["autoencoder"]}
 
@@ -101,8 +109,9 @@ def test_training_step_losses_and_gradients(setup):
       continue
     np.testing.assert_allclose(float(losses[ours]), expected, rtol=1e-5, err_msg=name)
 
-  flat = reference.nelson_names(grads["student"], "student", reference.PDN_KEYS["small"],
-                                [f"conv{i}" for i in range(1, 5)])
+  pdn_keys = reference.PDN_KEYS[_pdn_size(doc)]
+  flat = reference.nelson_names(grads["student"], "student", pdn_keys,
+                                [f"conv{i}" for i in range(1, len(pdn_keys) + 1)])
   flat |= reference.nelson_names(grads["autoencoder"], "autoencoder", reference.AE_KEYS, reference.AE_NAMES)
   expected = ts["grads_after_backward_of_loss_total"]
   assert set(flat) == set(expected)
@@ -114,7 +123,7 @@ def test_hard_threshold_and_element_count(setup):
   doc, _, params, cfg, nets, stats = setup
   from efficientad_jax import losses
   ts = doc["train_step"]
-  x = reference.recipe_input(SEED, ts["images_j"]["image_st"])
+  x = _input(doc, ts["images_j"]["image_st"])
 
   def parts(params, stats, x):
     t = normalization.normalize_teacher(nets.teacher.apply({"params": params["teacher"]}, x), stats)

@@ -41,11 +41,12 @@ def outputs(nb: nbformat.NotebookNode) -> tuple[str, int]:
 
 
 @pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
+def quickstart(tmp_path_factory, jax_cache):
   tmp = tmp_path_factory.mktemp("notebooks")
   workdir = tmp / "quickstart"
+  # The session's cache (conftest.jax_cache): the sweep's tiny runs compile the same programs later.
   nb = execute("quickstart.ipynb", {"EFFICIENTAD_NOTEBOOK_TINY": "1", "EFFICIENTAD_NOTEBOOK_WORKDIR": str(workdir)},
-               tmp / "jax_cache")
+               jax_cache)
   return tmp, workdir, nb
 
 
@@ -72,7 +73,7 @@ def test_quickstart_trains_evaluates_plots_and_exports(quickstart):
 
 
 @pytest.mark.slow
-def test_inference_scores_a_folder_of_images(quickstart):
+def test_inference_scores_a_folder_of_images(quickstart, jax_cache):
   tmp, workdir, _ = quickstart
   images = tmp / "images"
   images.mkdir()
@@ -84,7 +85,7 @@ def test_inference_scores_a_folder_of_images(quickstart):
   out = tmp / "predictions"
   env = {"EFFICIENTAD_NOTEBOOK_MODEL": str(workdir), "EFFICIENTAD_NOTEBOOK_IMAGES": str(images),
          "EFFICIENTAD_NOTEBOOK_OUT": str(out)}
-  nb = execute("inference.ipynb", env, tmp / "jax_cache")
+  nb = execute("inference.ipynb", env, jax_cache)
   text, figures = outputs(nb)
   with open(out / "predictions.csv", newline="") as f:
     rows = list(csv.DictReader(f))

@@ -117,4 +117,7 @@ def test_exported_file_meta_and_errors(run, tmp_path):
   (tmp_path / "junk.eadx").write_bytes(b"junk")
   with pytest.raises(ValueError, match="not an exported EfficientAD model"):
     export.load_exported(tmp_path / "junk.eadx")
+  (tmp_path / "cut.eadx").write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a truncated copy
+  with pytest.raises(ValueError, match="not an exported EfficientAD model"):
+    export.load_exported(tmp_path / "cut.eadx")
   json.dumps(model.meta)  # plain JSON

@@ -7,7 +7,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -184,12 +183,14 @@ def test_paper_numbers_and_latency_are_in_the_table(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
-  """The two tasks run one after the other as separate processes, as on two machines sharing OUT (and its
-  compilation cache: the second task compiles nothing)."""
+def swept(tmp_path_factory, jax_cache):
+  """The two tasks run one after the other as separate processes, as on two machines sharing OUT and a
+  compilation cache (the second task compiles nothing). The cache is the session's, shared with other tests'
+  tiny runs, so what they compiled already is not compiled again."""
   out = tmp_path_factory.mktemp("sweep")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   codes = [subprocess.run([sys.executable, "-m", "experiments.sweep", *TINY_ARGS, "--out", str(out),
+                           "--compilation-cache", str(jax_cache),
                            "--task-index", str(i), "--num-tasks", "2"], cwd=REPO, env=env, check=False,
                           capture_output=True, text=True, timeout=600)
            for i in (0, 1)]
@@ -233,10 +234,8 @@ def test_sweep_tables_equal_numpy_over_the_run_metrics(swept):
 def test_second_invocation_skips_finished_runs(swept, caplog):
   out, _ = swept
   stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file() and "eval" not in p.parts}
-  start = time.monotonic()
   with caplog.at_level(logging.INFO, logger="efficientad_jax"):
     assert sweep_cli.main(TINY_ARGS + ["--out", str(out)]) == 0
-  assert time.monotonic() - start < 10
   assert sum("skip synthetic/" in r.getMessage() for r in caplog.records) == 4
   assert not any("saved the model" in r.getMessage() for r in caplog.records)
   assert stamps == {p: p.stat().st_mtime_ns for p in stamps}  # nothing retrained or rewritten

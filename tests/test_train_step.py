@@ -7,6 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from efficientad_jax import models, train_step
 from efficientad_jax.config import Config, ModelConfig, OptimConfig, TrainConfig
@@ -119,6 +120,30 @@ def test_eight_devices_equal_one_device_on_the_same_global_batch():
   proc = subprocess.run([sys.executable, "-c", _MULTI_DEVICE], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+class _Device:
+  """Stands in for a jax.Device: only `process_index` is read."""
+
+  def __init__(self, process_index: int, i: int):
+    self.process_index, self.id = process_index, i
+
+
+def test_data_parallel_devices_divide_the_global_batch():
+  one_host = [_Device(0, i) for i in range(8)]
+  for batch, used in ((1, 1), (2, 2), (3, 3), (5, 5), (6, 6), (7, 7), (8, 8), (12, 6), (16, 8), (9, 3), (11, 1)):
+    chosen = train_step.data_parallel_devices(batch, one_host)
+    assert chosen == one_host[:used], batch
+  # Two processes with 4 devices each: equal shares, the same number of devices from each.
+  two_hosts = [_Device(p, 4 * p + i) for p in (1, 0) for i in range(4)]  # listing order is irrelevant
+  for batch, per_host in ((2, 1), (4, 2), (6, 3), (8, 4), (10, 1), (16, 4)):
+    chosen = train_step.data_parallel_devices(batch, two_hosts)
+    assert [d.process_index for d in chosen] == [0] * per_host + [1] * per_host, batch
+  with pytest.raises(ValueError, match="not a multiple of the 2 processes"):
+    train_step.data_parallel_devices(3, two_hosts)
+  for bad in (0, -4):
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+      train_step.data_parallel_devices(bad, one_host)
 
 
 def test_step_makes_no_hidden_host_device_transfers():

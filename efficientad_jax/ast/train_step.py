@@ -4,7 +4,9 @@ Both stages read precomputed backbone features (the backbone is frozen and the t
 augmented, so features are computed once per run):
   stage 1, teacher:  flow params <- Adam on nll_loss(flow(f, pe))                    (flow.py)
   stage 2, student:  L = mean (z - S[:C])^2 + mean (z - A)^2 + mean (A - S[C:])^2      on all elements
-                     z = teacher output (frozen, precomputed), S = student([f | pe]), A = autoencoder(f)
+                         [+ mean S_P[:C]^2, the ImageNet penalty, when penalty features are given]
+                     z = teacher output (frozen, precomputed), S = student([f | pe]), A = autoencoder(f),
+                     S_P = student([f_P | pe]) on backbone features f_P of penalty images
 Optimiser: PyTorch Adam(lr, eps, weight_decay) = coupled L2 added to the gradient before Adam's moments.
 """
 
@@ -74,10 +76,18 @@ def flow_train_step(nets: method.Nets, tx: optax.GradientTransformation, state: 
 
 def student_losses(nets: method.Nets, trainable: dict, batch_stats: dict, batch: dict[str, jnp.ndarray],
                    dropout_key: jax.Array | None) -> tuple[dict[str, jnp.ndarray], dict]:
-  """Per-sample losses [B] ('loss_st', 'loss_ae', 'loss_stae', 'loss') and the updated BN statistics.
+  """Per-sample losses [B] ('loss_st', 'loss_ae', 'loss_stae', 'loss_penalty', 'loss') and the updated BN
+  statistics.
 
-  batch: 'features' [B, g, g, C], 'target' [B, g, g, C] (teacher z). dropout_key None = evaluation mode
-  (running BN statistics, no dropout); otherwise training mode.
+  batch: 'features' [B, g, g, C], 'target' [B, g, g, C] (teacher z), optional 'penalty' [B, g, g, C] (backbone
+  features of penalty images; training mode only). dropout_key None = evaluation mode (running BN statistics,
+  no dropout); otherwise training mode.
+
+  The penalty is EfficientAD's (paper section 3.2, docs/method.md §5.3): the mean square of the student's
+  teacher-predicting outputs on a penalty image, L_P = mean_{g,g,C} S_P[:C]^2, added to the total. The student
+  sees the penalty images in a separate training-mode call (their own batch statistics, as a separate
+  PyTorch forward would), whose running-statistics update is dropped: the statistics used at inference
+  describe the training images only.
   """
   c, f, z = nets.channels, batch["features"], batch["target"]
   train = dropout_key is not None
@@ -94,7 +104,15 @@ def student_losses(nets: method.Nets, trainable: dict, batch_stats: dict, batch:
   s, a = s.astype(jnp.float32), a.astype(jnp.float32)
   per_sample = lambda u, v: jnp.mean(jnp.square(u - v), axis=(1, 2, 3))  # noqa: E731
   out = {"loss_st": per_sample(z, s[..., :c]), "loss_ae": per_sample(z, a), "loss_stae": per_sample(a, s[..., c:])}
-  out["loss"] = out["loss_st"] + out["loss_ae"] + out["loss_stae"]
+  out["loss_penalty"] = jnp.zeros(f.shape[:1], jnp.float32)
+  if "penalty" in batch:
+    if not train:
+      raise ValueError("penalty features are a training input (evaluation mode has no penalty)")
+    x_p = jnp.concatenate([batch["penalty"], method.cond(nets, batch["penalty"].shape[0])], axis=-1)
+    s_p, _ = nets.student.apply({"params": trainable["student"], "batch_stats": variables["batch_stats"]}, x_p,
+                                train=True, mutable=["batch_stats"])
+    out["loss_penalty"] = jnp.mean(jnp.square(s_p[..., :c].astype(jnp.float32)), axis=(1, 2, 3))
+  out["loss"] = out["loss_st"] + out["loss_ae"] + out["loss_stae"] + out["loss_penalty"]
   return out, batch_stats
 
 

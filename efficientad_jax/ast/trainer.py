@@ -7,7 +7,10 @@ complete model in RUN/model (`checkpoint.save_model`, meta['method'] = 'efficien
 Both stages read backbone features computed once per run from the un-augmented training images
 (`Datasets.train_eval`) and validation normals; batches are drawn by a seeded per-epoch permutation.
 Foreground masks: the data pipeline provides none for training images, so the flow NLL is a plain mean
-(`flow.nll_loss` takes a weight where one exists). Early stopping uses the validation-normal loss only.
+(`flow.nll_loss` takes a weight where one exists; BUILD_NOTES.md, issue 17). Early stopping uses the
+validation-normal loss only. With `data.penalty` set, every student step also sees the backbone features of a
+batch of penalty images (EfficientAD's ImageNet penalty, `train_step.student_losses`); batch k of that stream is a
+pure function of (k, seed), so a resumed run sees the same penalty images.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import math
 import pathlib
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -25,7 +29,7 @@ from efficientad_jax import backend, checkpoint, train_step as base_step
 from efficientad_jax import config as config_lib
 from efficientad_jax.ast import efficientnet, method, train_step
 from efficientad_jax.config import AstConfig
-from efficientad_jax.data import eval_batches, make_datasets
+from efficientad_jax.data import eval_batches, make_datasets, pipeline
 from efficientad_jax.trainer import TrainingDiverged, image_batches, resolve_paths, write_config
 
 log = logging.getLogger("efficientad_jax")
@@ -91,6 +95,25 @@ def train_flow(cfg: AstConfig, nets: method.Nets, flow_params: dict, feats: np.n
   return state.params
 
 
+def penalty_features(cfg: AstConfig, nets: method.Nets, backbone: dict) -> Callable[[int], np.ndarray] | None:
+  """fn(step) -> backbone features [B / P, g, g, C] of this process's penalty images for student step `step`;
+  None when `data.penalty` is off (said loudly, as in EfficientAD)."""
+  source = pipeline.penalty_source(cfg.data.penalty, cfg.data.tfds_data_dir)
+  if source is None:
+    log.warning("no data.penalty source: training the AST student WITHOUT the ImageNet penalty (recorded in the "
+                "model as 'penalty: off')")
+    return None
+  if cfg.data.penalty_resize < cfg.image_size:
+    raise ValueError(f"data.penalty_resize {cfg.data.penalty_resize} is smaller than image_size {cfg.image_size}: "
+                     f"the penalty image is resized to it and centre-cropped (the reference uses 2 x image_size)")
+  batches = pipeline.penalty_batches(source, image_size=cfg.image_size,
+                                     batch_size=cfg.batch_size // jax.process_count(), seed=cfg.seed,
+                                     data_cfg=cfg.data, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+  fn = backend.jit(lambda p, x: method.features(nets, p, x))
+  return lambda step: np.asarray(fn(backbone, batches[step]))
+
+
 def _validation_loss(eval_fn, state, val: dict[str, np.ndarray], batch_size: int, mesh) -> float:
   """Mean per-sample validation loss; the last chunk is padded by repetition and the padding ignored."""
   total, n = 0.0, len(val["features"])
@@ -103,8 +126,11 @@ def _validation_loss(eval_fn, state, val: dict[str, np.ndarray], batch_size: int
 
 
 def train_student(cfg: AstConfig, nets: method.Nets, params: dict, train: dict, val: dict, frozen: dict,
-                  workdir: pathlib.Path, key: jax.Array, mesh, progress: bool) -> tuple[dict, dict]:
-  """Stage 2: student + autoencoder, early stopping on the validation loss; returns (best params, summary)."""
+                  workdir: pathlib.Path, key: jax.Array, mesh, progress: bool,
+                  penalty: Callable[[int], np.ndarray] | None = None) -> tuple[dict, dict]:
+  """Stage 2: student + autoencoder, early stopping on the validation loss; returns (best params, summary).
+
+  `penalty` (from `penalty_features`) gives the penalty features of each global student step, or None."""
   tx = train_step.make_optimizer(cfg)
   step = train_step.compile_step(lambda s, b, k: train_step.student_train_step(nets, tx, s, b, k), mesh,
                                  "rdr", "rr", (0,))
@@ -120,8 +146,12 @@ def train_student(cfg: AstConfig, nets: method.Nets, params: dict, train: dict, 
   while early["epoch"] < cfg.student_epochs and not early["stopped"]:
     epoch = early["epoch"]
     losses = []
-    for idx in epoch_batches(len(train["features"]), cfg.batch_size, cfg.seed, 2, epoch):
-      batch = base_step.shard_batch({k: _local(v[idx]) for k, v in train.items()}, mesh)
+    steps_per_epoch = len(train["features"]) // cfg.batch_size
+    for i, idx in enumerate(epoch_batches(len(train["features"]), cfg.batch_size, cfg.seed, 2, epoch)):
+      local = {k: _local(v[idx]) for k, v in train.items()}
+      if penalty is not None:
+        local["penalty"] = penalty(epoch * steps_per_epoch + i)
+      batch = base_step.shard_batch(local, mesh)
       state, out = step(state, batch, key)
       losses.append(out["loss"])
     _check(float(np.mean([float(v) for v in losses])), f"student epoch {epoch + 1}")
@@ -158,8 +188,9 @@ def calibrate_threshold(cfg: AstConfig, nets: method.Nets, params: dict, validat
 def train_ast(cfg: AstConfig, workdir: str | pathlib.Path, *, progress: bool = True) -> pathlib.Path:
   """Trains both stages, calibrates the threshold and saves the complete model; returns RUN/model."""
   workdir = pathlib.Path(workdir).absolute()
+  saved_cfg = cfg  # RUN/config.json and the model keep a synthetic data.root empty (resolved at run time)
   cfg = resolve_paths(cfg, workdir)
-  write_config(workdir, cfg)
+  write_config(workdir, saved_cfg)
   init_key, step_key = jax.random.split(jax.random.key(cfg.seed))
   mesh = base_step.data_mesh()
   if cfg.batch_size % jax.device_count():
@@ -170,6 +201,7 @@ def train_ast(cfg: AstConfig, workdir: str | pathlib.Path, *, progress: bool = T
   nets = method.build(cfg)
   params = method.init_params(nets, init_key, cfg.image_size)
   params["backbone"], backbone_source = load_backbone(cfg, params["backbone"])
+  penalty = penalty_features(cfg, nets, params["backbone"])  # lazy: checks the settings now, reads at each step
   eval_batch = max(1, cfg.batch_size // jax.process_count()) * jax.process_count()
   feats = extract(nets, params["backbone"], ds.train_eval, eval_batch)
   val_feats = extract(nets, params["backbone"], ds.validation, eval_batch)
@@ -190,13 +222,14 @@ def train_ast(cfg: AstConfig, workdir: str | pathlib.Path, *, progress: bool = T
   train = {"features": feats, "target": targets(feats)}
   val = {"features": val_feats, "target": targets(val_feats)}
   frozen = {"backbone": params["backbone"], "flow": params["flow"]}
-  best, summary = train_student(cfg, nets, params, train, val, frozen, workdir, step_key, mesh, progress)
+  best, summary = train_student(cfg, nets, params, train, val, frozen, workdir, step_key, mesh, progress, penalty)
   params.update(best)
 
   # --- Threshold from validation normals, then the complete model.
   threshold = calibrate_threshold(cfg, nets, params, ds.validation)
-  meta = {"config": config_lib.to_dict(cfg), "image_size": cfg.image_size, "model_size": "ast",
-          "teacher": "flow", "backbone": backbone_source, "threshold": threshold,
+  meta = {"config": config_lib.to_dict(saved_cfg), "image_size": cfg.image_size, "model_size": "ast",
+          "teacher": "flow", "backbone": backbone_source, "penalty": "off" if penalty is None else "on",
+          "threshold": threshold,
           "threshold_rule": f"{cfg.threshold_quantile} quantile of validation image scores",
           "flow_epochs": cfg.flow_epochs, "steps": summary["epochs_run"], "student": summary,
           "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

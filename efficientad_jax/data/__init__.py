@@ -1,4 +1,4 @@
-"""Data: dataset indexes, the synthetic dataset, preprocessing and grain pipelines (SPEC 2).
+"""Data: dataset indexes, the synthetic dataset, preprocessing and grain pipelines (docs/method.md §4).
 
 Entry point (what the trainer calls)::
 

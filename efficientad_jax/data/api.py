@@ -1,4 +1,4 @@
-"""The one entry point of the trainer: `make_datasets(data_cfg, image_size, seed)` (SPEC 2)."""
+"""The one entry point of the trainer: `make_datasets(data_cfg, image_size, seed)` (docs/method.md §4)."""
 
 from __future__ import annotations
 
@@ -25,11 +25,13 @@ class Datasets:
       `DatasetIterator` over training batches (format: `pipeline.train_dataset`); its
       `get_state()` / `set_state()` resume the stream exactly.
     train_eval: the training images (the held-out validation ones excluded), un-jittered, as eval
-      records: for the teacher channel statistics (SPEC 3).
-    validation: normal images for map calibration (SPEC 4), eval records.
+      records: for the teacher channel statistics (docs/method.md §5.1).
+    validation: normal images for map calibration (docs/method.md §7.2), eval records.
     test: test images, eval records (`pipeline.eval_element`).
     info: {'dataset','category','root','loco','num_train','num_validation','num_test',
       'defects_config' (list of dicts, LOCO), 'image_size','penalty'}.
+    listing: `listing()` -> {'train': [...], 'validation': [...]}, the images of both splits (file
+      paths, or 'tfds:<id>' for TFDS records), for auditing a run's split (`split_names`).
   """
 
   train_iter: Callable[..., grain.DatasetIterator]
@@ -37,6 +39,30 @@ class Datasets:
   validation: grain.MapDataset
   test: grain.MapDataset
   info: dict
+  listing: Callable[[], dict[str, list[str]]]
+
+
+def split_names(split: Sequence[Any]) -> list[str]:
+  """The images of a split: `Sample` file paths, or 'tfds:<id>' of TFDS records (reading a TFDS
+  record decodes it, hence a function the trainer calls once, not a field filled for every user)."""
+  def name(record):
+    if isinstance(record, records.Sample):
+      return record.image
+    rid = record["id"]
+    return "tfds:" + (rid.decode() if isinstance(rid, bytes) else str(rid))
+  return [name(r) for r in split]
+
+
+def check_images(names: Sequence[str]) -> None:
+  """Decodes every listed image file once (`split_names` output; TFDS records are skipped: their builder
+  decoded them), so a corrupt or unsupported file raises its `DataError` before training, not after it."""
+  from efficientad_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  for name in names:
+    if not name.startswith("tfds:"):
+      try:
+        preprocess.decode_image(name)
+      except DataError as e:
+        raise DataError(f"{e}: replace or remove the file, then run the same command again") from None
 
 
 def build_index(data_cfg, seed: int) -> tuple[Splits, pathlib.Path | str]:
@@ -55,6 +81,8 @@ def build_index(data_cfg, seed: int) -> tuple[Splits, pathlib.Path | str]:
     name = data_cfg.synthetic_layout
   if not root:
     raise DataError(f"dataset {name!r} needs data.root (the extracted archive)")
+  if getattr(data_cfg, "download", False) and not pathlib.Path(root).is_dir():
+    fetch_dataset(name, root)
   fraction = data_cfg.validation_fraction
   if name == "mvtec_ad":
     return indexes.index_mvtec_ad(root, category, seed, fraction), pathlib.Path(root) / category
@@ -65,13 +93,25 @@ def build_index(data_cfg, seed: int) -> tuple[Splits, pathlib.Path | str]:
   return indexes.index_folder(root, category, seed, fraction), pathlib.Path(root) / category
 
 
+def fetch_dataset(name: str, root: str | pathlib.Path) -> None:
+  """data.download: the published archive of `name` extracted into `root`; failures become DataErrors."""
+  from efficientad_jax import download  # pylint: disable=g-import-not-at-top  (only when asked for)
+  if name not in download.DATASETS:
+    raise DataError(f"data.download: dataset {name!r} has no published archive; "
+                    f"downloadable: {sorted(set(download.DATASETS) & set(DATASETS))}")
+  try:
+    download.download_dataset(name, root)
+  except download.DownloadError as e:
+    raise DataError(f"data.download: {e}") from None
+
+
 def _tfds_splits(data_cfg, seed: int) -> tuple[dict[str, Sequence[Any]], str]:
   from efficientad_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
   return tfds_builders.load_splits(data_cfg, seed), data_cfg.root
 
 
 def make_datasets(data_cfg, image_size: int, seed: int) -> Datasets:
-  """Index (or TFDS source), training stream and evaluation datasets for `data_cfg` (SPEC 2).
+  """Index (or TFDS source), training stream and evaluation datasets for `data_cfg` (docs/method.md §4).
 
   Args:
     data_cfg: `config.DataConfig`.
@@ -115,7 +155,7 @@ def make_datasets(data_cfg, image_size: int, seed: int) -> Datasets:
           "penalty": data_cfg.penalty}
   return Datasets(train_iter=train_iter, train_eval=make_eval(splits["train"]),
                   validation=make_eval(splits["validation"]), test=make_eval(splits["test"]),
-                  info=info)
+                  info=info, listing=lambda: {k: split_names(splits[k]) for k in ("train", "validation")})
 
 
 def describe(splits: Splits) -> dict:

@@ -1,4 +1,4 @@
-"""Dataset indexes: MVTec AD, MVTec LOCO AD, VisA and a plain folder (SPEC 2).
+"""Dataset indexes: MVTec AD, MVTec LOCO AD, VisA and a plain folder (docs/method.md §4.3).
 
 Each `index_*` function lists files only (plus image/mask header reads to catch size mismatches
 early, before a long training run) and returns `records.Splits`. Layouts:
@@ -41,12 +41,14 @@ def category_dir(root: str | pathlib.Path, category: str, marker: str = "train")
   """`root/category`, or a DataError listing the available categories (folders holding `marker`)."""
   root = pathlib.Path(root)
   if not root.is_dir():
-    raise DataError(f"dataset root {root} does not exist or is not a folder")
+    raise DataError(f"dataset root {root} does not exist or is not a folder (data.root): pass "
+                    "--set data.root=<the extracted dataset>, or fetch it with `python -m experiments.download` "
+                    "(or --set data.download=true)")
   path = root / category
   if not category or not (path / marker).is_dir():
     available = [d for d in _subdirs(root) if (root / d / marker).is_dir()]
-    raise DataError(f"category {category!r} not found in {root} (no {path / marker}); "
-                    f"available: {available}")
+    raise DataError(f"category {category!r} not found in {root} (no {path / marker}; data.category); "
+                    f"available: {available}: pass one with --set data.category=NAME")
   return path
 
 

@@ -1,4 +1,4 @@
-"""grain pipelines: the seeded training stream and the ordered evaluation datasets (SPEC 2, 3).
+"""grain pipelines: the seeded training stream and the ordered evaluation datasets (docs/method.md §4, §6).
 
 Records are either `records.Sample` (a file index) or dicts read from our TFDS builders through
 `tfds.data_source` (see `tfds_builders.py`); `_parts` maps both to the same fields. Every random
@@ -49,17 +49,22 @@ def _parts(record: Any, specs: Sequence[records.DefectSpec]) -> dict:
 
 def train_element(record: Any, rng: np.random.Generator, image_size: int, mean, std,
                   jitter: tuple[float, float]) -> dict:
-  """One training image -> {'image': [S,S,3], 'image_ae': [S,S,3]} float32, normalised (SPEC 2)."""
+  """One training image -> {'image': [S,S,3], 'image_ae': [S,S,3]} float32, normalised.
+
+  'image_ae' is the autoencoder's input: ONE colour jitter (kind and factor drawn from `rng`, the
+  element's seeded generator) applied to the decoded full-resolution image, then resized, as the
+  reference does (paper section 3.3; docs/method.md §4.1).
+  """
   parts = _parts(record, ())
-  x = preprocess.to_float(preprocess.resize(preprocess.decode_image(parts["image"], parts["name"]),
-                                            image_size))
-  x_ae = preprocess.color_jitter(x, rng, *jitter)
-  return {"image": preprocess.normalize(x, mean, std), "image_ae": preprocess.normalize(x_ae, mean, std)}
+  rgb = preprocess.decode_image(parts["image"], parts["name"])
+  kind, factor = preprocess.draw_jitter(rng, *jitter)
+  return {"image": preprocess.model_input(rgb, image_size, mean, std),
+          "image_ae": preprocess.autoencoder_input(rgb, kind, factor, image_size, mean, std)}
 
 
 def penalty_element(record: Any, rng: np.random.Generator, image_size: int, resize_to: int,
                     gray_prob: float, mean, std) -> np.ndarray:
-  """One penalty image (a path, or a TFDS dict with 'image') -> [S, S, 3] float32 (SPEC 2)."""
+  """One penalty image (a path, or a TFDS dict with 'image') -> [S, S, 3] float32 (docs/method.md §4.1)."""
   source = record["image"] if isinstance(record, dict) else record
   name = str(source) if isinstance(source, (str, pathlib.Path)) else "penalty record"
   return preprocess.penalty_image(preprocess.decode_image(source, name), rng, resize_to,
@@ -85,7 +90,7 @@ def train_dataset(samples: Sequence[Any], penalty: Sequence[Any] | None, *, imag
   Batch: {'image': [B,S,S,3], 'image_ae': [B,S,S,3], 'penalty': [B,S,S,3]} float32 NHWC,
   normalised; no 'penalty' key when `penalty` is None. B = batch_size (this process's share).
   Order: source -> shuffle(seed, reshuffled each epoch) -> repeat -> random_map -> this process's
-  slice [process_index::process_count] -> batch -> iterator with prefetch (SPEC 2, STYLE rule 5).
+  slice [process_index::process_count] -> batch -> iterator with prefetch (docs/method.md §4, §6; STYLE rule 5).
   """
   if not samples:
     raise DataError("the training split is empty")
@@ -94,14 +99,8 @@ def train_dataset(samples: Sequence[Any], penalty: Sequence[Any] | None, *, imag
       train_element, image_size=image_size, mean=data_cfg.mean, std=data_cfg.std,
       jitter=(data_cfg.jitter_low, data_cfg.jitter_high)), seed=sub_seed(seed, "jitter"))
   if penalty is not None:
-    if not len(penalty):
-      raise DataError("the penalty source is empty")
-    pen = grain.MapDataset.source(penalty).shuffle(sub_seed(seed, "penalty_shuffle")).repeat()
-    pen = pen.random_map(functools.partial(
-        penalty_element, image_size=image_size, resize_to=data_cfg.penalty_resize,
-        gray_prob=data_cfg.penalty_grayscale_prob, mean=data_cfg.mean, std=data_cfg.std),
-        seed=sub_seed(seed, "penalty"))
-    ds = grain.experimental.ZipMapDataset([ds, pen]).map(_merge)
+    ds = grain.experimental.ZipMapDataset([ds, _penalty_images(penalty, image_size, seed, data_cfg)]
+                                          ).map(_merge)
   # Shard after the random map: the randomness depends on the global index only, so the union
   # over processes is the single-process stream.
   ds = ds[process_index::process_count].batch(batch_size, drop_remainder=True)
@@ -113,9 +112,29 @@ def train_dataset(samples: Sequence[Any], penalty: Sequence[Any] | None, *, imag
   return it
 
 
+def _penalty_images(penalty: Sequence[Any], image_size: int, seed: int, data_cfg) -> grain.MapDataset:
+  """The infinite, seeded stream of single penalty images [S, S, 3] (`penalty_element`)."""
+  if not len(penalty):
+    raise DataError("the penalty source is empty")
+  pen = grain.MapDataset.source(penalty).shuffle(sub_seed(seed, "penalty_shuffle")).repeat()
+  return pen.random_map(functools.partial(
+      penalty_element, image_size=image_size, resize_to=data_cfg.penalty_resize,
+      gray_prob=data_cfg.penalty_grayscale_prob, mean=data_cfg.mean, std=data_cfg.std),
+      seed=sub_seed(seed, "penalty"))
+
+
+def penalty_batches(penalty: Sequence[Any], *, image_size: int, batch_size: int, seed: int, data_cfg,
+                    process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """Penalty images alone, in batches indexed by step: `ds[k]` is [B, S, S, 3] float32, a pure function of
+  (k, seed), so a resumed run needs no iterator state. B = batch_size (this process's share); the same
+  stream, seeds and process slicing as the penalty images of `train_dataset`."""
+  pen = _penalty_images(penalty, image_size, seed, data_cfg)
+  return pen[process_index::process_count].batch(batch_size, drop_remainder=True)
+
+
 def eval_element(record: Any, image_size: int, mean, std,
                  specs: Sequence[records.DefectSpec] = ()) -> dict:
-  """One evaluation image -> its record (SPEC 4, 6). Masks stay at the original resolution.
+  """One evaluation image -> its record (docs/method.md §7, §9). Masks stay at the original resolution.
 
   Returns:
     {'image': [S,S,3] float32 normalised, 'orig_size': int32 [2] (H, W), 'label': int,
@@ -180,7 +199,8 @@ def penalty_source(spec: str, tfds_data_dir: str = "") -> Sequence[Any] | None:
                             download=False)
   folder = pathlib.Path(spec)
   if not folder.is_dir():
-    raise DataError(f"penalty folder {folder} does not exist (or use tfds:imagenette)")
+    raise DataError(f"penalty folder {folder} does not exist (data.penalty): pass --set data.penalty=<an "
+                    "ImageNet-like image folder>, tfds:imagenette, or nothing (training without the penalty)")
   paths = sorted(str(p) for p in folder.rglob("*")
                  if p.is_file() and p.suffix.lower() in PENALTY_SUFFIXES)
   if not paths:

@@ -1,4 +1,4 @@
-"""Image decoding and preprocessing: pure NumPy/PIL functions (SPEC 2).
+"""Image decoding and preprocessing: pure NumPy/PIL functions (docs/method.md §4.1).
 
 Decoding conversions (documented and tested):
   * grayscale ("L", "1", "LA") -> 3 equal channels;
@@ -8,7 +8,8 @@ Decoding conversions (documented and tested):
   * 16-bit grayscale PNG ("I;16*", or "I" from older Pillow) -> 8 bit as round(v * 255 / 65535);
   * anything else (float images, ...) or a corrupt/truncated file -> `DataError` naming the file.
 Resizing is PIL bilinear, which antialiases when it shrinks (torchvision's Resize on PIL images does
-the same). Float images are HWC float32 in [0, 1] before `normalize`.
+the same). Float images are HWC float32 in [0, 1] before `normalize`. The autoencoder's colour jitter
+and the penalty's grayscale work on uint8 images through PIL, exactly as torchvision does on PIL images.
 """
 
 from __future__ import annotations
@@ -18,14 +19,11 @@ import pathlib
 from typing import Sequence, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from efficientad_jax.data.records import DataError
 
 ImageSource = Union[str, pathlib.Path, bytes, np.ndarray]
-
-# torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma), used by contrast and saturation.
-_LUMA = np.array([0.2989, 0.587, 0.114], np.float32)
 
 
 def _open(source: ImageSource, name: str) -> Image.Image:
@@ -107,7 +105,7 @@ def load_mask(source: ImageSource, image_hw: tuple[int, int], name: str = "") ->
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
-  """[H, W, 3] uint8 -> [size, size, 3] uint8, PIL bilinear with antialias (SPEC 2)."""
+  """[H, W, 3] uint8 -> [size, size, 3] uint8, PIL bilinear with antialias (docs/method.md §4.1)."""
   if image.shape[:2] == (size, size):
     return image
   return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
@@ -119,51 +117,64 @@ def to_float(image: np.ndarray) -> np.ndarray:
 
 
 def normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-  """(x - mean) / std per channel, [..., 3] float32 (ImageNet statistics by default, SPEC 2)."""
+  """(x - mean) / std per channel, [..., 3] float32 (ImageNet statistics by default, docs/method.md §4.1)."""
   return ((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
 
 
-def grayscale(x: np.ndarray) -> np.ndarray:
-  """[H, W, 3] float -> [H, W] luma (torchvision weights)."""
-  return x @ _LUMA
+# torchvision's ColorJitter kinds and the PIL enhancers its functional ops call on PIL images.
+JITTER_KINDS = ("brightness", "contrast", "saturation")
+_ENHANCERS = {"brightness": ImageEnhance.Brightness, "contrast": ImageEnhance.Contrast,
+              "saturation": ImageEnhance.Color}
 
 
-def adjust_brightness(x: np.ndarray, factor: float) -> np.ndarray:
-  """torchvision: x * f, clipped to [0, 1]."""
-  return np.clip(x * np.float32(factor), 0.0, 1.0)
+def adjust_color(image: np.ndarray, kind: str, factor: float) -> np.ndarray:
+  """torchvision `F.adjust_<kind>(pil_image, factor)`: [H, W, 3] uint8 -> [H, W, 3] uint8.
+
+  On PIL images torchvision calls `PIL.ImageEnhance`, which blends the image with a degenerate one,
+  out = degenerate + factor * (image - degenerate), truncated and clipped to uint8 (PIL's blend):
+    brightness: degenerate = black;
+    contrast:   a solid image of int(mean(L) + 0.5), L = PIL's ITU-R 601-2 luma of the image;
+    saturation: L as RGB (PIL's `Color` enhancer).
+  Done on the decoded full-resolution image, before any resize, as the reference does (docs/method.md
+  §4.1; paper section 3.3 names the augmentation but not its order).
+  """
+  if kind not in _ENHANCERS:
+    raise ValueError(f"colour jitter kind must be one of {JITTER_KINDS}, got {kind!r}")
+  return np.asarray(_ENHANCERS[kind](Image.fromarray(image)).enhance(factor))
 
 
-def adjust_contrast(x: np.ndarray, factor: float) -> np.ndarray:
-  """torchvision: blend with the mean of the grayscale image, f * x + (1 - f) * mean, clipped."""
-  mean = grayscale(x).mean()
-  return np.clip(np.float32(factor) * x + np.float32(1 - factor) * mean, 0.0, 1.0)
+def draw_jitter(rng: np.random.Generator, low: float, high: float) -> tuple[str, float]:
+  """ONE of `JITTER_KINDS`, uniformly, and its factor ~ U(low, high) (torchvision `ColorJitter(0.2)`)."""
+  kind = JITTER_KINDS[int(rng.integers(len(JITTER_KINDS)))]
+  return kind, float(rng.uniform(low, high))
 
 
-def adjust_saturation(x: np.ndarray, factor: float) -> np.ndarray:
-  """torchvision: blend with the grayscale image, f * x + (1 - f) * gray, clipped."""
-  gray = grayscale(x)[..., None]
-  return np.clip(np.float32(factor) * x + np.float32(1 - factor) * gray, 0.0, 1.0)
+def model_input(image: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """The networks' input: [H, W, 3] uint8 -> [size, size, 3] float32, resized (bilinear) and normalised.
+
+  torchvision `Resize((S, S))`, `ToTensor`, `Normalize(mean, std)` (paper section 4; docs/method.md §4.1).
+  """
+  return normalize(to_float(resize(image, size)), mean, std)
 
 
-JITTERS = (adjust_brightness, adjust_contrast, adjust_saturation)
-
-
-def color_jitter(x: np.ndarray, rng: np.random.Generator, low: float, high: float) -> np.ndarray:
-  """Autoencoder input (SPEC 2): ONE of brightness, contrast, saturation, factor U(low, high).
+def autoencoder_input(image: np.ndarray, kind: str, factor: float, size: int, mean: Sequence[float],
+                      std: Sequence[float]) -> np.ndarray:
+  """The autoencoder's training input: `adjust_color` at full resolution, then `model_input`.
 
   Args:
-    x: [H, W, 3] float32 in [0, 1] (before normalisation).
+    image: [H, W, 3] uint8, the decoded training image.
   Returns:
-    [H, W, 3] float32 in [0, 1].
+    [size, size, 3] float32, normalised.
   """
-  which = int(rng.integers(len(JITTERS)))
-  factor = float(rng.uniform(low, high))
-  return JITTERS[which](x, factor).astype(np.float32)
+  return model_input(adjust_color(image, kind, factor), size, mean, std)
 
 
-def penalty_image(image: np.ndarray, rng: np.random.Generator, resize_to: int, size: int,
-                  gray_prob: float, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-  """Penalty input (SPEC 2): resize to resize_to^2, grayscale w.p. gray_prob, centre crop, normalise.
+def penalty_transform(image: np.ndarray, gray: bool, resize_to: int, size: int, mean: Sequence[float],
+                      std: Sequence[float]) -> np.ndarray:
+  """Penalty input, its random decision made: resize to resize_to^2, grayscale if `gray`, centre crop.
+
+  torchvision `Resize((2S, 2S))`, `RandomGrayscale` (when it fires: `convert('L')`, 3 channels),
+  `CenterCrop(S)`, `ToTensor`, `Normalize` (paper section 3.2, the ImageNet penalty; docs/method.md §4.1).
 
   Args:
     image: [H, W, 3] uint8.
@@ -173,8 +184,14 @@ def penalty_image(image: np.ndarray, rng: np.random.Generator, resize_to: int, s
   if size > resize_to:
     raise ValueError(f"penalty crop {size} is larger than penalty_resize {resize_to}")
   pil = Image.fromarray(image).resize((resize_to, resize_to), Image.BILINEAR)
-  if rng.uniform() < gray_prob:
-    pil = pil.convert("L").convert("RGB")  # torchvision RandomGrayscale on PIL: same luma
+  if gray:
+    pil = pil.convert("L").convert("RGB")  # torchvision rgb_to_grayscale on PIL: the same luma
   top = int(round((resize_to - size) / 2.0))  # torchvision CenterCrop's offset
   crop = np.asarray(pil)[top:top + size, top:top + size]
   return normalize(to_float(crop), mean, std)
+
+
+def penalty_image(image: np.ndarray, rng: np.random.Generator, resize_to: int, size: int,
+                  gray_prob: float, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """`penalty_transform` with the grayscale decision drawn: gray with probability `gray_prob`."""
+  return penalty_transform(image, bool(rng.uniform() < gray_prob), resize_to, size, mean, std)

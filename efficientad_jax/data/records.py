@@ -1,4 +1,4 @@
-"""Sample records, splits, the LOCO defects configuration and the seeded validation hold-out (SPEC 2).
+"""Sample records, splits, the LOCO defects configuration and the seeded validation hold-out (docs/method.md §4.2).
 
 A dataset index is plain data: tuples of `Sample`, one per image, sorted by id, so an index is the
 same on every machine and every run. Nothing here opens an image except `loco_channel`, which reads
@@ -72,7 +72,7 @@ class DefectSpec:
 
 
 def saturation_area(spec: DefectSpec, area: int) -> int:
-  """Area at which a defect counts as fully found (SPEC 6; official LOCO evaluation).
+  """Area at which a defect counts as fully found (docs/method.md §9; official LOCO evaluation).
 
   relative: int(threshold * area); absolute: min(threshold, area) (the official script warns and
   uses the area when the threshold exceeds it).
@@ -148,21 +148,29 @@ def loco_channel(mask: np.ndarray, specs: Sequence[DefectSpec], path: str) -> di
           "area": area, "saturation_area": saturation_area(spec, area)}
 
 
-def hold_out_positions(ids: Sequence[str], fraction: float, seed: int
-                       ) -> tuple[list[int], list[int]]:
-  """Positions (into `ids`) of the training and the held-out validation images (SPEC 2).
+def hold_out_count(n: int, fraction: float) -> int:
+  """How many of n training images are held out: n - int((1 - fraction) * n), at most n - 1.
 
-  Deterministic for (set of ids, fraction, seed), independent of listing order. A positive
-  fraction holds out at least one image and always leaves at least one for training.
+  The reference keeps int(0.9 n) for training (docs/method.md §4.2). Computed with the
+  reference's own expression: 1.0 - 0.1 == 0.9 in binary, so fraction 0.1 gives exactly n - int(0.9 n)
+  (tested for n <= 10000); round(0.1 n) would differ, e.g. for n = 1..5, 11..14, 21. One image is always
+  left for training (for n = 1 the reference would train on none).
   """
   if not 0.0 <= fraction < 1.0:
     raise ValueError(f"validation_fraction must be in [0, 1), got {fraction}")
+  return min(n - int((1.0 - fraction) * n), max(n - 1, 0))
+
+
+def hold_out_positions(ids: Sequence[str], fraction: float, seed: int
+                       ) -> tuple[list[int], list[int]]:
+  """Positions (into `ids`) of the training and the held-out validation images.
+
+  `hold_out_count(n, fraction)` images are held out, chosen by a seeded permutation. Deterministic
+  for (set of ids, fraction, seed), independent of listing order.
+  """
   order = sorted(range(len(ids)), key=lambda i: ids[i])
   n = len(order)
-  n_val = int(round(fraction * n))
-  if fraction > 0 and n >= 2:
-    n_val = max(1, n_val)
-  n_val = min(n_val, max(n - 1, 0))
+  n_val = hold_out_count(n, fraction)
   held = set(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
   train = [order[k] for k in range(n) if k not in held]
   validation = [order[k] for k in range(n) if k in held]

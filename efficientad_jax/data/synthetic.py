@@ -1,4 +1,4 @@
-"""A built-in synthetic dataset: a manufactured "part" in MVTec AD or MVTec LOCO layout (SPEC 2).
+"""A built-in synthetic dataset: a manufactured "part" in MVTec AD or MVTec LOCO layout (docs/method.md §4.3).
 
 The part: on a striped textured background, a green board carrying two red discs (top), a blue
 square (bottom left) and a yellow bar (bottom right); every image jitters the parts' positions, the

@@ -1,4 +1,4 @@
-"""TFDS builders for MVTec AD, MVTec LOCO AD and VisA, written and read WITHOUT TensorFlow (SPEC 2).
+"""TFDS builders for MVTec AD, MVTec LOCO AD and VisA, written and read WITHOUT TensorFlow (docs/method.md §4.3).
 
 Manual download: point `manual_dir` (`DataConfig.root`) at the extracted archive (the folder
 holding `<category>/`, or VisA's `split_csv/`). One BuilderConfig per category. The builders reuse

@@ -1,4 +1,4 @@
-"""Evaluation metrics of EfficientAD (SPEC section 6): NumPy/SciPy only, exact curves, no JAX.
+"""Evaluation metrics of EfficientAD (paper §4; docs/method.md §9): NumPy/SciPy only, exact curves, no JAX.
 
 * `roc`: image / pixel AU-ROC and F1 at the F1-optimal threshold.
 * `pro`: MVTec AD AU-PRO (8-connected regions, exact curve).

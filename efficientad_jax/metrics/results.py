@@ -1,4 +1,4 @@
-"""All metrics of one evaluated category as a plain, JSON-serialisable dict (SPEC section 6)."""
+"""All metrics of one evaluated category as a plain, JSON-serialisable dict (docs/method.md §9)."""
 
 from __future__ import annotations
 

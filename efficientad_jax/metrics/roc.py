@@ -121,7 +121,7 @@ def f1_optimal(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 
 def image_scores(maps: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
-  """Image anomaly score = maximum of the full-resolution map (SPEC section 6). (N,) float64."""
+  """Image anomaly score = maximum of the full-resolution map (paper §4; docs/method.md §9). (N,) float64."""
   return np.array([float(np.max(m)) for m in curves.as_map_list(maps)], dtype=np.float64)
 
 

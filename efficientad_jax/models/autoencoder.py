@@ -1,4 +1,4 @@
-"""The convolutional autoencoder for logical anomalies (paper section 3.3, SPEC section 1).
+"""The convolutional autoencoder for logical anomalies (paper section 3.3, docs/method.md §3).
 
 Encoder: 5 strided convs (k4 s2 p1) and a linear bottleneck conv that collapses the grid to 1x1 (k8 at 256).
 Decoder: 6 x [bilinear resize, conv k4 s1 p2, ReLU, dropout], resize to the PDN output size, two k3 convs.

@@ -1,4 +1,4 @@
-"""Patch description networks PDN-small and PDN-medium (paper section 3.1, SPEC section 1).
+"""Patch description networks PDN-small and PDN-medium (paper section 3.1, docs/method.md §2).
 
 NHWC. PyTorch semantics: cross-correlation, symmetric zero padding, bias on every conv, average pooling that
 counts padded zeros. Unpadded (`padded=False`) for anomaly detection: 256x256 -> 56x56, each output pixel
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from efficientad_jax.models.conv import conv_fn_for
 
 # (kernel, in_channels_or_None_for_input, out_channels_or_None_for_C, padding_units, relu_after, pool_after)
-# padding_units is multiplied by p = 1 if padded else 0 (SPEC: "pad 3p", "pad p").
+# padding_units is multiplied by p = 1 if padded else 0 (docs/method.md §2.1: padding "3p", "p").
 _SMALL = (
     (4, 3, 128, 3, True, True),
     (4, 128, 256, 3, True, True),

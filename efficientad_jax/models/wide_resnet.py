@@ -1,4 +1,4 @@
-"""WideResNet-101-2 up to layer3, the frozen feature extractor of teacher distillation (SPEC section 5).
+"""WideResNet-101-2 up to layer3, the frozen feature extractor of teacher distillation (paper §3.1; docs/method.md §8).
 
 NHWC, inference only: batch norm uses the running statistics (eps 1e-5) and is never updated. The layout is
 torchvision's ResNet v1.5 (the stride sits in the 3x3 conv of a bottleneck):

@@ -15,4 +15,6 @@ from efficientad_jax.config import AstConfig, DataConfig
 
 def get_config(arg: str = ""):
   del arg  # one size only
-  return AstConfig(data=DataConfig(dataset="mvtec_ad", root="data/mvtec_ad", category="bottle"))
+  # The penalty (off until data.penalty names a source) is resized to 2 x 768 and centre-cropped, as EfficientAD's.
+  return AstConfig(data=DataConfig(dataset="mvtec_ad", root="data/mvtec_ad", category="bottle",
+                                   penalty_resize=2 * 768))

@@ -13,4 +13,6 @@ from efficientad_jax.config import AstConfig, DataConfig
 
 def get_config(arg: str = ""):
   del arg  # one size only
-  return AstConfig(data=DataConfig(dataset="mvtec_loco", root="data/mvtec_loco", category="breakfast_box"))
+  # The penalty (off until data.penalty names a source) is resized to 2 x 768 and centre-cropped, as EfficientAD's.
+  return AstConfig(data=DataConfig(dataset="mvtec_loco", root="data/mvtec_loco", category="breakfast_box",
+                                   penalty_resize=2 * 768))

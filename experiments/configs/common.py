@@ -1,6 +1,6 @@
 """Shared pieces of the experiment configs."""
 
-from efficientad_jax.config import Config, DataConfig, ModelConfig, TrainConfig
+from efficientad_jax.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
 
 SIZES = {"s": "small", "small": "small", "m": "medium", "medium": "medium"}
 
@@ -9,12 +9,14 @@ def parse_size(arg: str) -> str:
   """'S' / 'small' / 'M' / 'medium' -> 'small' | 'medium'."""
   key = (arg or "small").strip().lower()
   if key not in SIZES:
-    raise ValueError(f"model size must be S/small or M/medium, got {arg!r}")
+    tiny = "tiny" in key.split(",")
+    raise ConfigError(f"model size {arg!r} (--size): use S/small or M/medium" + (
+        "; the tiny variants ('small,tiny') exist for --dataset synthetic only" if tiny else ""))
   return SIZES[key]
 
 
 def paper(dataset: str, size_arg: str, root: str, category: str) -> Config:
-  """The paper's settings: 256x256, 70,000 steps, batch 1 per device, ImageNet penalty (SPEC 2-3).
+  """The paper's settings: 256x256, 70,000 steps, global batch 1, ImageNet penalty (docs/method.md §4-§6).
 
   The penalty folder is a placeholder: point data.penalty at ImageNet/Imagenette train images (any image
   folder), or at `tfds:imagenette` once that TFDS dataset is built.

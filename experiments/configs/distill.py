@@ -1,4 +1,4 @@
-"""Teacher distillation on ImageNet (SPEC section 5): one run per PDN size.
+"""Teacher distillation on ImageNet (paper §3.1; docs/method.md §8): one run per PDN size.
 
   python -m experiments.distill_teacher --size small --imagenet /data/imagenet/train \
       --backbone wide_resnet101_2-32ee1156.pth --workdir runs/distill_small

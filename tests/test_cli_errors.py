@@ -1,0 +1,193 @@
+"""Every mistake a user can make ends in one line (issue 18): each case goes through the real CLI
+(`python -m experiments.<cli>`), exits non-zero (2 for usage errors), prints no traceback, and leaves what
+is already written unchanged. Cases that need no jax cost ~0.3 s each; the one tiny training run is the test
+that a failed run does not lock its run directory."""
+
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import numpy as np
+import pytest
+
+from efficientad_jax import checkpoint, trainer
+from efficientad_jax import config as config_lib
+from efficientad_jax.data import generate_synthetic
+from efficientad_jax.inference import Detector
+from efficientad_jax.normalization import MapQuantiles, TeacherStats
+from experiments import cli
+from experiments import train as train_cli
+from tests.conftest import REPO, jax_cache_env
+
+
+def run_cli(*args: str, wrapper: str = "", env: dict | None = None) -> subprocess.CompletedProcess:
+  """`python -m experiments.<args>`; with `wrapper`, that Python code runs first in the same process."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **(env or {}))
+  if wrapper:
+    module, rest = args[0], list(args[1:])
+    code = (f"import sys; sys.argv = ['{module}'] + {rest!r}\n{textwrap.dedent(wrapper)}\n"
+            f"from experiments import cli, {module} as m\nsys.exit(cli.run(m.main))")
+    cmd = [sys.executable, "-c", code]
+  else:
+    cmd = [sys.executable, "-m", f"experiments.{args[0]}", *args[1:]]
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def one_line(proc: subprocess.CompletedProcess, status: int, *fragments: str) -> str:
+  """The failure's stderr: exit `status`, no traceback, ending in one 'error: ...' line holding `fragments`
+  (log lines may come before it; argparse's usage lines too)."""
+  assert proc.returncode == status, (proc.returncode, proc.stderr[-3000:])
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert "error: " in last, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) <= 1, errors
+  for fragment in fragments:
+    assert fragment in last, (fragment, last)
+  return last
+
+
+def digest(folder: pathlib.Path) -> dict[str, str]:
+  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def witness(tmp_path_factory) -> pathlib.Path:
+  """A folder of already-written outputs that no failing command may touch."""
+  root = tmp_path_factory.mktemp("witness")
+  (root / "exported").mkdir()
+  (root / "exported" / "old.eadx").write_bytes(b"an earlier export")
+  (root / "a_file").write_text("not a folder")
+  (root / "nested" / "test" / "bad").mkdir(parents=True)
+  (root / "nested" / "test" / "bad" / "000.png").write_bytes(b"png")
+  return root
+
+
+USAGE = [  # (argv, exit status, fragments of the error line); none of them starts jax
+    (["train", "--size", "small,tiny", "--set", "train.steps=-5"], 2, ["train.steps", ">= 1"]),
+    (["train", "--size", "small,tiny", "--set", "train.checkpoint_every=0"], 2, ["train.checkpoint_every"]),
+    (["train", "--size", "small,tiny", "--set", "train.batch_size=0"], 2, ["train.batch_size"]),
+    (["train", "--size", "small,tiny", "--set", "data.validation_fraction=0"], 2, ["data.validation_fraction"]),
+    (["train", "--size", "small,tiny", "--set", "maps.q_end=0.5"], 2, ["maps.q_end", "maps.q_start"]),
+    (["train", "--size", "small,tiny", "--set", "model.dtype=float8"], 2, ["model.dtype"]),
+    (["train", "--size", "small,tiny", "--set", "train.steps=many"], 2, ["train.steps", "int"]),
+    (["train", "--dataset", "mvtec_ad", "--size", "small,tiny"], 2, ["--size", "synthetic only"]),
+    (["train", "--dataset", "nope"], 2, ["--dataset", "mvtec_ad"]),
+    (["evaluate", "--workdir", "RUN", "--batch-size", "0"], 2, ["--batch-size"]),
+    (["evaluate", "--workdir", "RUN", "--set", "model.image_size=128"], 2, ["model.image_size", "only data."]),
+    (["export", "--model", "RUN", "--out", "{w}/exported"], 2, ["is a folder", "--out"]),
+    (["predict", "--model", "RUN", "--images", "{w}", "--out", "{w}/a_file/maps"], 2, ["--out"]),
+]
+
+
+def test_usage_errors_are_one_line_and_write_nothing(witness):
+  before = digest(witness)
+  for argv, status, fragments in USAGE:
+    proc = run_cli(*(a.format(w=witness) for a in argv))
+    one_line(proc, status, *fragments)
+  assert digest(witness) == before
+  assert not list(witness.rglob("*.tmp"))
+
+
+def test_predict_folder_of_subfolders(witness):
+  proc = run_cli("predict", "--model", str(witness), "--images", str(witness / "nested" / "test"))
+  one_line(proc, 1, "no image files", "--images", "**")
+
+
+def test_config_choices_without_jax():
+  # The AST method has a synthetic config, tiny included; the help offers tiny only where it exists.
+  cfg = train_cli.load_config("synthetic", "small,tiny", None, "efficientad_ast")
+  assert isinstance(cfg, config_lib.AstConfig) and cfg.data.dataset == "synthetic" and cfg.image_size == 16
+  helptext = subprocess.run([sys.executable, "-m", "experiments.train", "--help"], cwd=REPO, capture_output=True,
+                            text=True).stdout
+  assert "synthetic also takes 'small,tiny'" in " ".join(helptext.split())
+  # A truncated export is one line, as every other bad file (the CLI maps the error type).
+  line, status = cli.error_line(zipfile.BadZipFile("File is not a zip file"))
+  assert status == 1 and line.startswith("error: ") and "\n" not in line
+  line, status = cli.error_line(OSError(28, "No space left on device", "/run/checkpoints"))
+  assert status == 1 and "/run/checkpoints" in line and "space" in line
+  with pytest.raises(config_lib.ConfigError, match="maps.q_end"):
+    config_lib.validate(config_lib.override(config_lib.Config(), ["maps.q_start=0.99", "maps.q_end=0.9"]))
+
+
+def test_data_errors_before_any_work(tmp_path):
+  """A missing dataset root, a missing teacher and a corrupt validation image all fail in seconds,
+  before training, and leave no run directory behind."""
+  base = generate_synthetic(tmp_path / "loco", layout="mvtec_loco", size=64, num_train=4, num_test=2,
+                            num_validation=2)
+  corrupt = sorted((base / "validation" / "good").iterdir())[0]
+  corrupt.write_bytes(corrupt.read_bytes()[:100])
+  loco = ["train", "--dataset", "mvtec_loco", "--workdir", str(tmp_path / "run")]
+  cases = [
+      (loco, ["data.root", "experiments.download"]),
+      (loco + ["--set", f"data.root={base.parent}", "--set", "data.category=widget", "--set", "data.penalty=",
+               "--set", "model.image_size=64"], [str(corrupt), "replace or remove"]),
+      (["train", "--size", "small,tiny", "--workdir", str(tmp_path / "run"),
+        "--set", f"train.teacher_checkpoint={tmp_path / 'none'}"], ["experiments.import_teacher"]),
+  ]
+  for argv, fragments in cases:
+    one_line(run_cli(*argv), 1, *fragments)
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_failed_run_then_corrected_command_in_the_same_run_directory(tmp_path, jax_cache):
+  run = tmp_path / "run"
+  # conv_impl=xla: XLA's own conv backward compiles in half the time of the CPU default (a test of errors).
+  tiny = ["train", "--size", "small,tiny", "--workdir", str(run), "--set", "model.conv_impl=xla", "--no-eval"]
+  # 1. A mistake (here: a teacher that is not there) fails at once.
+  one_line(run_cli(*tiny, "--set", f"train.teacher_checkpoint={tmp_path / 'none'}"), 1, "teacher")
+  # 2. A run stopped before its first checkpoint (e.g. diverged at step 1) left another config behind.
+  stale = config_lib.override(train_cli.load_config("synthetic", "small,tiny", None),
+                              ["model.conv_impl=xla", "optim.learning_rate=1"])
+  run.mkdir(exist_ok=True)
+  (run / "config.json").write_text(config_lib.to_json(stale))
+  # 3. The corrected command trains in the same directory; the change is recorded.
+  proc = run_cli(*tiny, env=jax_cache_env(jax_cache))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  history = [json.loads(line) for line in (run / "config_history.jsonl").read_text().splitlines()]
+  assert history[-1]["changed"]["optim.learning_rate"][0] == 1 and not history[-1]["checkpointed"]
+  assert json.loads((run / "config.json").read_text())["data"]["root"] == ""  # a copied run still resumes
+  written = digest(run)
+
+  # 4. With checkpoints, a setting that changes the model is refused, naming the field; nothing changes.
+  one_line(run_cli(*tiny, "--set", "model.ae_dropout=0.1"), 2, "model.ae_dropout", "--workdir")
+  # 5. A full disk is reported before a step is taken (fake: 1 MiB free), in one line.
+  full = """
+      import collections, shutil
+      shutil.disk_usage = lambda p: collections.namedtuple('u', 'total used free')(2 << 20, 1 << 20, 1 << 20)
+  """
+  one_line(run_cli(*tiny, wrapper=full), 1, "no space left", str(run), "free some space")
+  # 6. evaluate: a data error (another root that is not there) is one line too.
+  one_line(run_cli("evaluate", "--workdir", str(run), "--set", "data.dataset=mvtec_ad",
+                   "--set", f"data.root={tmp_path / 'gone'}"), 1, "data.root")
+  assert digest(run) == written
+
+  # Resumable settings (pure Python: the run directory's rule, no second training run): the divergence
+  # advice `--set optim.learning_rate=...` works in the same directory, and is recorded.
+  cfg = train_cli.load_config("synthetic", "small,tiny", None)
+  trainer.write_config(run, config_lib.override(cfg, ["model.conv_impl=xla", "optim.learning_rate=5e-5",
+                                                     "train.steps=6"]))
+  last = json.loads((run / "config_history.jsonl").read_text().splitlines()[-1])
+  assert last["checkpointed"] and set(last["changed"]) == {"optim.learning_rate", "train.steps"}
+
+
+def test_benchmark_refuses_an_ast_model(tmp_path):
+  z = np.zeros(1, np.float32)
+  detector = Detector(params={"student": {"w": z}}, teacher_stats=TeacherStats(z, z),
+                      quantiles=MapQuantiles(z, z, z, z))
+  checkpoint.save_model(tmp_path / "model", detector, {"method": "efficientad_ast", "config": {"image_size": 16}})
+  before = digest(tmp_path)
+  one_line(run_cli("benchmark", "--model", str(tmp_path), "--tiny"), 1, "AST", "--model")
+  assert digest(tmp_path) == before
+
+
+def test_config_validation_covers_the_defaults():
+  for cfg in (config_lib.Config(), train_cli.load_config("synthetic", "small,tiny", None),
+              train_cli.load_config("mvtec_loco", "M", None)):
+    assert config_lib.validate(cfg) is cfg

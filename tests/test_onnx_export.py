@@ -1,0 +1,168 @@
+"""ONNX export (efficientad_jax/onnx_export.py): onnxruntime against the project's own predict, PDN-S and
+PDN-M at a tiny size with random weights, several batch sizes; the AST refusal; the CLI; scoring an image with
+PIL + NumPy + onnxruntime only (no JAX in that process)."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from efficientad_jax import checkpoint, config as config_lib, models, normalization, onnx_export, predict
+from efficientad_jax.config import Config, MapConfig, ModelConfig
+from efficientad_jax.inference import Detector
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SIZE = 64  # the smallest side the autoencoder accepts
+# Not the defaults, so that a constant written into the graph instead of read from the model would show.
+MAPS = MapConfig(scale=0.2, st_weight=0.3, ae_weight=0.7, pad=3)
+
+
+def random_params(nets: models.Models, rng: np.random.Generator) -> dict:
+  """PyTorch-default-like random params in the structure of `models.init_params` (shapes by eval_shape)."""
+  shapes = jax.eval_shape(lambda k: models.init_params(nets, k, SIZE), jax.random.key(0))
+
+  def draw(s):
+    fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 64
+    return rng.uniform(-1, 1, s.shape).astype(np.float32) / np.sqrt(fan_in)
+
+  return jax.tree_util.tree_map(draw, shapes)
+
+
+def images(rng: np.random.Generator, n: int) -> np.ndarray:
+  rgb = rng.uniform(0, 1, (n, SIZE, SIZE, 3)).astype(np.float32)
+  return ((rgb - np.float32(config_lib.IMAGENET_MEAN)) / np.float32(config_lib.IMAGENET_STD)).astype(np.float32)
+
+
+def save_model(root: pathlib.Path, size: str) -> pathlib.Path:
+  """A saved model with random networks, random teacher statistics and quantiles fitted on random images."""
+  rng = np.random.default_rng(["small", "medium"].index(size))
+  cfg = Config(model=ModelConfig(size=size, image_size=SIZE), maps=MAPS)
+  nets, predict_fn = predict.compiled_predict(cfg.model, cfg.maps)
+  c = cfg.model.teacher_channels
+  stats = normalization.TeacherStats(rng.normal(0, 0.1, c).astype(np.float32),
+                                     rng.uniform(0.5, 2.0, c).astype(np.float32))
+  unit = normalization.MapQuantiles(*(np.float32(v) for v in (0, 1, 0, 1)))
+  detector = Detector(params=random_params(nets, rng), teacher_stats=stats, quantiles=unit)
+  out = predict_fn(detector, images(rng, 3), out_size=(SIZE, SIZE))  # raw maps don't depend on quantiles
+  q = normalization.fit_map_quantiles(np.asarray(out["map_st"]), np.asarray(out["map_ae"]), 0.1, 0.9)
+  meta = {"config": config_lib.to_dict(cfg), "threshold": 0.125, "image_size": SIZE, "model_size": size,
+          "teacher": "random", "steps": 0}
+  checkpoint.save_model(root / "run" / "model", detector.replace(quantiles=q), meta)
+  return root / "run"
+
+
+@pytest.fixture(scope="module", params=["small", "medium"])
+def exported(request, tmp_path_factory):
+  """(run folder, .onnx path) per PDN size."""
+  root = tmp_path_factory.mktemp(f"onnx_{request.param}")
+  run = save_model(root, request.param)
+  return run, onnx_export.export_onnx(run, root / "model.onnx")
+
+
+def test_onnxruntime_matches_predict(exported):
+  run, path = exported
+  model = predict.load(run)
+  session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+  assert [i.name for i in session.get_inputs()] == ["image"]
+  assert [o.name for o in session.get_outputs()] == ["anomaly_map", "score"]
+  rng = np.random.default_rng(7)
+  for batch in (1, 3, 2):
+    x = images(rng, batch)
+    anomaly_map, score = session.run(None, {"image": x})
+    ref = model.predict_fn(model.detector, x, out_size=(SIZE, SIZE))
+    assert anomaly_map.shape == (batch, SIZE, SIZE) and score.shape == (batch,)
+    assert float(np.abs(ref["anomaly_map"]).max()) > 0.01  # not a trivially zero map
+    np.testing.assert_allclose(anomaly_map, np.asarray(ref["anomaly_map"]), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(score, np.asarray(ref["score"]), rtol=0, atol=1e-4)
+
+
+def test_metadata_holds_threshold_size_and_preprocessing(exported):
+  import onnx  # pylint: disable=g-import-not-at-top
+  run, path = exported
+  model = predict.load(run)
+  props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+  assert float(props["threshold"]) == model.threshold
+  assert int(props["image_size"]) == SIZE and props["model_size"] == model.cfg.model.size
+  assert json.loads(props["mean"]) == list(config_lib.IMAGENET_MEAN)
+  assert json.loads(props["std"]) == list(config_lib.IMAGENET_STD)
+  assert "PIL" in props["preprocessing"] and "bilinear" in props["preprocessing"]
+  assert json.loads(props["map_config"])["pad"] == MAPS.pad
+
+
+def test_ast_models_are_refused(exported):
+  model = predict.load(exported[0])
+  ast = dataclasses.replace(model, meta={**model.meta, "method": "efficientad_ast"})
+  with pytest.raises(onnx_export.OnnxExportError, match="supports EfficientAD PDN models only.*AST"):
+    onnx_export.to_onnx(ast, "runs/ast")
+  with pytest.raises(onnx_export.OnnxExportError, match="opset"):
+    onnx_export.to_onnx(model, opset=13)
+
+
+def test_a_saved_ast_model_is_refused_in_one_line(tmp_path):
+  from efficientad_jax.ast import method  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.AstConfig(image_size=16, backbone_width=0.25, backbone_depth=0.25, backbone_stages=2,
+                             pos_channels=8, flow_blocks=2, flow_hidden=16, student_hidden=16, student_blocks=1,
+                             ae_channels=8)
+  params = method.init_params(method.build(cfg), jax.random.key(0), cfg.image_size)
+  meta = {"config": config_lib.to_dict(cfg), "threshold": 1.0, "image_size": cfg.image_size}
+  method.save_ast_model(tmp_path / "ast" / "model", params, meta)
+  with pytest.raises(onnx_export.OnnxExportError) as e:
+    onnx_export.export_onnx(tmp_path / "ast", tmp_path / "ast.onnx")
+  assert "\n" not in str(e.value) and "'efficientad_ast'" in str(e.value) and "AST" in str(e.value)
+  assert not (tmp_path / "ast.onnx").exists()
+
+
+# Scoring an image with PIL, NumPy and onnxruntime only: the README's snippet, in a process without JAX.
+NO_JAX = textwrap.dedent("""
+    import json, sys
+    sys.modules["jax"] = None  # any `import jax` now fails
+    sys.modules["flax"] = None
+    import numpy as np
+    import onnxruntime as ort
+    from PIL import Image
+
+    session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    size = int(meta["image_size"])
+    mean, std = np.float32(json.loads(meta["mean"])), np.float32(json.loads(meta["std"]))
+    rgb = Image.open(sys.argv[2]).convert("RGB").resize((size, size), Image.BILINEAR)
+    x = ((np.asarray(rgb, np.float32) / 255 - mean) / std)[None].astype(np.float32)
+    anomaly_map, score = session.run(["anomaly_map", "score"], {"image": x})
+    print(json.dumps({"score": float(score[0]), "anomalous": bool(score[0] > float(meta["threshold"]))}))
+""")
+
+
+def run_python(args: list[str]) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("exported", ["small"], indirect=True)  # size independent: PDN-S only
+def test_cli_and_scoring_without_jax(exported, tmp_path):
+  run, _ = exported
+  model = predict.load(run)
+  out = tmp_path / "cli.onnx"
+  proc = run_python(["-m", "experiments.export", "--model", str(run), "--format", "onnx", "--out", str(out)])
+  assert proc.returncode == 0, proc.stderr
+  assert "onnx" in proc.stdout and out.is_file()
+  image = tmp_path / "part.png"
+  rng = np.random.default_rng(3)
+  Image.fromarray(rng.integers(0, 256, (90, 100, 3), dtype=np.uint8)).save(image)
+  proc = run_python(["-c", NO_JAX, str(out), str(image)])
+  assert proc.returncode == 0, proc.stderr
+  got = json.loads(proc.stdout)
+  x, _ = predict.prepare(image, SIZE, model.cfg.data.mean, model.cfg.data.std)
+  ref = float(model.predict_fn(model.detector, x[None], out_size=(SIZE, SIZE))["score"][0])
+  assert got["score"] == pytest.approx(ref, abs=1e-4)
+  assert got["anomalous"] == (ref > model.threshold)
