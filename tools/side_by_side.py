@@ -1,0 +1,291 @@
+"""Side by side with the reference implementation on real photographs (issue 20).
+
+Trains nelson1425/EfficientAD's own, unmodified `efficientad.py` and this project on the same small real-image
+category in the MVTec AD layout, from the same random PDN-S teacher, and scores both sides' full-resolution
+maps with the same metric code (ours, which matches the official MVTec AD script: tests/test_metrics_fixtures.py).
+The reference is never copied into this repository: point `--reference` at a checkout of it.
+
+  python -m tools.side_by_side data --out /tmp/sbs --reference /path/to/EfficientAD
+  python -m tools.side_by_side reference --out /tmp/sbs --reference /path/to/EfficientAD --seed 42 --steps 1000
+  python -m tools.side_by_side ours --out /tmp/sbs --seed 0 --steps 1000 [--set key=value ...]
+  python -m tools.side_by_side table --out /tmp/sbs
+
+The data set: crops of scikit-image's bundled immunohistochemistry photograph (`ihc.png`, a real microscope
+photo of tissue, a texture), 192x192: training crops from the upper part, test crops from the lower part, and
+three structural defect types drawn on test crops with their masks (a pasted patch of another photograph,
+a scratch, a colour stain). Every step is seeded.
+
+Needs torch and torchvision (the reference's own requirements) and scikit-image; none is a project dependency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+CATEGORY = "ihc"
+CROP = 192
+COUNTS = {"train": 80, "good": 25, "defect_per_type": 25}
+DEFECTS = ("patch", "scratch", "stain")
+TEACHER_SEED = 0  # torch.manual_seed before the reference's get_pdn_small(384)
+
+
+# --- The data set.
+
+
+def _skimage_photo(name: str) -> Image.Image:
+  import skimage.data  # pylint: disable=import-outside-toplevel
+  return Image.open(pathlib.Path(skimage.data.__file__).parent / name).convert("RGB")
+
+
+def _crop(photo: Image.Image, rng: np.random.Generator, rows: tuple[int, int]) -> Image.Image:
+  x = int(rng.integers(0, photo.width - CROP + 1))
+  y = int(rng.integers(rows[0], rows[1] - CROP + 1))
+  img = photo.crop((x, y, x + CROP, y + CROP))
+  if rng.uniform() < 0.5:
+    img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  return img
+
+
+def _defect(img: Image.Image, kind: str, rng: np.random.Generator, other: Image.Image
+            ) -> tuple[Image.Image, np.ndarray]:
+  """Draws one defect of `kind` on a copy of `img`; returns it and the uint8 0/255 mask."""
+  img = img.copy()
+  mask = Image.new("L", img.size, 0)
+  draw = ImageDraw.Draw(mask)
+  if kind == "patch":  # a piece of another photograph pasted in
+    s = int(rng.integers(16, 36))
+    x, y = (int(v) for v in rng.integers(8, CROP - s - 8, size=2))
+    ox, oy = (int(v) for v in rng.integers(0, other.width - s, size=2))
+    img.paste(other.crop((ox, oy, ox + s, oy + s)), (x, y))
+    draw.rectangle((x, y, x + s - 1, y + s - 1), fill=255)
+  elif kind == "scratch":  # a thin dark or bright line
+    p0 = rng.integers(20, CROP - 20, size=2)
+    angle = rng.uniform(0, np.pi)
+    length = rng.uniform(30, 70)
+    p1 = np.clip(p0 + length * np.array([np.cos(angle), np.sin(angle)]), 0, CROP - 1)
+    width = int(rng.integers(2, 5))
+    colour = (40, 30, 30) if rng.uniform() < 0.5 else (235, 235, 225)
+    line = [tuple(int(v) for v in p0), tuple(int(v) for v in p1)]
+    ImageDraw.Draw(img).line(line, fill=colour, width=width)
+    draw.line(line, fill=255, width=width)
+  else:  # a soft colour stain
+    r = int(rng.integers(10, 22))
+    cx, cy = (int(v) for v in rng.integers(r + 8, CROP - r - 8, size=2))
+    draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    tint = Image.new("RGB", img.size, tuple(int(v) for v in rng.integers(0, 256, size=3)))
+    alpha = mask.filter(ImageFilter.GaussianBlur(2)).point(lambda v: int(v * 0.6))
+    img = Image.composite(tint, img, alpha)
+  return img, np.asarray(mask)
+
+
+def make_dataset(out: pathlib.Path, seed: int = 0) -> pathlib.Path:
+  """out/mvtec/<CATEGORY>/{train/good, test/{good,<defects>}, ground_truth/<defect>/NNN_mask.png}."""
+  photo = _skimage_photo("ihc.png")
+  other = _skimage_photo("coffee.png")
+  rng = np.random.default_rng(seed)
+  base = out / "mvtec" / CATEGORY
+  split_row = int(photo.height * 0.55)
+  train_rows, test_rows = (0, split_row + CROP // 3), (split_row, photo.height)
+  folders = {"train/good": [_crop(photo, rng, train_rows) for _ in range(COUNTS["train"])],
+             "test/good": [_crop(photo, rng, test_rows) for _ in range(COUNTS["good"])]}
+  for kind in DEFECTS:
+    images = []
+    for i in range(COUNTS["defect_per_type"]):
+      img, mask = _defect(_crop(photo, rng, test_rows), kind, rng, other)
+      images.append(img)
+      gt = base / "ground_truth" / kind / f"{i:03d}_mask.png"
+      gt.parent.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(mask).save(gt)
+    folders[f"test/{kind}"] = images
+  for folder, images in folders.items():
+    (base / folder).mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+      img.save(base / folder / f"{i:03d}.png")
+  return base
+
+
+# --- The reference, run from its own checkout in a subprocess.
+
+# torchvision's CPU wheel may not match torch's build; the reference only needs its PIL transforms and
+# ImageFolder, not the compiled operators whose registration fails then.
+_TV_STUB = ('import sys, types; sys.modules.setdefault("torchvision._meta_registrations", '
+            'types.ModuleType("stub"))')
+
+# Runs the reference's main() with its module constant `seed` set (the script has no flag for it), then
+# reloads the models it saved and computes, with its own functions, the raw maps the table reports.
+_REFERENCE_RUN = textwrap.dedent("""
+    import json
+    sys.path.insert(0, sys.argv[1])
+    import numpy as np, torch
+    import efficientad as ref
+    from common import ImageFolderWithoutTarget
+    ref.seed = int(sys.argv[2])
+    root, out_dir, teacher, steps, cat = sys.argv[3:8]
+    sys.argv = ["efficientad.py", "-d", "mvtec_ad", "-s", cat, "-o", out_dir, "-m", "small", "-w", teacher,
+                "-i", "none", "-a", root, "-t", steps]
+    ref.main()
+    load = lambda n: torch.load(f"{out_dir}/trainings/mvtec_ad/{cat}/{n}_final.pth", weights_only=False)
+    t, s, a = load("teacher"), load("student"), load("autoencoder")
+    for m in (t, s, a):
+        m.eval()
+    full = ImageFolderWithoutTarget(f"{root}/{cat}/train", transform=torch.nn.Identity())
+    n = len(full)
+    train_idx, val_idx = torch.utils.data.random_split(range(n), [int(0.9 * n), n - int(0.9 * n)],
+                                                       torch.Generator().manual_seed(ref.seed))
+    batch = lambda path: ref.default_transform(__import__("PIL.Image").Image.open(path).convert("RGB"))[None]
+    mean, std = ref.teacher_normalization(t, [(batch(full.samples[i][0]), None) for i in train_idx])
+    val = [(batch(full.samples[i][0]), None) for i in val_idx]
+    q = [float(v) for v in ref.map_normalization(val, t, s, a, mean, std)]
+    test = ImageFolderWithoutTarget(f"{root}/{cat}/test")
+    rows = []
+    for path, _ in test.samples:
+        _, m_st, m_ae = ref.predict(batch(path), t, s, a, mean, std)
+        rows.append({"path": path, "st_max": float(m_st.max()), "ae_max": float(m_ae.max())})
+    json.dump({"quantiles": q, "raw": rows, "validation": [full.samples[i][0] for i in val_idx]},
+              open(f"{out_dir}/raw_maps.json", "w"))
+""")
+
+
+def make_teacher(out: pathlib.Path, reference: pathlib.Path) -> pathlib.Path:
+  """The shared random teacher: the reference's get_pdn_small(384) under torch.manual_seed(TEACHER_SEED)."""
+  code = (f"{_TV_STUB}; import torch; sys.path.insert(0, sys.argv[1]); from common import get_pdn_small; "
+          f"torch.manual_seed({TEACHER_SEED}); torch.save(get_pdn_small(384).state_dict(), sys.argv[2])")
+  pth = out / "teacher_small.pth"
+  _run([sys.executable, "-c", code, str(reference), str(pth)])
+  _run([sys.executable, "-m", "experiments.import_teacher", str(pth), "--size", "small", "--out",
+        str(out / "teacher"), "--force"])
+  return pth
+
+
+def run_reference(out: pathlib.Path, reference: pathlib.Path, seed: int, steps: int) -> pathlib.Path:
+  run = out / f"reference_seed{seed}"
+  if run.exists():
+    raise SystemExit(f"error: {run} exists (the reference refuses an existing output folder): remove it")
+  _run([sys.executable, "-c", _TV_STUB + _REFERENCE_RUN, str(reference), str(seed), str(out / "mvtec"), str(run),
+        str(out / "teacher_small.pth"), str(steps), CATEGORY], cwd=reference)
+  raw = json.loads((run / "raw_maps.json").read_text())
+  maps = run / "anomaly_maps" / "mvtec_ad" / CATEGORY / "test"
+  result = _score(out, lambda rel: maps / rel.with_suffix(".tiff"), raw["raw"], raw["quantiles"])
+  result.update(side="reference", seed=seed, steps=steps, validation=sorted(raw["validation"]))
+  (run / "result.json").write_text(json.dumps(result, indent=2))
+  return run
+
+
+# --- This project.
+
+
+def run_ours(out: pathlib.Path, seed: int, steps: int, overrides: list[str], tag: str = "") -> pathlib.Path:
+  run = out / f"ours{tag}_seed{seed}"
+  sets = [f"data.root={out / 'mvtec'}", f"data.category={CATEGORY}", "data.penalty=",
+          f"train.steps={steps}", f"train.seed={seed}", f"train.teacher_checkpoint={out / 'teacher'}",
+          f"train.checkpoint_every={steps}", "train.log_every=50", *overrides]
+  if not (run / "eval" / "metrics.json").exists():  # a finished run is only scored again
+    _run([sys.executable, "-m", "experiments.train", "--dataset", "mvtec_ad", "--workdir", str(run),
+          *[a for s in sets for a in ("--set", s)]])
+  raw, quantiles = _our_raw_maps(run)
+  maps = run / "eval" / "anomaly_maps" / CATEGORY / "test"
+  result = _score(out, lambda rel: maps / rel.with_suffix(".tiff"), raw, quantiles)
+  result.update(side="ours" + tag, seed=seed, steps=steps, overrides=overrides)
+  (run / "result.json").write_text(json.dumps(result, indent=2))
+  return run
+
+
+def _our_raw_maps(run: pathlib.Path) -> tuple[list[dict], list[float]]:
+  from efficientad_jax import inference, predict  # pylint: disable=import-outside-toplevel
+  from efficientad_jax.data import make_datasets  # pylint: disable=import-outside-toplevel
+  model = predict.load(run)
+  raw = inference.make_raw_maps_fn(model.nets)
+  ds = make_datasets(model.cfg.data, model.image_size, model.cfg.train.seed)
+  rows = []
+  for i in range(len(ds.test)):
+    rec = ds.test[i]
+    m_st, m_ae = raw(model.detector.params, model.detector.teacher_stats, rec["image"][None])
+    rows.append({"path": rec["id"], "st_max": float(m_st.max()), "ae_max": float(m_ae.max())})
+  q = model.detector.quantiles
+  return rows, [float(v) for v in (q.st_start, q.st_end, q.ae_start, q.ae_end)]
+
+
+# --- Scoring (the same code for both sides).
+
+
+def _score(out: pathlib.Path, map_path, raw: list[dict], quantiles: list[float]) -> dict:
+  """Image AU-ROC and AU-PRO@0.3 of the full-resolution maps; image AU-ROC of each raw map's maximum."""
+  import tifffile  # pylint: disable=import-outside-toplevel
+  from efficientad_jax.metrics import au_pro, auroc, image_auroc  # pylint: disable=import-outside-toplevel
+  base = out / "mvtec" / CATEGORY
+  maps, masks, labels = [], [], []
+  for img in sorted((base / "test").glob("*/*.png")):
+    rel = img.relative_to(base / "test")
+    maps.append(tifffile.imread(map_path(rel)).astype(np.float32))
+    defect = rel.parent.name
+    gt = base / "ground_truth" / defect / f"{img.stem}_mask.png"
+    masks.append(np.asarray(Image.open(gt)) > 0 if defect != "good" else np.zeros(maps[-1].shape, bool))
+    labels.append(int(defect != "good"))
+  by_name = {"/".join(pathlib.Path(r["path"]).parts[-2:]).removesuffix(".png"): r for r in raw}
+  keys = ["/".join(p.parts[-2:]).removesuffix(".png") for p in sorted((base / "test").glob("*/*.png"))]
+  rows = [by_name[k] for k in keys]
+  labels = np.asarray(labels)
+  return {"image_auroc": image_auroc(maps, labels), "au_pro_0.3": au_pro(maps, masks, (0.3,))[0.3],
+          "st_raw_auroc": auroc(np.array([r["st_max"] for r in rows]), labels),
+          "ae_raw_auroc": auroc(np.array([r["ae_max"] for r in rows]), labels),
+          "q_st": quantiles[:2], "q_ae": quantiles[2:]}
+
+
+def table(out: pathlib.Path) -> str:
+  results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
+  lines = ["| side | seed | steps | image AU-ROC | AU-PRO@0.3 | local raw | global raw | q_st (0.9/0.995) | "
+           "q_ae (0.9/0.995) |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in sorted(results, key=lambda r: (r["side"], r["seed"])):
+    lines.append(f"| {r['side']} | {r['seed']} | {r['steps']} | {r['image_auroc']:.3f} | {r['au_pro_0.3']:.3f} | "
+                 f"{r['st_raw_auroc']:.3f} | {r['ae_raw_auroc']:.3f} | {r['q_st'][0]:.4f} / {r['q_st'][1]:.4f} | "
+                 f"{r['q_ae'][0]:.4f} / {r['q_ae'][1]:.4f} |")
+  sides = sorted({r["side"] for r in results})
+  for side in sides:
+    v = np.array([r["image_auroc"] for r in results if r["side"] == side])
+    p = np.array([r["au_pro_0.3"] for r in results if r["side"] == side])
+    lines.append(f"| **{side} mean** ({len(v)} seeds) | | | {v.mean():.3f} (min {v.min():.3f}, max {v.max():.3f}) | "
+                 f"{p.mean():.3f} | | | | |")
+  return "\n".join(lines)
+
+
+def _run(cmd: list[str], cwd: pathlib.Path | None = None) -> None:
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  done = subprocess.run(cmd, cwd=cwd or repo, check=False)
+  if done.returncode:
+    raise SystemExit(f"error: {' '.join(cmd[:4])} ... exited with {done.returncode}")
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("what", choices=("data", "reference", "ours", "table"))
+  p.add_argument("--out", required=True, type=pathlib.Path, help="working folder (data, teacher, runs)")
+  p.add_argument("--reference", type=pathlib.Path, help="a checkout of nelson1425/EfficientAD")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--steps", type=int, default=1000)
+  p.add_argument("--tag", default="", help="suffix of our run folder (ablations)")
+  p.add_argument("--set", action="append", default=[], help="config override for our side")
+  args = p.parse_args(argv)
+  out = args.out.absolute()
+  if args.what in ("data", "reference") and not args.reference:
+    p.error("--reference DIR (a checkout of nelson1425/EfficientAD) is needed")
+  if args.what == "data":
+    make_dataset(out)
+    make_teacher(out, args.reference.absolute())
+  elif args.what == "reference":
+    run_reference(out, args.reference.absolute(), args.seed, args.steps)
+  elif args.what == "ours":
+    run_ours(out, args.seed, args.steps, args.set, args.tag)
+  print(table(out))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
