@@ -9,6 +9,8 @@ The reference is never copied into this repository: point `--reference` at a che
   python -m tools.side_by_side reference --out /tmp/sbs --reference /path/to/EfficientAD --seed 42 --steps 1000
   python -m tools.side_by_side ours --out /tmp/sbs --seed 0 --steps 1000 [--set key=value ...]
   python -m tools.side_by_side table --out /tmp/sbs
+  python -m tools.side_by_side crossfeed --out /tmp/sbs --reference /path/to/EfficientAD --run /tmp/sbs/ours_seed1 \
+      --seed 1 --steps 200 --stream ours|reference     # the reference's loop on either training stream
 
 The data set: crops of scikit-image's bundled immunohistochemistry photograph (`ihc.png`, a real microscope
 photo of tissue, a texture), 192x192: training crops from the upper part, test crops from the lower part, and
@@ -213,6 +215,77 @@ def _our_raw_maps(run: pathlib.Path) -> tuple[list[dict], list[float]]:
   return rows, [float(v) for v in (q.st_start, q.st_end, q.ae_start, q.ae_end)]
 
 
+# --- Cross-feed: the reference's networks and loop statements, fed either stream.
+
+
+def cross_feed(out: pathlib.Path, reference: pathlib.Path, run: pathlib.Path, seed: int, steps: int,
+               stream: str) -> dict:
+  """Trains the reference's networks with the reference's loop statements from torch.manual_seed(seed), on
+  OUR training stream (`stream='ours'`: this project's grain pipeline of `run`) or on the reference's own
+  DataLoader over the same training files (`'reference'`), then calibrates on `run`'s validation images with
+  `run`'s teacher statistics. Equal quantiles from both streams mean the stream is not what separates the sides.
+  """
+  import itertools  # pylint: disable=import-outside-toplevel
+  import types  # pylint: disable=import-outside-toplevel
+  sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("stub"))
+  sys.path.insert(0, str(reference))
+  import torch  # pylint: disable=import-outside-toplevel
+  import common  # pylint: disable=import-outside-toplevel  # the reference's networks
+  from efficientad_jax import predict  # pylint: disable=import-outside-toplevel
+  from efficientad_jax.data import make_datasets, preprocess  # pylint: disable=import-outside-toplevel
+  model = predict.load(run)
+  cfg, splits = model.cfg, json.loads((run / "splits.json").read_text())
+  c = cfg.model.teacher_channels
+  teacher = common.get_pdn_small(c)
+  teacher.load_state_dict(torch.load(out / "teacher_small.pth"))
+  teacher.eval()
+  mean, std = (torch.tensor(np.asarray(v))[None, :, None, None]
+               for v in (model.detector.teacher_stats.mean, model.detector.teacher_stats.std))
+  torch.manual_seed(seed)
+  student, ae = common.get_pdn_small(2 * c), common.get_autoencoder(c)
+  opt = torch.optim.Adam(itertools.chain(student.parameters(), ae.parameters()), lr=cfg.optim.learning_rate,
+                         weight_decay=cfg.optim.weight_decay)
+  sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(cfg.optim.decay_at_fraction * steps),
+                                          gamma=cfg.optim.decay_factor)
+  nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
+  if stream == "ours":
+    batches = ((nchw(b["image"]), nchw(b["image_ae"]))
+               for b in make_datasets(cfg.data, cfg.model.image_size, cfg.train.seed).train_iter(1))
+  else:
+    import efficientad  # pylint: disable=import-outside-toplevel
+    files = splits["train"]
+    pairs = torch.utils.data.DataLoader(
+        [f for f in files], batch_size=None, shuffle=True,
+        collate_fn=lambda f: efficientad.train_transform(Image.open(f).convert("RGB")))
+    batches = ((x[None], x_ae[None]) for x, x_ae in common.InfiniteDataloader(pairs))
+  student.train()
+  ae.train()
+  for x, x_ae in itertools.islice(batches, steps):
+    with torch.no_grad():
+      t, t_ae = (teacher(x) - mean) / std, (teacher(x_ae) - mean) / std
+    d = (t - student(x)[:, :c]) ** 2
+    loss_hard = torch.mean(d[d >= torch.quantile(d, cfg.loss.hard_quantile)])
+    a = ae(x_ae)
+    loss = loss_hard + torch.mean((t_ae - a) ** 2) + torch.mean((a - student(x_ae)[:, c:]) ** 2)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+  student.eval()
+  ae.eval()
+  maps_st, maps_ae = [], []
+  with torch.no_grad():
+    for path in splits["validation"]:
+      x = nchw(preprocess.model_input(preprocess.decode_image(path), cfg.model.image_size, cfg.data.mean,
+                                      cfg.data.std)[None])
+      t, s, a = (teacher(x) - mean) / std, student(x), ae(x)
+      maps_st.append(((t - s[:, :c]) ** 2).mean(1).numpy())
+      maps_ae.append(((a - s[:, c:]) ** 2).mean(1).numpy())
+  return {"stream": stream, "torch_seed": seed, "steps": steps, "run": str(run),
+          "q_st": np.quantile(np.concatenate(maps_st), [0.9, 0.995]).tolist(),
+          "q_ae": np.quantile(np.concatenate(maps_ae), [0.9, 0.995]).tolist()}
+
+
 # --- Scoring (the same code for both sides).
 
 
@@ -265,16 +338,18 @@ def _run(cmd: list[str], cwd: pathlib.Path | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("what", choices=("data", "reference", "ours", "table"))
+  p.add_argument("what", choices=("data", "reference", "ours", "crossfeed", "table"))
   p.add_argument("--out", required=True, type=pathlib.Path, help="working folder (data, teacher, runs)")
   p.add_argument("--reference", type=pathlib.Path, help="a checkout of nelson1425/EfficientAD")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--steps", type=int, default=1000)
   p.add_argument("--tag", default="", help="suffix of our run folder (ablations)")
+  p.add_argument("--run", type=pathlib.Path, help="crossfeed: our finished run whose stream and validation to use")
+  p.add_argument("--stream", choices=("ours", "reference"), default="ours", help="crossfeed: which stream")
   p.add_argument("--set", action="append", default=[], help="config override for our side")
   args = p.parse_args(argv)
   out = args.out.absolute()
-  if args.what in ("data", "reference") and not args.reference:
+  if args.what in ("data", "reference", "crossfeed") and not args.reference:
     p.error("--reference DIR (a checkout of nelson1425/EfficientAD) is needed")
   if args.what == "data":
     make_dataset(out)
@@ -283,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     run_reference(out, args.reference.absolute(), args.seed, args.steps)
   elif args.what == "ours":
     run_ours(out, args.seed, args.steps, args.set, args.tag)
+  elif args.what == "crossfeed":
+    if not args.run:
+      p.error("crossfeed needs --run RUN (one of our finished runs)")
+    result = cross_feed(out, args.reference.absolute(), args.run.absolute(), args.seed, args.steps, args.stream)
+    print(json.dumps(result))
+    return 0
   print(table(out))
   return 0
 
