@@ -40,7 +40,7 @@ def distill_element(record: Any, rng: np.random.Generator, *, image_size: int, b
   if rng.uniform() < gray_prob:
     # torchvision RandomGrayscale on a PIL image: luma via convert('L'), replicated to 3 channels.
     rgb = np.repeat(np.asarray(Image.fromarray(rgb).convert("L"))[..., None], 3, axis=-1)
-  prep = lambda size: preprocess.normalize(preprocess.to_float(preprocess.resize(rgb, size)), mean, std)
+  prep = lambda size: preprocess.model_input(rgb, size, mean, std)
   return {"image": prep(image_size), "backbone": prep(backbone_size)}
 
 

@@ -110,7 +110,7 @@ def prepare(source: preprocess.ImageSource, image_size: int, mean: Sequence[floa
   `preprocess.decode_image`); raises `DataError` naming the file when it cannot be read.
   """
   rgb = preprocess.decode_image(source, name)
-  x = preprocess.normalize(preprocess.to_float(preprocess.resize(rgb, image_size)), mean, std)
+  x = preprocess.model_input(rgb, image_size, mean, std)
   return x, rgb
 
 

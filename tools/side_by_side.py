@@ -255,7 +255,7 @@ def cross_feed(out: pathlib.Path, reference: pathlib.Path, run: pathlib.Path, se
     import efficientad  # pylint: disable=import-outside-toplevel
     files = splits["train"]
     pairs = torch.utils.data.DataLoader(
-        [f for f in files], batch_size=None, shuffle=True,
+        files, batch_size=None, shuffle=True,
         collate_fn=lambda f: efficientad.train_transform(Image.open(f).convert("RGB")))
     batches = ((x[None], x_ae[None]) for x, x_ae in common.InfiniteDataloader(pairs))
   student.train()

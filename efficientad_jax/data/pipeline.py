@@ -145,7 +145,7 @@ def eval_element(record: Any, image_size: int, mean, std,
   p = _parts(record, specs)
   rgb = preprocess.decode_image(p["image"], p["name"])
   hw = rgb.shape[:2]
-  x = preprocess.normalize(preprocess.to_float(preprocess.resize(rgb, image_size)), mean, std)
+  x = preprocess.model_input(rgb, image_size, mean, std)
   mask = np.zeros(hw, bool)
   if p["mask"] is not None:
     mask = preprocess.load_mask(p["mask"], hw, _name(p["mask"], p["name"], "mask"))
