@@ -1,8 +1,8 @@
-"""Orbax checkpoints: the periodic training state, and the complete model that inference restores alone.
+"""Orbax checkpoints of the periodic training state, and the disk-space checks before any write.
 
 Layout of a run directory (README, "Run directory"):
   RUN/checkpoints/<step>/{state,frozen,data}   training state, teacher+statistics, data-iterator state
-  RUN/model/{arrays,meta}                      the complete model: networks, statistics, quantiles + metadata
+  RUN/model/{arrays,meta}                      the complete model, of any method: `saved_model.py`
 Orbax writes each checkpoint to a temporary folder and renames it when complete, so a run killed mid-save
 resumes from the last complete checkpoint.
 """
@@ -18,48 +18,6 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-
-from efficientad_jax.inference import Detector
-from efficientad_jax.normalization import MapQuantiles, TeacherStats
-
-MODEL_FORMAT = 1  # bump when the saved model's layout changes
-
-
-def _to_tree(detector: Detector) -> dict:
-  return {"params": detector.params,
-          "teacher_stats": {"mean": detector.teacher_stats.mean, "std": detector.teacher_stats.std},
-          "quantiles": {k: getattr(detector.quantiles, k) for k in ("st_start", "st_end", "ae_start", "ae_end")}}
-
-
-def _from_tree(tree: dict) -> Detector:
-  return Detector(params=tree["params"], teacher_stats=TeacherStats(**tree["teacher_stats"]),
-                  quantiles=MapQuantiles(**tree["quantiles"]))
-
-
-def save_model(path: str | pathlib.Path, detector: Detector, meta: dict[str, Any]) -> pathlib.Path:
-  """Writes the complete model (atomically) to `path`; `meta` is JSON (config, sizes, threshold, provenance)."""
-  path = pathlib.Path(path).absolute()
-  meta = dict(meta, format=MODEL_FORMAT)
-  tree = jax.tree_util.tree_map(np.asarray, _to_tree(detector))
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    ckptr.save(path, ocp.args.Composite(arrays=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
-               force=True)
-  return path
-
-
-def load_model(path: str | pathlib.Path) -> tuple[Detector, dict[str, Any]]:
-  """Restores (detector, meta) from a model folder written by `save_model`; needs no training code or data."""
-  path = pathlib.Path(path).absolute()
-  if not (path / "meta").exists() or not (path / "arrays").exists():
-    raise FileNotFoundError(f"{path} is not a saved EfficientAD model (expected arrays/ and meta/ inside; "
-                            "pass RUN/model or the --model folder written by training)")
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    restored = ckptr.restore(path, ocp.args.Composite(arrays=ocp.args.StandardRestore(),
-                                                      meta=ocp.args.JsonRestore()))
-  meta = restored["meta"]
-  if meta.get("format") != MODEL_FORMAT:
-    raise ValueError(f"{path}: model format {meta.get('format')} is not supported (expected {MODEL_FORMAT})")
-  return _from_tree(restored["arrays"]), meta
 
 
 def tree_bytes(*trees: Any) -> int:

@@ -1,8 +1,11 @@
 """Typed configuration tree. Every constant of the method lives here (docs/method.md §2-§7).
 
 Configs are frozen dataclasses: plain data, hashable (so they can be static arguments of `jax.jit`),
-and serialisable to JSON for the saved model. `experiments/configs/*.py` build them with `get_config()`;
-`override(cfg, ["train.steps=100", ...])` applies command-line overrides with type checking.
+and serialisable to JSON for the saved model. Every method's config (`Config` here, `ast.config.AstConfig`,
+`distill_config.DistillConfig`) is composed of sections; the sections all methods share (`OptimConfig`,
+`InputConfig`, `RunConfig` and their extensions) are defined once here, with their range rules.
+`experiments/configs/*.py` build configs with `get_config()`; `override(cfg, ["train.steps=100", ...])`
+applies command-line overrides with type checking, `validate(cfg)` checks every section's ranges.
 """
 
 from __future__ import annotations
@@ -14,6 +17,17 @@ from typing import Any, Sequence
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+MODEL_SIZES = ("small", "medium")
+DTYPES = ("float32", "bfloat16", "float16")
+CONV_IMPLS = ("auto", "xla", "im2col", "shifted", "mixed")  # models/conv.py IMPLS
+DATASETS = ("synthetic", "mvtec_ad", "mvtec_loco", "visa", "folder")  # data/api.py DATASETS
+
+Rule = tuple[str, bool, str]  # (field, holds, requirement), e.g. ("steps", steps >= 1, ">= 1")
+
+
+def unit(v: float) -> bool:
+  return 0 <= v <= 1
 
 
 class ConfigError(ValueError):
@@ -34,6 +48,14 @@ class ModelConfig:
   # forward numbers.
   conv_impl: str = "auto"
 
+  def range_rules(self) -> list[Rule]:
+    return [("size", self.size in MODEL_SIZES, f"one of {MODEL_SIZES}"),
+            ("teacher_channels", self.teacher_channels >= 1, ">= 1"),
+            ("image_size", self.image_size >= 40, ">= 40 (smaller inputs leave the PDN an empty map)"),
+            ("dtype", self.dtype in DTYPES, f"one of {DTYPES}"),
+            ("ae_dropout", 0 <= self.ae_dropout < 1, "in [0, 1)"),
+            ("conv_impl", self.conv_impl in CONV_IMPLS, f"one of {CONV_IMPLS}")]
+
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
@@ -41,10 +63,14 @@ class LossConfig:
 
   hard_quantile: float = 0.999  # L_hard averages the squared errors >= this quantile
 
+  def range_rules(self) -> list[Rule]:
+    return [("hard_quantile", unit(self.hard_quantile), "in [0, 1]")]
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  """Adam with coupled L2 weight decay, step decay of the learning rate (docs/method.md §6)."""
+  """Adam with coupled L2 weight decay, step decay of the learning rate (docs/method.md §6); every method's
+  optimizer (`optim.make_optimizer`). decay_factor 1.0 is a constant learning rate."""
 
   learning_rate: float = 1e-4
   weight_decay: float = 1e-5  # coupled L2 (PyTorch Adam(weight_decay=)), not AdamW
@@ -54,23 +80,69 @@ class OptimConfig:
   decay_at_fraction: float = 0.95  # lr x decay_factor from step decay_at_fraction * steps
   decay_factor: float = 0.1
 
+  def range_rules(self) -> list[Rule]:
+    return [("learning_rate", self.learning_rate > 0, "> 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("b1", 0 <= self.b1 < 1, "in [0, 1)"),
+            ("b2", 0 <= self.b2 < 1, "in [0, 1)"),
+            ("eps", self.eps > 0, "> 0"),
+            ("decay_at_fraction", unit(self.decay_at_fraction), "in [0, 1]"),
+            ("decay_factor", self.decay_factor > 0, "> 0")]
+
 
 @dataclasses.dataclass(frozen=True)
-class MapConfig:
-  """Map normalisation and post-processing (paper §3.4; docs/method.md §7)."""
+class ScoreConfig:
+  """The combined map and the decision threshold (EfficientAD and AST): combined = st_weight * st +
+  ae_weight * ae; the threshold is a quantile of validation image scores."""
+
+  st_weight: float = 0.5
+  ae_weight: float = 0.5
+  threshold_quantile: float = 0.99
+
+  def range_rules(self) -> list[Rule]:
+    return [("st_weight", self.st_weight >= 0, ">= 0"),
+            ("ae_weight", self.ae_weight >= 0, ">= 0"),
+            ("threshold_quantile", unit(self.threshold_quantile), "in [0, 1]")]
+
+
+@dataclasses.dataclass(frozen=True)
+class MapConfig(ScoreConfig):
+  """Map normalisation and post-processing (paper §3.4; docs/method.md §7): st' and ae' are the maps with the
+  validation quantiles q_start -> 0 and q_end -> scale."""
 
   q_start: float = 0.9  # quantile of validation map values mapped to 0
   q_end: float = 0.995  # quantile of validation map values mapped to `scale`
   scale: float = 0.1
-  st_weight: float = 0.5  # combined = st_weight * st' + ae_weight * ae'
-  ae_weight: float = 0.5
   pad: int = 4  # zero padding per side of the 56x56 combined map before resizing
-  threshold_quantile: float = 0.99  # decision threshold: this quantile of validation image scores
+
+  def range_rules(self) -> list[Rule]:
+    return super().range_rules() + [
+        ("q_start", unit(self.q_start), "in [0, 1]"),
+        ("q_end", unit(self.q_end) and self.q_end > self.q_start, "in [0, 1] and > maps.q_start"),
+        ("scale", self.scale > 0, "> 0"),
+        ("pad", self.pad >= 0, ">= 0")]
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-  """Datasets and preprocessing (docs/method.md §4)."""
+class InputConfig:
+  """How every method's images become network input: ImageNet normalisation and the grain loader."""
+
+  mean: tuple[float, float, float] = IMAGENET_MEAN
+  std: tuple[float, float, float] = IMAGENET_STD
+  tfds_data_dir: str = ""  # TFDS data_dir ("" = TFDS default), for any "tfds:..." source
+  num_workers: int = 0  # grain worker processes (0: in the main process)
+  prefetch: int = 2
+
+  def range_rules(self) -> list[Rule]:
+    return [("mean", len(self.mean) == 3, "three values"),
+            ("std", all(s > 0 for s in self.std) and len(self.std) == 3, "three values > 0"),
+            ("num_workers", self.num_workers >= 0, ">= 0"),
+            ("prefetch", self.prefetch >= 0, ">= 0")]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(InputConfig):
+  """Anomaly detection datasets and preprocessing (docs/method.md §4)."""
 
   dataset: str = "synthetic"  # synthetic | mvtec_ad | mvtec_loco | visa | folder
   root: str = ""  # dataset folder (extracted archive); synthetic: where to generate it
@@ -78,8 +150,6 @@ class DataConfig:
   category: str = ""  # MVTec/VisA category; synthetic: its object name
   penalty: str = ""  # "" (off), an image folder, or "tfds:imagenette" / "tfds:imagenet2012"
   validation_fraction: float = 0.1  # MVTec AD, VisA, folder: n - int((1 - f) * n) of n train images held out (seeded)
-  mean: tuple[float, float, float] = IMAGENET_MEAN
-  std: tuple[float, float, float] = IMAGENET_STD
   jitter_low: float = 0.8  # autoencoder input: brightness, contrast or saturation factor U(low, high)
   jitter_high: float = 1.2
   penalty_resize: int = 512  # penalty image: resize to this, then centre-crop model.image_size
@@ -91,34 +161,72 @@ class DataConfig:
   synthetic_validation: int = 8  # synthetic LOCO layout: images in validation/good
   synthetic_seed: int = 0  # synthetic dataset: its own seed (the data stay fixed across runs)
   source: str = "files"  # "files": index the extracted folder | "tfds": our TFDS builders
-  tfds_data_dir: str = ""  # TFDS data_dir ("" = TFDS default); also for "tfds:imagenette" penalty
-  num_workers: int = 0  # grain worker processes (0: in the main process)
-  prefetch: int = 2
+
+  def range_rules(self) -> list[Rule]:
+    return super().range_rules() + [
+        ("dataset", self.dataset in DATASETS, f"one of {DATASETS}"),
+        ("validation_fraction", 0 < self.validation_fraction < 1,
+         "in (0, 1): calibration needs held-out validation images"),
+        ("jitter_low", 0 <= self.jitter_low <= self.jitter_high, "in [0, data.jitter_high]"),
+        ("penalty_grayscale_prob", unit(self.penalty_grayscale_prob), "in [0, 1]"),
+        ("synthetic_size", self.synthetic_size >= 16, ">= 16"),
+        ("synthetic_train", self.synthetic_train >= 2, ">= 2 (training and validation images)"),
+        ("synthetic_layout", self.synthetic_layout in ("mvtec_ad", "mvtec_loco"), "mvtec_ad or mvtec_loco"),
+        ("synthetic_test", self.synthetic_test >= 1, ">= 1"),
+        ("synthetic_validation", self.synthetic_validation >= 1, ">= 1"),
+        ("source", self.source in ("files", "tfds"), "files or tfds")]
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """The training loop (docs/method.md §5-§6)."""
+class RunConfig:
+  """What every training run has: one seed, a global batch, resumable checkpoints."""
+
+  seed: int = 0
+  # Global batch. EfficientAD splits it over the largest number of devices that divides it
+  # (parallel.data_parallel_devices); AST and distillation need it divisible by the device count.
+  batch_size: int = 1
+  checkpoint_every: int = 5_000  # steps (AST: epochs)
+  max_to_keep: int = 2
+
+  def range_rules(self) -> list[Rule]:
+    return [("batch_size", self.batch_size >= 1, ">= 1"),
+            ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
+            ("max_to_keep", self.max_to_keep >= 1, ">= 1")]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig(RunConfig):
+  """A run counted in optimizer steps (EfficientAD, teacher distillation)."""
 
   steps: int = 70_000
-  seed: int = 0
-  # Global batch: normal images per step (and as many penalty images); 1 as in the paper. It is split over
-  # the largest number of devices that divides it (train_step.data_parallel_devices).
-  batch_size: int = 1
-  teacher_checkpoint: str = ""  # orbax teacher from experiments.import_teacher; "" = random teacher
-  checkpoint_every: int = 5_000
-  max_to_keep: int = 2
   log_every: int = 100
+
+  def range_rules(self) -> list[Rule]:
+    return super().range_rules() + [("steps", self.steps >= 1, ">= 1"),
+                                    ("log_every", self.log_every >= 1, ">= 1")]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(ScheduleConfig):
+  """EfficientAD's training loop (docs/method.md §5-§6): global batch 1 as in the paper."""
+
+  teacher_checkpoint: str = ""  # orbax teacher from experiments.import_teacher; "" = random teacher
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+  """EfficientAD (method 'efficientad')."""
+
   model: ModelConfig = ModelConfig()
   loss: LossConfig = LossConfig()
   optim: OptimConfig = OptimConfig()
   maps: MapConfig = MapConfig()
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()
+
+  def range_rules(self) -> list[Rule]:
+    """The rules across sections (full field names)."""
+    return [("data.penalty_resize", self.data.penalty_resize >= self.model.image_size, ">= model.image_size")]
 
 
 def to_dict(cfg: Any) -> dict:
@@ -144,12 +252,12 @@ def from_dict(cls: type, d: dict) -> Any:
   return cls(**kwargs)
 
 
-def to_json(cfg: Config) -> str:
+def to_json(cfg: Any) -> str:
   return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
 
 
-def from_json(text: str) -> Config:
-  return from_dict(Config, json.loads(text))
+def from_json(text: str, cls: type = Config) -> Any:
+  return from_dict(cls, json.loads(text))
 
 
 def _parse(text: str, hint: Any, where: str) -> Any:
@@ -196,66 +304,18 @@ def _set(node: Any, keys: list[str], text: str, path: str) -> Any:
   return dataclasses.replace(node, **{keys[0]: value})
 
 
-# --- Range checks, before any work (README "When something goes wrong").
-
-MODEL_SIZES = ("small", "medium")
-DTYPES = ("float32", "bfloat16", "float16")
-CONV_IMPLS = ("auto", "xla", "im2col", "shifted", "mixed")  # models/conv.py IMPLS
-DATASETS = ("synthetic", "mvtec_ad", "mvtec_loco", "visa", "folder")  # data/api.py DATASETS
-
-
-def _rules(cfg: Config) -> list[tuple[str, bool, str]]:
-  """(field, holds, requirement) for every range rule of a `Config`."""
-  m, o, q, d, t = cfg.model, cfg.optim, cfg.maps, cfg.data, cfg.train
-  frac = lambda v: 0 < v < 1  # noqa: E731
-  unit = lambda v: 0 <= v <= 1  # noqa: E731
-  return [
-      ("model.size", m.size in MODEL_SIZES, f"one of {MODEL_SIZES}"),
-      ("model.teacher_channels", m.teacher_channels >= 1, ">= 1"),
-      ("model.image_size", m.image_size >= 40, ">= 40 (smaller inputs leave the PDN an empty map)"),
-      ("model.dtype", m.dtype in DTYPES, f"one of {DTYPES}"),
-      ("model.ae_dropout", 0 <= m.ae_dropout < 1, "in [0, 1)"),
-      ("model.conv_impl", m.conv_impl in CONV_IMPLS, f"one of {CONV_IMPLS}"),
-      ("loss.hard_quantile", unit(cfg.loss.hard_quantile), "in [0, 1]"),
-      ("optim.learning_rate", o.learning_rate > 0, "> 0"),
-      ("optim.weight_decay", o.weight_decay >= 0, ">= 0"),
-      ("optim.b1", 0 <= o.b1 < 1, "in [0, 1)"),
-      ("optim.b2", 0 <= o.b2 < 1, "in [0, 1)"),
-      ("optim.eps", o.eps > 0, "> 0"),
-      ("optim.decay_at_fraction", unit(o.decay_at_fraction), "in [0, 1]"),
-      ("optim.decay_factor", o.decay_factor > 0, "> 0"),
-      ("maps.q_start", unit(q.q_start), "in [0, 1]"),
-      ("maps.q_end", unit(q.q_end) and q.q_end > q.q_start, "in [0, 1] and > maps.q_start"),
-      ("maps.scale", q.scale > 0, "> 0"),
-      ("maps.pad", q.pad >= 0, ">= 0"),
-      ("maps.threshold_quantile", unit(q.threshold_quantile), "in [0, 1]"),
-      ("data.dataset", d.dataset in DATASETS, f"one of {DATASETS}"),
-      ("data.validation_fraction", frac(d.validation_fraction),
-       "in (0, 1): calibration needs held-out validation images"),
-      ("data.jitter_low", 0 <= d.jitter_low <= d.jitter_high, "in [0, data.jitter_high]"),
-      ("data.std", all(s > 0 for s in d.std) and len(d.std) == 3, "three values > 0"),
-      ("data.mean", len(d.mean) == 3, "three values"),
-      ("data.penalty_resize", d.penalty_resize >= m.image_size, ">= model.image_size"),
-      ("data.penalty_grayscale_prob", unit(d.penalty_grayscale_prob), "in [0, 1]"),
-      ("data.synthetic_size", d.synthetic_size >= 16, ">= 16"),
-      ("data.synthetic_train", d.synthetic_train >= 2, ">= 2 (training and validation images)"),
-      ("data.synthetic_layout", d.synthetic_layout in ("mvtec_ad", "mvtec_loco"), "mvtec_ad or mvtec_loco"),
-      ("data.synthetic_test", d.synthetic_test >= 1, ">= 1"),
-      ("data.synthetic_validation", d.synthetic_validation >= 1, ">= 1"),
-      ("data.source", d.source in ("files", "tfds"), "files or tfds"),
-      ("data.num_workers", d.num_workers >= 0, ">= 0"),
-      ("data.prefetch", d.prefetch >= 0, ">= 0"),
-      ("train.steps", t.steps >= 1, ">= 1"),
-      ("train.batch_size", t.batch_size >= 1, ">= 1"),
-      ("train.checkpoint_every", t.checkpoint_every >= 1, ">= 1"),
-      ("train.max_to_keep", t.max_to_keep >= 1, ">= 1"),
-      ("train.log_every", t.log_every >= 1, ">= 1"),
-  ]
+def rules(cfg: Any) -> list[Rule]:
+  """Every range rule of a sectioned config (`Config`, `AstConfig`, `DistillConfig`): each section's own,
+  named 'section.field', then the config's rules across sections. A shared section type brings the same
+  rules to every method."""
+  out = [(f"{f.name}.{name}", holds, requirement) for f in dataclasses.fields(cfg)
+         for name, holds, requirement in getattr(cfg, f.name).range_rules()]
+  return out + cfg.range_rules()
 
 
-def validate(cfg: Config) -> Config:
+def validate(cfg: Any) -> Any:
   """Returns `cfg` if every field is in range; else raises ConfigError naming the first bad field."""
-  for field, holds, requirement in _rules(cfg):
+  for field, holds, requirement in rules(cfg):
     if not holds:
       section, name = field.split(".")
       value = getattr(getattr(cfg, section), name)
@@ -290,89 +350,3 @@ def changed_fields(old: Any, new: Any) -> dict[str, tuple[Any, Any]]:
   """{'section.field': (old, new)} for the fields whose values differ."""
   a, b = flat_fields(old), flat_fields(new)
   return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
-
-
-@dataclasses.dataclass(frozen=True)
-class AstConfig:
-  """EfficientAD-AST (method 'efficientad_ast', package `efficientad_jax.ast`): EfficientNet-B5 features +
-  2-D positional encoding, a conditional normalizing-flow teacher, a residual conv student and a
-  feature-space autoencoder. Published: MVTec AD image/pixel AU-ROC 96.98 / 94.00, LOCO 73.3 / 73.5."""
-
-  data: DataConfig = DataConfig()
-  image_size: int = 768  # network input side; features are image_size / 32
-  dtype: str = "float32"  # compute dtype of the trained nets; maps and losses stay float32
-  # Backbone: torchvision EfficientNet (B5: width 1.6, depth 2.2, BN eps 1e-3) cut after features.<stages>.
-  backbone_weights: str = ""  # torchvision efficientnet_b5 state_dict .pth; "" = random weights (demo only)
-  backbone_width: float = 1.6
-  backbone_depth: float = 2.2
-  backbone_stages: int = 6  # features.0..6 -> 304 channels at stride 32
-  backbone_bn_eps: float = 1e-3
-  pos_channels: int = 32  # 2-D sinusoidal positional encoding: half for x, half for y
-  # Teacher: conditional affine-coupling flow.
-  flow_blocks: int = 4
-  flow_hidden: int = 1024
-  flow_kernel: int = 3
-  flow_clamp: float = 3.0  # log-scales soft-clamped to (-clamp, clamp)
-  flow_seed: int = 0  # the fixed channel permutations
-  flow_epochs: int = 240
-  # Student (2C outputs: [:C] predicts the teacher, [C:] the autoencoder) and autoencoder.
-  student_hidden: int = 1024
-  student_blocks: int = 4
-  student_kernel: int = 3
-  leaky_slope: float = 0.01  # PyTorch LeakyReLU default
-  bn_momentum: float = 0.9  # Flax convention (= PyTorch momentum 0.1)
-  bn_eps: float = 1e-5
-  ae_channels: int = 64
-  ae_dropout: float = 0.2
-  student_epochs: int = 100  # maximum; early stopping on validation-normal loss
-  patience_fraction: float = 0.1  # patience = max(1, int(fraction * student_epochs)) epochs
-  # Optimisation (both stages): Adam with coupled L2 weight decay, constant learning rate.
-  learning_rate: float = 2e-4
-  weight_decay: float = 1e-5
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
-  batch_size: int = 8  # global batch, divisible by the device count
-  # Maps: combined = st_weight * map_st + ae_weight * map_ae, no normalisation, no padding; score = max.
-  st_weight: float = 0.5
-  ae_weight: float = 0.5
-  threshold_quantile: float = 0.99  # decision threshold: this quantile of validation image scores
-  seed: int = 0
-  checkpoint_every: int = 10  # epochs
-  max_to_keep: int = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class DistillConfig:
-  """Teacher distillation on ImageNet (paper section 3.1; docs/method.md §8).
-
-  The student of this stage is the padded PDN at `image_size` (output image_size / 4); the target comes from
-  WideResNet layer2 / layer3 at `backbone_size`, so layer2's grid (backbone_size / 8) must equal it.
-  """
-
-  size: str = "small"  # PDN-S or PDN-M being distilled
-  channels: int = 384  # teacher output channels = target channels
-  imagenet: str = ""  # image folder (searched recursively) or "tfds:imagenet2012"
-  tfds_data_dir: str = ""
-  backbone_weights: str = ""  # torchvision wide_resnet101_2 state_dict .pth
-  backbone_blocks: tuple[int, int, int] = (3, 4, 23)  # bottlenecks in layer1..3 (tests shrink these)
-  backbone_planes: tuple[int, int, int] = (64, 128, 256)
-  backbone_width: int = 2  # "wide": bottleneck width = planes * 2
-  backbone_stem: int = 64
-  layer_dim: int = 1024  # each layer's unfolded 3x3 patch vector is pooled to this
-  image_size: int = 256  # student input
-  backbone_size: int = 512  # backbone input (the same image)
-  grayscale_prob: float = 0.1  # RandomGrayscale before both networks
-  mean: tuple[float, float, float] = IMAGENET_MEAN
-  std: tuple[float, float, float] = IMAGENET_STD
-  steps: int = 60_000
-  batch_size: int = 16  # global batch, sharded over all devices
-  learning_rate: float = 1e-4  # Adam, no schedule
-  weight_decay: float = 1e-5  # coupled L2 (PyTorch Adam(weight_decay=))
-  num_stat_images: int = 10_000  # target channel statistics (rounded down to whole batches)
-  seed: int = 0
-  checkpoint_every: int = 5_000
-  max_to_keep: int = 2
-  log_every: int = 100
-  num_workers: int = 0  # grain worker processes
-  prefetch: int = 2

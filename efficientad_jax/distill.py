@@ -1,15 +1,15 @@
 """Teacher distillation (docs/method.md §8, paper section 3.1): the WideResNet target, the pure step, the run.
 
-Target for an image at backbone_size (512): WideResNet-101-2 layer2 F2 [64, 64, 512] and layer3 F3
+Target for an image at backbone.image_size (512): WideResNet-101-2 layer2 F2 [64, 64, 512] and layer3 F3
 [32, 32, 1024]. Per layer, every pixel's 3x3 neighbourhood is unfolded (stride 1, zero pad 1, channel-major
 like `torch.nn.functional.unfold`: index c * 9 + 3 * dy + dx) and the 9C vector adaptively average-pooled to
-`layer_dim` (1024); layer3's grid is resized bilinearly (half-pixel, no antialias) to layer2's; the two
+`target.layer_dim` (1024); layer3's grid is resized bilinearly (half-pixel, no antialias) to layer2's; the two
 vectors are stacked [layer2 | layer3] (2048) and pooled to `channels` (384) -> target [64, 64, 384]
 (PatchCore's aggregation). Pooling after unfolding is linear per pixel, so it is computed as a fixed 3x3 conv
 (or a 3x3 mean when bins cover whole channels) and never materialises the 9C vectors; resizing commutes with
 it (one acts on pixels, the other on channels).
 
-The student (padded PDN, image_size -> image_size / 4 = 64) regresses the per-channel normalised target with
+The student (padded PDN, model.image_size -> image_size / 4 = 64) regresses the per-channel normalised target with
 MSE; only the student is differentiated, the backbone is a frozen argument loaded from the `.pth`, never
 checkpointed. `distill(cfg, workdir)` runs it resumably and writes RUN/teacher for `weights.load_teacher`.
 """
@@ -25,15 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 from jax.experimental import multihost_utils
 
-from efficientad_jax import backend, checkpoint, distill_data, normalization, train_step, trainer, weights
-from efficientad_jax.config import DistillConfig, OptimConfig
+from efficientad_jax import distill_data, engine, normalization, optim, parallel, weights
+from efficientad_jax.distill_config import DistillConfig
 from efficientad_jax.losses import mse
 from efficientad_jax.models import PDN, pdn_output_size, resize, wide_resnet
 from efficientad_jax.normalization import TeacherStats
-from efficientad_jax.train_step import TrainState
+from efficientad_jax.optim import TrainState
 
 log = logging.getLogger("efficientad_jax")
 _HIGHEST = jax.lax.Precision.HIGHEST  # the pooling is an average: keep it exact, not TF32
@@ -84,22 +83,17 @@ def target_features(backbone: wide_resnet.WideResNet, cfg: DistillConfig, variab
                     images: jnp.ndarray) -> jnp.ndarray:
   """Backbone images [B, 2S, 2S, 3] -> raw (unnormalised) target [B, S/4, S/4, channels]."""
   layer2, layer3 = backbone.apply(variables, images)
-  return aggregate(layer2, layer3, cfg.layer_dim, cfg.channels)
+  return aggregate(layer2, layer3, cfg.target.layer_dim, cfg.model.channels)
 
 
 def check_sizes(cfg: DistillConfig) -> None:
-  """The student's padded-PDN grid must equal layer2's grid (backbone_size / 8)."""
-  student = pdn_output_size((cfg.image_size,), cfg.size, padded=True)[0]
-  if cfg.backbone_size % 16 or student != cfg.backbone_size // 8:
-    raise ValueError(f"padded PDN-{cfg.size} on {cfg.image_size}^2 gives {student}^2, but layer2 of the "
-                     f"{cfg.backbone_size}^2 backbone input is {cfg.backbone_size / 8:g}^2 (and backbone_size "
-                     "must be a multiple of 16): use backbone_size = 2 * image_size")
-
-
-def make_optimizer(cfg: DistillConfig) -> optax.GradientTransformation:
-  """Adam with coupled L2 decay and no schedule: the training optimizer with the decay factor 1."""
-  optim = OptimConfig(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, decay_factor=1.0)
-  return train_step.make_optimizer(optim, cfg.steps)
+  """The student's padded-PDN grid must equal layer2's grid (backbone.image_size / 8)."""
+  m, size = cfg.model, cfg.backbone.image_size
+  student = pdn_output_size((m.image_size,), m.size, padded=True)[0]
+  if size % 16 or student != size // 8:
+    raise ValueError(f"padded PDN-{m.size} on {m.image_size}^2 gives {student}^2, but layer2 of the {size}^2 "
+                     f"backbone input is {size / 8:g}^2 (and backbone.image_size must be a multiple of 16): use "
+                     "backbone.image_size = 2 * model.image_size")
 
 
 def distill_step(student: PDN, backbone: wide_resnet.WideResNet, cfg: DistillConfig,
@@ -111,14 +105,7 @@ def distill_step(student: PDN, backbone: wide_resnet.WideResNet, cfg: DistillCon
   target = jax.lax.stop_gradient(target)
   loss_fn = lambda p: mse(student.apply({"params": p}, batch["image"]).astype(jnp.float32), target)
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), {"loss": loss}
-
-
-def _shardings(mesh: jax.sharding.Mesh):
-  spec = jax.sharding.PartitionSpec
-  return jax.sharding.NamedSharding(mesh, spec()), jax.sharding.NamedSharding(mesh, spec("data"))
+  return state.apply_gradients(grads, tx), {"loss": loss}
 
 
 def compile_distill_step(student: PDN, backbone: wide_resnet.WideResNet, cfg: DistillConfig,
@@ -127,10 +114,8 @@ def compile_distill_step(student: PDN, backbone: wide_resnet.WideResNet, cfg: Di
 
   Returns fn(state, backbone_vars, stats, batch) -> (state, {'loss'}).
   """
-  replicated, sharded = _shardings(mesh)
-  return backend.jit(functools.partial(distill_step, student, backbone, cfg, tx),
-                     in_shardings=(replicated, replicated, replicated, sharded),
-                     out_shardings=(replicated, replicated), donate_argnums=0)
+  return parallel.compile_step(functools.partial(distill_step, student, backbone, cfg, tx), mesh, "rrrd", "rr",
+                               donate=(0,))
 
 
 def fit_target_stats(backbone: wide_resnet.WideResNet, cfg: DistillConfig, backbone_vars: dict,
@@ -140,12 +125,10 @@ def fit_target_stats(backbone: wide_resnet.WideResNet, cfg: DistillConfig, backb
 
   batches: callable returning a fresh iterable of this process's {'backbone': ...} batches (called twice).
   """
-  replicated, sharded = _shardings(mesh)
-  fn = backend.jit(functools.partial(target_features, backbone, cfg), in_shardings=(replicated, sharded),
-                   out_shardings=sharded)
+  fn = parallel.compile_step(functools.partial(target_features, backbone, cfg), mesh, "rd", "d")
 
   def features(batch):
-    images = train_step.shard_batch({"backbone": batch["backbone"]}, mesh)["backbone"]
+    images = parallel.shard_batch({"backbone": batch["backbone"]}, mesh)["backbone"]
     return np.asarray(multihost_utils.process_allgather(fn(backbone_vars, images), tiled=True))
 
   stats = normalization.fit_teacher_stats(features, batches)
@@ -162,71 +145,52 @@ def fit_target_stats(backbone: wide_resnet.WideResNet, cfg: DistillConfig, backb
 def distill(cfg: DistillConfig, workdir: str | pathlib.Path, *, progress: bool = True
             ) -> tuple[pathlib.Path, list[tuple[int, float]]]:
   """Distils the teacher, resuming from RUN/checkpoints; returns (RUN/teacher, [(step, loss)] logged here)."""
-  workdir = pathlib.Path(workdir).absolute()
   check_sizes(cfg)
-  trainer.write_config(workdir, cfg)  # a restart with other settings is refused
+  saved_cfg, cfg, workdir = engine.prepare_run(cfg, workdir)
 
   # --- Networks, frozen backbone, data, mesh.
-  student = PDN(cfg.size, cfg.channels, padded=True)
-  backbone = wide_resnet.from_config(cfg)
-  mesh = train_step.data_mesh()
-  local_batch = distill_data.local_batch_size(cfg.batch_size, jax.process_count(), jax.device_count())
-  source = distill_data.image_source(cfg.imagenet, cfg.tfds_data_dir)
+  student = PDN(cfg.model.size, cfg.model.channels, padded=True)
+  backbone = wide_resnet.from_config(cfg.backbone)
+  mesh = parallel.data_mesh()
+  local_batch = distill_data.local_batch_size(cfg.train.batch_size, jax.process_count(), jax.device_count())
+  source = distill_data.image_source(cfg.data.imagenet, cfg.data.tfds_data_dir)
+  backbone_vars = parallel.replicate(wide_resnet.load_backbone(cfg.backbone.weights, backbone), mesh)
+  engine.write_config(workdir, saved_cfg)  # a restart with other settings is refused
   it = iter(distill_data.train_dataset(source, cfg, local_batch, jax.process_index(), jax.process_count()))
-  tx = make_optimizer(cfg)
+  tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
   step_fn = compile_distill_step(student, backbone, cfg, tx, mesh)
+  x = jnp.zeros((1, cfg.model.image_size, cfg.model.image_size, 3))
+  init = lambda key: TrainState.create(student.init(key, x)["params"], tx)  # noqa: E731
+  key = jax.random.key(cfg.train.seed)
 
-  # --- Fresh start (statistics first) or resume from the last complete checkpoint.
-  ckpts = checkpoint.TrainCheckpoints(workdir / "checkpoints", cfg.max_to_keep)
-  x = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
-  params = student.init(jax.random.key(cfg.seed), x)["params"]
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-  stats = TeacherStats(jnp.zeros(cfg.channels), jnp.ones(cfg.channels))
-  backbone_vars = wide_resnet.load_backbone(cfg.backbone_weights, backbone)
-  state, stats, backbone_vars = train_step.replicate((state, stats, backbone_vars), mesh)
-  start = ckpts.latest_step()
-  if start is not None:
-    state, stats, data_state = ckpts.restore(start, state, stats)
-    it.set_state(data_state)
-    log.info("resumed from %s at step %d", workdir / "checkpoints", start)
-  else:
+  # --- The steps on the engine; the frozen part is the target statistics (the backbone is loaded, never
+  # checkpointed), fitted on a fresh start.
+  def fresh():
     stats_ds = distill_data.stats_dataset(source, cfg, local_batch, jax.process_index(), jax.process_count())
     log.info("fitting target statistics on %d images", len(stats_ds) * local_batch * jax.process_count())
     stats = fit_target_stats(backbone, cfg, backbone_vars, lambda: iter(stats_ds), mesh)
-    stats = train_step.replicate(stats, mesh)
-    start = 0
+    return parallel.new_state(init, key, mesh), parallel.replicate(stats, mesh)
 
-  # --- The training loop (same structure as trainer.train).
-  history = []
-  writer = trainer.log_writer(workdir) if jax.process_index() == 0 else None
-  bar = tqdm.tqdm(total=cfg.steps, initial=start, disable=not progress or jax.process_index() != 0,
-                  unit="step", dynamic_ncols=True)
-  try:
-    for step in range(start, cfg.steps):
-      state, losses = step_fn(state, backbone_vars, stats, train_step.shard_batch(next(it), mesh))
-      done = step + 1
-      if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == cfg.steps:
-        values = {k: float(v) for k, v in losses.items()}
-        trainer.check_finite(values, done)  # before saving: keep the last good checkpoint
-        history.append((done, values["loss"]))
-        bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()}, refresh=False)
-        if writer is not None:
-          writer.add_scalar("distill/loss", values["loss"], done)
-      if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-        ckpts.save(done, state, stats, it.get_state())
-      bar.update(1)
-  finally:  # also on divergence or Ctrl-C: the last good checkpoint's async save must complete
-    bar.close()
-    ckpts.wait()
-    ckpts.close()
+  def template():
+    stats = TeacherStats(*[jax.ShapeDtypeStruct((cfg.model.channels,), jnp.float32)] * 2)
+    return parallel.state_template(init, key, mesh), parallel.as_template(stats, mesh)
+
+  def advance(state, stats, step):
+    return step_fn(state, backbone_vars, stats, parallel.shard_batch(next(it), mesh))
+
+  t = cfg.train
+  stage = engine.Stage("", t.steps, t.log_every, t.checkpoint_every, t.max_to_keep)
+  writer = engine.log_writer(workdir)
+  hooks = engine.Hooks(fresh=fresh, template=template, progress=it.get_state, resume=it.set_state)
+  state, _, history = engine.run_stage(stage, workdir, advance, hooks, writer=writer, show_progress=progress)
   if writer is not None:
     writer.close()
 
   # --- The teacher: same names and shapes in the unpadded PDN that training uses.
   path = workdir / "teacher"
-  source_text = (f"distilled from {cfg.backbone_weights} on {cfg.imagenet}, {cfg.steps} steps of "
-                 f"{cfg.batch_size} (efficientad_jax.distill)")
+  source_text = (f"distilled from {cfg.backbone.weights} on {cfg.data.imagenet}, {cfg.train.steps} steps of "
+                 f"{cfg.train.batch_size} (efficientad_jax.distill)")
   host_params = jax.tree_util.tree_map(np.asarray, state.params)  # replicated: every process holds it all
-  weights.save_teacher(path, host_params, cfg.size, source_text, layout="distilled", force=True)
-  log.info("saved the distilled PDN-%s teacher to %s", cfg.size, path)
-  return path, history
+  weights.save_teacher(path, host_params, cfg.model.size, source_text, layout="distilled", force=True)
+  log.info("saved the distilled PDN-%s teacher to %s", cfg.model.size, path)
+  return path, [(step, values["loss"]) for step, values in history]

@@ -1,9 +1,9 @@
 """grain pipelines of teacher distillation (paper §3.1; docs/method.md §8): ImageNet images at two sizes.
 
-One element is one ImageNet image, turned to grayscale with probability `grayscale_prob` (seeded by the
+One element is one ImageNet image, turned to grayscale with probability `data.grayscale_prob` (seeded by the
 pipeline seed and the element's index, like every transform in `data.pipeline`), then resized twice:
-'image' [S, S, 3] for the student (S = image_size) and 'backbone' [2S, 2S, 3] for the WideResNet target
-(backbone_size), both ImageNet-normalised float32. The grayscale decision is shared, so both networks see the
+'image' [S, S, 3] for the student (S = model.image_size) and 'backbone' [2S, 2S, 3] for the WideResNet target
+(backbone.image_size), both ImageNet-normalised float32. The grayscale decision is shared, so both networks see the
 same image.
 """
 
@@ -17,7 +17,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from efficientad_jax.config import DistillConfig
+from efficientad_jax.distill_config import DistillConfig
 from efficientad_jax.data import preprocess
 from efficientad_jax.data.pipeline import mark_flags_parsed, penalty_source, sub_seed
 from efficientad_jax.data.records import DataError
@@ -45,22 +45,24 @@ def distill_element(record: Any, rng: np.random.Generator, *, image_size: int, b
 
 
 def _element_fn(cfg: DistillConfig):
-  return functools.partial(distill_element, image_size=cfg.image_size, backbone_size=cfg.backbone_size,
-                           gray_prob=cfg.grayscale_prob, mean=cfg.mean, std=cfg.std)
+  return functools.partial(distill_element, image_size=cfg.model.image_size,
+                           backbone_size=cfg.backbone.image_size, gray_prob=cfg.data.grayscale_prob,
+                           mean=cfg.data.mean, std=cfg.data.std)
 
 
 def local_batch_size(global_batch: int, process_count: int, device_count: int) -> int:
   """This process's share of the global batch; the batch must split evenly over processes and devices."""
   if global_batch % device_count or global_batch % process_count:
-    raise ValueError(f"distill.batch_size {global_batch} must be a multiple of the device count {device_count}")
+    raise ValueError(f"train.batch_size {global_batch} must be a multiple of the device count {device_count}")
   return global_batch // process_count
 
 
 def _iterate(ds: grain.MapDataset, cfg: DistillConfig) -> grain.IterDataset:
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, cfg.prefetch), prefetch_buffer_size=cfg.prefetch))
-  if cfg.num_workers > 0:
+  d = cfg.data
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, d.prefetch), prefetch_buffer_size=d.prefetch))
+  if d.num_workers > 0:
     mark_flags_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
   return it
 
 
@@ -73,8 +75,8 @@ def train_dataset(source: Sequence[Any], cfg: DistillConfig, local_batch: int, p
   """
   if not len(source):
     raise DataError("the ImageNet source is empty")
-  ds = grain.MapDataset.source(source).shuffle(sub_seed(cfg.seed, "distill_shuffle")).repeat()
-  ds = ds.random_map(_element_fn(cfg), seed=sub_seed(cfg.seed, "distill_grayscale"))
+  ds = grain.MapDataset.source(source).shuffle(sub_seed(cfg.train.seed, "distill_shuffle")).repeat()
+  ds = ds.random_map(_element_fn(cfg), seed=sub_seed(cfg.train.seed, "distill_grayscale"))
   return _iterate(ds[process_index::process_count].batch(local_batch, drop_remainder=True), cfg)
 
 
@@ -83,10 +85,10 @@ def stats_dataset(source: Sequence[Any], cfg: DistillConfig, local_batch: int, p
   """A seeded sample of `num_stat_images` images (rounded down to whole global batches) for the target
   statistics, with the training transform (so the statistics describe what the student regresses)."""
   global_batch = local_batch * process_count
-  n = min(cfg.num_stat_images, len(source)) // global_batch * global_batch
+  n = min(cfg.target.num_stat_images, len(source)) // global_batch * global_batch
   if n == 0:
     raise DataError(f"target statistics need at least one batch of {global_batch} images "
-                    f"(num_stat_images {cfg.num_stat_images}, source has {len(source)})")
-  ds = grain.MapDataset.source(source).shuffle(sub_seed(cfg.seed, "distill_stats"))[:n]
-  ds = ds.random_map(_element_fn(cfg), seed=sub_seed(cfg.seed, "distill_stats_grayscale"))
+                    f"(target.num_stat_images {cfg.target.num_stat_images}, source has {len(source)})")
+  ds = grain.MapDataset.source(source).shuffle(sub_seed(cfg.train.seed, "distill_stats"))[:n]
+  ds = ds.random_map(_element_fn(cfg), seed=sub_seed(cfg.train.seed, "distill_stats_grayscale"))
   return ds[process_index::process_count].batch(local_batch, drop_remainder=True)

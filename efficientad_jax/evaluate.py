@@ -1,7 +1,7 @@
 """Evaluation of a trained run on its test set (impure orchestration; docs/method.md §7 and §9).
 
-`evaluate(RUN)` reads top to bottom: load RUN/model -> test records -> the one jitted predict in
-fixed-size batches grouped by original image size -> full-resolution maps -> metrics. It writes to
+`evaluate(RUN)` reads top to bottom: load RUN/model (any method, `saved_model.load`) -> test records -> the
+model's jitted predict in fixed-size batches grouped by original image size -> full-resolution maps -> metrics. It writes to
 RUN/eval/:
 
   metrics.json                      everything `evaluate` returns
@@ -23,18 +23,16 @@ import json
 import logging
 import pathlib
 import shutil
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
-import grain
 import numpy as np
 import tifffile
 import tqdm
 
 from efficientad_jax import metrics as metrics_lib
-from efficientad_jax import predict
+from efficientad_jax import saved_model
 from efficientad_jax import visualize
-from efficientad_jax.config import Config
-from efficientad_jax.data import make_datasets
+from efficientad_jax.data import make_datasets, pipeline
 
 log = logging.getLogger("efficientad_jax")
 
@@ -44,43 +42,7 @@ EVAL_BATCH = 8  # images per predict call; every original size compiles once at 
 # --- Prediction over the test records.
 
 
-def size_batches(records: Iterable[tuple[int, dict]], batch_size: int
-                 ) -> Iterator[tuple[tuple[int, int], list[int], np.ndarray]]:
-  """Groups (index, record) by original size into batches of exactly `batch_size` images.
-
-  A size's last batch is padded by repeating its last image, so each original size has one batch
-  shape and the predict function compiles once per size (the output size is a static argument).
-
-  Yields:
-    ((H, W), indices of the real images, images [batch_size, S, S, 3] float32).
-  """
-  buckets: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
-
-  def stack(bucket):
-    images = [image for _, image in bucket]
-    images += [images[-1]] * (batch_size - len(images))
-    return [i for i, _ in bucket], np.stack(images)
-
-  for index, record in records:
-    size = tuple(int(v) for v in record["orig_size"])
-    bucket = buckets.setdefault(size, [])
-    bucket.append((index, record["image"]))
-    if len(bucket) == batch_size:
-      yield (size, *stack(bucket))
-      buckets[size] = []
-  for size, bucket in buckets.items():
-    if bucket:
-      yield (size, *stack(bucket))
-
-
-def _ordered(records: Any) -> Iterator[dict]:
-  """Records in order; a grain MapDataset is decoded by a few threads ahead of the device."""
-  if isinstance(records, grain.MapDataset):
-    return iter(records.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=16)))
-  return iter(records)
-
-
-def predict_records(model: predict.LoadedModel, records: Sequence[dict], batch_size: int = EVAL_BATCH,
+def predict_records(model: saved_model.LoadedModel, records: Sequence[dict], batch_size: int = EVAL_BATCH,
                     keep_images: Iterable[int] = (), progress: bool = True
                     ) -> tuple[list[dict], list[np.ndarray], np.ndarray, dict[int, np.ndarray]]:
   """Runs the one predict path over eval records (`data.pipeline.eval_element` format).
@@ -93,14 +55,14 @@ def predict_records(model: predict.LoadedModel, records: Sequence[dict], batch_s
   infos, maps, scores, kept = [None] * n, [None] * n, np.zeros(n, np.float32), {}
 
   def indexed():
-    for i, record in enumerate(_ordered(records)):
+    for i, record in enumerate(pipeline.ordered(records)):
       infos[i] = {k: v for k, v in record.items() if k != "image"}  # masks stay, images go
       if i in keep:
         kept[i] = record["image"]
       yield i, record
 
   with tqdm.tqdm(total=n, desc="evaluate", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-    for size, indices, images in size_batches(indexed(), batch_size):
+    for size, indices, images in pipeline.size_batches(indexed(), batch_size):
       out = model.predict_fn(model.detector, images, out_size=size)
       batch_maps, batch_scores = np.asarray(out["anomaly_map"]), np.asarray(out["score"])
       for j, i in enumerate(indices):
@@ -189,7 +151,7 @@ def overlay_indices(n: int, k: int) -> list[int]:
 
 
 def write_pictures(out: pathlib.Path, m: dict, records: Sequence[dict], maps: Sequence[np.ndarray],
-                   scores: np.ndarray, inputs: dict[int, np.ndarray], cfg: Config) -> None:
+                   scores: np.ndarray, inputs: dict[int, np.ndarray], cfg: Any) -> None:
   """Overlays of the kept images and the image-level ROC / PR curves."""
   vmax = 2.0 * m["decision"]["saved_threshold"]
   for i, x in inputs.items():
@@ -221,14 +183,15 @@ def _jsonable(tree: Any) -> Any:
 # --- The evaluation.
 
 
-def evaluate(workdir: str | pathlib.Path, *, cfg: Config | None = None, out_dir: str | pathlib.Path | None = None,
+def evaluate(workdir: str | pathlib.Path, *, cfg: Any = None, out_dir: str | pathlib.Path | None = None,
              max_overlays: int = 8, batch_size: int = EVAL_BATCH, progress: bool = True) -> dict:
   """Evaluates RUN/model on the test set of its dataset and writes RUN/eval (module doc).
 
   Args:
     workdir: the run directory (holding model/) or a model folder.
-    cfg: dataset to evaluate on: its `data` section and `train.seed` are used (e.g. another root);
-      default: the config saved in the model. Networks and map settings always come from the model.
+    cfg: dataset to evaluate on, a config of the model's method: its `data` section and seed are used (e.g.
+      another root); default: the config saved in the model. Networks and map settings always come from
+      the model.
     out_dir: default RUN/eval.
     max_overlays: number of overlay pictures.
     batch_size: images per predict call.
@@ -237,12 +200,12 @@ def evaluate(workdir: str | pathlib.Path, *, cfg: Config | None = None, out_dir:
      'metrics': `mvtec_ad_metrics` or `mvtec_loco_metrics` result, 'decision': `decision_metrics`}.
   """
   workdir = pathlib.Path(workdir).absolute()
-  model = predict.load(workdir)
-  from efficientad_jax.trainer import resolve_paths  # pylint: disable=g-import-not-at-top
-  cfg = resolve_paths(cfg or model.cfg, predict.model_dir(workdir).parent)  # synthetic data: RUN/data
-  out = pathlib.Path(out_dir) if out_dir is not None else predict.model_dir(workdir).parent / "eval"
-  seed = cfg.train.seed if hasattr(cfg, "train") else cfg.seed  # AstConfig keeps its seed at the top
-  ds = make_datasets(cfg.data, image_size=model.image_size, seed=seed)
+  model = saved_model.load(workdir)
+  folder = saved_model.model_dir(workdir)
+  from efficientad_jax.engine import resolve_paths  # pylint: disable=g-import-not-at-top
+  cfg = resolve_paths(cfg or model.cfg, folder.parent)  # synthetic data: RUN/data
+  out = pathlib.Path(out_dir) if out_dir is not None else folder.parent / "eval"
+  ds = make_datasets(cfg.data, image_size=model.image_size, seed=model.method.inputs(cfg).seed)
   category = ds.info["category"] or "default"
 
   # --- Maps of every test image, at the original resolution.
@@ -251,7 +214,7 @@ def evaluate(workdir: str | pathlib.Path, *, cfg: Config | None = None, out_dir:
 
   # --- Metrics.
   m = {"dataset": ds.info["dataset"], "category": category,
-       "model": {"path": str(predict.model_dir(workdir)), "size": model.meta.get("model_size"),
+       "model": {"path": str(folder), "size": model.meta.get("model_size"),
                  "image_size": model.image_size, "teacher": model.meta.get("teacher"),
                  "steps": model.meta.get("steps")},
        **compute_metrics(maps, records, scores, model.threshold)}

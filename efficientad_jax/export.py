@@ -4,18 +4,19 @@
   m = load_exported("model.eadx")                                # needs jax + numpy only, no flax
   out = m(images)    # images [B, S, S, 3] float32, ImageNet-normalised, any B
 
-The file holds `inference.predict` (the one inference path) lowered to StableHLO with a SYMBOLIC batch
-size, and the detector's arrays (network params, teacher statistics, map quantiles) as its arguments, so
-the model is not duplicated into the program's constants. It is a NumPy .npz archive:
+The file holds the saved model's predict function, of either method (`saved_model.Method.predict`;
+for EfficientAD `inference.predict`, the one inference path), lowered to StableHLO with a SYMBOLIC batch
+size, and the detector's arrays (network params; for EfficientAD also teacher statistics and map quantiles)
+as its arguments, so the model is not duplicated into the program's constants. It is a NumPy .npz archive:
   'exported'        uint8 bytes of `jax.export.Exported.serialize()`
-  'meta'            uint8 bytes of JSON: format, image_size, threshold, model_size, mean, std, outputs, ...
+  'meta'            uint8 bytes of JSON: format, method, image_size, threshold, model_size, mean, std, ...
   'param_00000'...  the detector's leaves, in the order the exported function takes them
 
-Outputs: the dict of `inference.predict` ('map_st', 'map_ae', 'map_combined' [B, h, w]; 'anomaly_map'
-[B, S, S]; 'score' [B]). The output size is FIXED at the model's image size S (the original image size is
-a static shape, unknown when exporting): the map of an H x W image is `anomaly_map` resized to H x W, and
-its score is max(anomaly_map). That differs slightly from the in-process path, which resizes the padded
-map straight to H x W; for H = W = S both are identical. Preprocessing (decode, bilinear resize to S x S,
+Outputs: the dict every method's predict returns ('map_st', 'map_ae', 'map_combined' [B, h, w];
+'anomaly_map' [B, S, S]; 'score' [B]). The output size is FIXED at the model's image size S (the original
+image size is a static shape, unknown when exporting): the map of an H x W image is `anomaly_map` resized
+to H x W, and its score is max(anomaly_map). That differs slightly from the in-process path, which resizes
+the (EfficientAD: padded) map straight to H x W; for H = W = S both are identical. Preprocessing (decode, bilinear resize to S x S,
 normalise with meta['mean'], meta['std']) is the caller's: `predict.prepare` does it in this library.
 
 This module imports no flax at module level: `load_exported` runs in a process without it.
@@ -45,15 +46,14 @@ def _bytes(data: bytes) -> np.ndarray:
 
 def export_predict(model: Any, platforms: Sequence[str] = DEFAULT_PLATFORMS
                    ) -> tuple[jax.export.Exported, list[np.ndarray]]:
-  """Exports `inference.predict` of a loaded model (`predict.LoadedModel`).
+  """Exports the predict function of a loaded model of any method.
 
   Args:
-    model: the loaded model.
+    model: the loaded model (`saved_model.LoadedModel`).
     platforms: lowering targets (`jax.export` names: "cpu", "cuda", "rocm", "tpu").
   Returns:
     (exported fn(leaves, images [b, S, S, 3] float32) -> outputs dict, the detector leaves as NumPy).
   """
-  from efficientad_jax import inference  # pylint: disable=g-import-not-at-top  (flax: exporting only)
   leaves, treedef = jax.tree_util.tree_flatten(model.detector)
   s = model.image_size
 
@@ -61,7 +61,7 @@ def export_predict(model: Any, platforms: Sequence[str] = DEFAULT_PLATFORMS
     # The detector is rebuilt inside the trace: the exported signature is a plain list of arrays,
     # so deserialising needs none of our pytree classes (nor flax).
     detector = jax.tree_util.tree_unflatten(treedef, flat)
-    return inference.predict(model.nets, model.cfg.maps, detector, images, (s, s))
+    return model.predict(detector, images, (s, s))
 
   specs = [jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype) for leaf in leaves]
   images = jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"b, {s}, {s}, 3"), np.float32)
@@ -72,14 +72,15 @@ def export_predict(model: Any, platforms: Sequence[str] = DEFAULT_PLATFORMS
 def export_model(model_path: str | pathlib.Path, out: str | pathlib.Path,
                  platforms: Sequence[str] = DEFAULT_PLATFORMS) -> pathlib.Path:
   """Loads RUN (or RUN/model), exports its predict function and writes the file `out` (module doc)."""
-  from efficientad_jax import predict  # pylint: disable=g-import-not-at-top
-  model = predict.load(model_path)
+  from efficientad_jax import saved_model  # pylint: disable=g-import-not-at-top  (orbax: exporting only)
+  model = saved_model.load(model_path)
   exported, leaves = export_predict(model, platforms)
-  meta = {"format": FORMAT, "image_size": model.image_size, "threshold": model.threshold,
-          "model_size": model.meta.get("model_size"), "mean": list(model.cfg.data.mean),
-          "std": list(model.cfg.data.std), "outputs": list(OUTPUTS), "platforms": list(exported.platforms),
-          "input": "float32 [b, S, S, 3], ImageNet-normalised", "output_size": [model.image_size] * 2,
-          "decision": "anomalous if score > threshold", "source": str(predict.model_dir(model_path))}
+  meta = {"format": FORMAT, "method": model.method.name, "image_size": model.image_size,
+          "threshold": model.threshold, "model_size": model.meta.get("model_size"),
+          "mean": list(model.inputs.mean), "std": list(model.inputs.std), "outputs": list(OUTPUTS),
+          "platforms": list(exported.platforms), "input": "float32 [b, S, S, 3], ImageNet-normalised",
+          "output_size": [model.image_size] * 2, "decision": "anomalous if score > threshold",
+          "source": str(saved_model.model_dir(model_path))}
   arrays = {"exported": _bytes(exported.serialize()), "meta": _bytes(json.dumps(meta).encode())}
   arrays.update({f"param_{i:05d}": leaf for i, leaf in enumerate(leaves)})
   out = pathlib.Path(out)
@@ -110,7 +111,7 @@ class ExportedModel:
     return float(self.meta["threshold"])
 
   def __call__(self, images: np.ndarray | jax.Array) -> dict[str, jax.Array]:
-    """images [B, S, S, 3] float32, normalised -> the outputs dict of `inference.predict` (module doc)."""
+    """images [B, S, S, 3] float32, normalised -> the outputs dict of the model's predict (module doc)."""
     s = self.image_size
     if images.ndim != 4 or tuple(images.shape[1:]) != (s, s, 3):
       raise ValueError(f"expected images of shape [B, {s}, {s}, 3], got {tuple(images.shape)}")

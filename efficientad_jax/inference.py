@@ -1,7 +1,8 @@
 """The ONE inference path (paper section 3.4, docs/method.md §7): images -> maps -> anomaly maps and scores.
 
 Calibration (`raw_maps`), evaluation, the predict CLI, export and the benchmark all go through `predict`
-(calibration through its first half, `raw_maps`, since quantiles do not exist yet at that point).
+(calibration through its first half, `raw_maps`, since quantiles do not exist yet at that point). The
+saved model of method 'efficientad' reaches it through `SAVED_MODEL` (efficientad_jax/saved_model.py).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Callable, Sequence
 import flax.struct
 import jax.numpy as jnp
 
-from efficientad_jax import backend
-from efficientad_jax.config import MapConfig
+from efficientad_jax import backend, models, saved_model
+from efficientad_jax import config as config_lib
+from efficientad_jax.config import Config, MapConfig, ModelConfig
 from efficientad_jax.models import Models, resize
 from efficientad_jax.normalization import MapQuantiles, TeacherStats, normalize_map, normalize_teacher
 
@@ -81,3 +83,40 @@ def make_predict_fn(nets: Models, cfg: MapConfig) -> Callable[..., dict[str, jnp
 def make_raw_maps_fn(nets: Models) -> Callable[..., tuple[jnp.ndarray, jnp.ndarray]]:
   """The jitted first half of `predict`, for calibration: fn(params, stats, images)."""
   return backend.jit(functools.partial(raw_maps, nets))
+
+
+# --- The saved model (method 'efficientad').
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_predict(model_cfg: ModelConfig, map_cfg: MapConfig) -> tuple[Models, Callable]:
+  """(nets, jitted predict) per config pair: models loaded twice in one process share compilations."""
+  nets = models.build(model_cfg)
+  return nets, make_predict_fn(nets, map_cfg)
+
+
+def _predict_pair(cfg: Config) -> tuple[Callable[..., dict], Callable[..., dict]]:
+  nets, jitted = compiled_predict(cfg.model, cfg.maps)
+  return functools.partial(predict, nets, cfg.maps), jitted
+
+
+def _inputs(cfg: Config) -> saved_model.Inputs:
+  return saved_model.Inputs(image_size=cfg.model.image_size, mean=cfg.data.mean, std=cfg.data.std,
+                            dtype=cfg.model.dtype, seed=cfg.train.seed)
+
+
+def _to_arrays(detector: Detector) -> dict:
+  """The on-disk tree: {'params', 'teacher_stats': {'mean', 'std'}, 'quantiles': {'st_start', ...}}."""
+  return {"params": detector.params,
+          "teacher_stats": {"mean": detector.teacher_stats.mean, "std": detector.teacher_stats.std},
+          "quantiles": {k: getattr(detector.quantiles, k) for k in ("st_start", "st_end", "ae_start", "ae_end")}}
+
+
+def _from_arrays(tree: dict) -> Detector:
+  return Detector(params=tree["params"], teacher_stats=TeacherStats(**tree["teacher_stats"]),
+                  quantiles=MapQuantiles(**tree["quantiles"]))
+
+
+SAVED_MODEL = saved_model.Method(
+    name="efficientad", config=lambda d: config_lib.from_dict(Config, d), inputs=_inputs,
+    predict=_predict_pair, to_arrays=_to_arrays, from_arrays=_from_arrays)

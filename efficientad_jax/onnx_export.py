@@ -12,7 +12,8 @@ linear / half_pixel / antialias 0), teacher normalisation (T - mean) / std, the 
 and mean_c (A - S[C:])^2, quantile normalisation scale * (m - q_a) / (q_b - q_a), the weighted sum, zero
 padding and the bilinear resize to S x S. Every constant comes from the saved model (its MapConfig, teacher
 statistics and quantiles). As in `export.py`, the map is produced at S x S: resize it to an image's own size.
-Only the PDN method is exported; the AST variant (efficientad_jax/ast) is refused.
+Only the PDN method ('efficientad') is exported; the AST variant (efficientad_jax/ast) is refused in one
+line (it exports with the jax.export path, `export.py`).
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def _slice_channels(g: _Graph, x: str, start: int, end: int) -> str:
 
 
 def build_graph(g: _Graph, model: Any) -> None:
-  """Appends `image` -> (`anomaly_map`, `score`) for a loaded PDN model (`predict.LoadedModel`) to `g`."""
+  """Appends `image` -> (`anomaly_map`, `score`) for a loaded PDN model (`saved_model.LoadedModel`) to `g`."""
   cfg, det = model.cfg, model.detector
   size, s, c = cfg.model.size, model.image_size, cfg.model.teacher_channels
   h, w = pdn_output_size((s, s), size)
@@ -180,16 +181,15 @@ def _onnx():
 
 def check_exportable(model: Any, source: str = "model") -> None:
   """Refuses what the graph builder does not cover, with one line instead of an AttributeError later."""
-  method = model.meta.get("method", "efficientad")
-  if method != "efficientad" or not hasattr(model.cfg, "maps") or not hasattr(model.detector, "quantiles"):
+  if model.method.name != "efficientad":
     raise OnnxExportError(f"{source}: ONNX export supports EfficientAD PDN models only, not method "
-                          f"{method!r} (the AST variant): use it through experiments.predict instead")
+                          f"{model.method.name!r} (AST and other variants): export it with --format jax")
   if model.cfg.model.size not in ARCHITECTURES:
     raise OnnxExportError(f"{source}: unknown PDN size {model.cfg.model.size!r}")
 
 
 def to_onnx(model: Any, source: str = "model", opset: int = DEFAULT_OPSET):
-  """The `onnx.ModelProto` of a loaded model (`predict.LoadedModel`), checked by `onnx.checker`."""
+  """The `onnx.ModelProto` of a loaded model (`saved_model.LoadedModel`), checked by `onnx.checker`."""
   check_exportable(model, source)
   if opset < DEFAULT_OPSET:
     raise OnnxExportError(f"opset {opset} (--opset): Resize needs opset >= {DEFAULT_OPSET} for antialias=0")
@@ -214,9 +214,9 @@ def to_onnx(model: Any, source: str = "model", opset: int = DEFAULT_OPSET):
 def export_onnx(model_path: str | pathlib.Path, out: str | pathlib.Path, opset: int = DEFAULT_OPSET
                 ) -> pathlib.Path:
   """Loads RUN (or RUN/model) and writes its ONNX graph to `out` (atomically)."""
-  from efficientad_jax import predict  # pylint: disable=g-import-not-at-top  (flax: exporting only)
-  source = str(predict.model_dir(model_path))
-  proto = to_onnx(predict.load(model_path), source, opset)
+  from efficientad_jax import saved_model  # pylint: disable=g-import-not-at-top  (orbax: exporting only)
+  source = str(saved_model.model_dir(model_path))
+  proto = to_onnx(saved_model.load(model_path), source, opset)
   out = pathlib.Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(out.name + ".tmp")

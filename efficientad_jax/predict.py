@@ -1,9 +1,10 @@
-"""Loading a saved model and predicting on image files of any size (docs/method.md §7).
+"""Predicting on image files of any size with a saved model of any method (docs/method.md §7).
 
-Every prediction goes through `inference.predict` (the one inference path), jitted once per
-(model config, map config) and compiled once per output size and batch shape:
+Every prediction goes through the model's own predict function (`saved_model.Method.predict`; for EfficientAD
+`inference.predict`, the one inference path), jitted once per config and compiled once per output size and
+batch shape. `load`, `model_dir` and `LoadedModel` are `saved_model`'s, named here for the callers' ease:
 
-  model = load("runs/widget")                      # RUN or RUN/model
+  model = load("runs/widget")                      # RUN or RUN/model, either method
   result = predict_file(model, "part.png")         # score, decision, full-resolution map
   results, failures = predict_paths(model, list_images("images/*.png"), out_dir="pred")
 """
@@ -12,81 +13,16 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import glob
 import pathlib
 from typing import Any, Callable, Sequence
 
-import jax
 import numpy as np
 import tifffile
 
-from efficientad_jax import config as config_lib
-from efficientad_jax import models
-from efficientad_jax.checkpoint import load_model
-from efficientad_jax.config import Config, MapConfig, ModelConfig
 from efficientad_jax.data import DataError
 from efficientad_jax.data import preprocess
-from efficientad_jax.inference import Detector, make_predict_fn
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadedModel:
-  """A saved model ready for inference.
-
-  Attributes:
-    detector: params, teacher statistics and map quantiles, on the default device.
-    cfg: the training config stored in the model (networks, map settings, normalisation).
-    meta: the saved metadata ('threshold', 'image_size', 'model_size', ...).
-    nets: the networks built from cfg.model.
-    predict_fn: jitted `inference.predict`: fn(detector, images [B,S,S,3], out_size=(H, W)).
-  """
-
-  detector: Detector
-  cfg: Config  # AstConfig for the AST variant (meta['method'] == 'efficientad_ast')
-  meta: dict
-  nets: models.Models  # ast.method.Nets for the AST variant
-  predict_fn: Callable[..., dict]
-
-  @property
-  def image_size(self) -> int:
-    return int(self.meta["image_size"])
-
-  @property
-  def threshold(self) -> float:
-    """Decision threshold: an image is anomalous when its score > threshold (from validation normals)."""
-    return float(self.meta["threshold"])
-
-
-@functools.lru_cache(maxsize=8)
-def compiled_predict(model_cfg: ModelConfig, map_cfg: MapConfig) -> tuple[models.Models, Callable]:
-  """(nets, jitted predict) per config pair: models loaded twice in one process share compilations."""
-  nets = models.build(model_cfg)
-  return nets, make_predict_fn(nets, map_cfg)
-
-
-def model_dir(path: str | pathlib.Path) -> pathlib.Path:
-  """A run directory (with model/ inside) or the model folder itself -> the model folder."""
-  path = pathlib.Path(path)
-  return path / "model" if (path / "model" / "meta").exists() else path
-
-
-def load(path: str | pathlib.Path) -> LoadedModel:
-  """Restores a model saved by training (`checkpoint.save_model`) from RUN or RUN/model."""
-  detector, meta = load_model(model_dir(path))
-  if meta.get("method") == "efficientad_ast":  # the AST variant has its own networks and predict
-    from efficientad_jax.ast.method import from_loaded
-    return from_loaded(detector, meta)
-  for key in ("config", "threshold", "image_size"):
-    if key not in meta:
-      raise ValueError(f"{model_dir(path)}: the saved model's meta has no {key!r}")
-  cfg = config_lib.from_dict(Config, meta["config"])
-  if cfg.model.image_size != int(meta["image_size"]):
-    raise ValueError(f"{model_dir(path)}: meta image_size {meta['image_size']} differs from the config's "
-                     f"{cfg.model.image_size}")
-  nets, predict_fn = compiled_predict(cfg.model, cfg.maps)
-  return LoadedModel(detector=jax.device_put(detector), cfg=cfg, meta=meta, nets=nets, predict_fn=predict_fn)
-
+from efficientad_jax.saved_model import LoadedModel, load, model_dir  # noqa: F401  (predict.load: CLIs, notebooks)
 
 # --- Single images.
 
@@ -116,7 +52,7 @@ def prepare(source: preprocess.ImageSource, image_size: int, mean: Sequence[floa
 
 def predict_image(model: LoadedModel, source: preprocess.ImageSource, name: str = "") -> Prediction:
   """Predicts one image of any size; its map comes back at the image's own size."""
-  x, rgb = prepare(source, model.image_size, model.cfg.data.mean, model.cfg.data.std, name)
+  x, rgb = prepare(source, model.image_size, model.inputs.mean, model.inputs.std, name)
   out = model.predict_fn(model.detector, x[None], out_size=rgb.shape[:2])
   score = float(out["score"][0])
   return Prediction(name=name or str(source), score=score, anomalous=score > model.threshold,

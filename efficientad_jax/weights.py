@@ -37,7 +37,7 @@ TEACHER_FORMAT = 1  # bump when the saved teacher layout changes
 
 
 class WeightsError(ValueError):
-  """Weights that do not fit the architecture; the message names the source and the offending keys."""
+  """PDN or backbone (WideResNet) weights that do not fit the architecture; names the source and the keys."""
 
 
 def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:

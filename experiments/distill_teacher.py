@@ -1,7 +1,7 @@
 """Distils a PDN teacher from WideResNet-101-2 features on ImageNet (paper §3.1; docs/method.md §8).
 
   python -m experiments.distill_teacher --size small --imagenet /data/imagenet/train \
-      --backbone wide_resnet101_2-32ee1156.pth --workdir runs/distill_small [--set distill.steps=1000]
+      --backbone wide_resnet101_2-32ee1156.pth --workdir runs/distill_small [--set train.steps=1000]
 
 --imagenet: an image folder (searched recursively) or tfds:imagenet2012. --backbone: torchvision's
 wide_resnet101_2 state_dict (read without torch). Writes RUN/teacher, which training takes with
@@ -15,8 +15,7 @@ import dataclasses
 import sys
 
 from efficientad_jax import config as config_lib
-from experiments.configs import distill as distill_configs
-from experiments import cli
+from experiments import cli, configs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--backbone", required=True, help="torchvision wide_resnet101_2 state_dict .pth")
   p.add_argument("--workdir", required=True, help="run directory (checkpoints, teacher)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="override a config field, e.g. --set distill.steps=1000 (repeatable)")
+                 help="override a config field, e.g. --set train.steps=1000 (repeatable)")
   p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
   cli.add_debug_flag(p)
   return p.parse_args(argv)
@@ -37,11 +36,10 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   cli.setup_logging()
   cli.init_distributed(args.distributed)
-  try:
-    cfg = config_lib.override(distill_configs.get_config(args.size), args.set).distill
-  except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
-  cfg = dataclasses.replace(cfg, imagenet=args.imagenet, backbone_weights=args.backbone)
+  cfg = config_lib.override(configs.get("distill", "imagenet", args.size), args.set)
+  cfg = config_lib.validate(dataclasses.replace(
+      cfg, data=dataclasses.replace(cfg.data, imagenet=args.imagenet),
+      backbone=dataclasses.replace(cfg.backbone, weights=args.backbone)))
   from efficientad_jax import distill  # noqa: PLC0415  (after distributed init)
   teacher, _ = distill.distill(cfg, args.workdir)
   print(f"teacher: {teacher}")

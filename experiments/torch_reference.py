@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from experiments import benchmark
+from experiments import benchmark, benchmark_train
 
 PAUSE_S = 0.5  # idle time before each timed call (see _interleaved_medians)
 
@@ -166,8 +166,8 @@ def compare(size: str, image_size: int, warmup: int, runs: int) -> dict:
   torch_predict = torch_predict_fn(size, image_size)
   jax_predict = benchmark.host_predict_fn(size, "float32", image_size)
   torch_step = torch_train_step_fn(size, image_size)
-  jax_step = benchmark.random_train_step_fn(size, image_size)
-  jax_step_xla = benchmark.random_train_step_fn(size, image_size, impl="xla")  # XLA's own conv backward
+  jax_step = benchmark_train.random_train_step_fn(size, image_size)
+  jax_step_xla = benchmark_train.random_train_step_fn(size, image_size, impl="xla")  # XLA's own conv backward
 
   out = {"size": size, "image_size": image_size, "torch_version": torch.__version__,
          "torch_threads": torch.get_num_threads(), "runs": runs, "warmup": warmup}

@@ -5,8 +5,9 @@
       --set data.root=/data/mvtec_loco --set data.category=breakfast_box \
       --set train.teacher_checkpoint=teachers/medium
 
-Config: experiments/configs/<dataset>.py `get_config(size)`, or --config FILE (a .py with get_config);
-every field can be overridden with --set section.field=value. Re-running the same command resumes.
+Config: the one named by --method and --dataset in `experiments.configs.REGISTRY` (`get_config(size)`), or
+--config FILE (a .py with get_config); every field can be overridden with --set section.field=value and is
+range-checked before jax starts. Re-running the same command resumes.
 """
 
 from __future__ import annotations
@@ -18,30 +19,39 @@ import pathlib
 import sys
 
 from efficientad_jax import config as config_lib
-from experiments import cli
+from efficientad_jax.ast.config import AstConfig
+from experiments import cli, configs
 
-CONFIGS = pathlib.Path(__file__).parent / "configs"
+METHOD_CONFIGS = {"efficientad": config_lib.Config, "efficientad_ast": AstConfig}  # what each method trains
 
 
 def load_config(dataset: str, size: str, config_file: str | None, method: str = "efficientad"):
-  prefix = "ast_" if method == "efficientad_ast" else ""
-  path = pathlib.Path(config_file) if config_file else CONFIGS / f"{prefix}{dataset}.py"
-  if not path.is_file():
-    known = sorted(p.stem for p in CONFIGS.glob("*.py") if p.stem not in ("__init__", "common"))
-    raise config_lib.ConfigError(f"no config {path} (--dataset/--method/--config): datasets: {', '.join(known)}")
-  spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(size)
+  """`get_config(size)` of --config FILE, else of the registered config (method, dataset); a config of another
+  method than `method` is a ConfigError."""
+  if config_file:
+    path = pathlib.Path(config_file)
+    if not path.is_file():
+      raise config_lib.ConfigError(f"no config file {path} (--config)")
+    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config(size)
+  else:
+    cfg = configs.get(method, dataset, size)
+  if not isinstance(cfg, METHOD_CONFIGS[method]):
+    raise config_lib.ConfigError(f"the config is a {type(cfg).__name__}, but --method {method} trains a "
+                                 f"{METHOD_CONFIGS[method].__name__}")
+  return cfg
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--dataset", default="synthetic", help="synthetic | mvtec_ad | mvtec_loco | visa | folder")
+  p.add_argument("--dataset", default="synthetic",
+                 help=f"with --method, a registered config: {configs.names(tuple(METHOD_CONFIGS))}")
   p.add_argument("--size", default="small",
                  help="S/small or M/medium; --dataset synthetic also takes 'small,tiny' (a seconds-long test run)")
   p.add_argument("--config", help="a config .py with get_config(arg), instead of --dataset")
-  p.add_argument("--method", default="efficientad", choices=("efficientad", "efficientad_ast"),
+  p.add_argument("--method", default="efficientad", choices=tuple(METHOD_CONFIGS),
                  help="efficientad (the paper) or efficientad_ast (asymmetric student-teacher variant)")
   p.add_argument("--workdir", help="run directory (default: runs/<dataset>_<category>_<size>_seed<seed>)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -56,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def default_workdir(cfg, method: str = "efficientad") -> str:
   d = cfg.data
   if method == "efficientad_ast":
-    return f"runs/ast_{d.dataset}_{d.category or 'default'}_seed{cfg.seed}"
+    return f"runs/ast_{d.dataset}_{d.category or 'default'}_seed{cfg.train.seed}"
   return f"runs/{d.dataset}_{d.category or 'default'}_{cfg.model.size}_seed{cfg.train.seed}"
 
 
@@ -65,8 +75,7 @@ def main(argv=None) -> int:
   cli.setup_logging()
   cli.init_distributed(args.distributed)
   cfg = config_lib.override(load_config(args.dataset, args.size, args.config, args.method), args.set)
-  if args.method == "efficientad":
-    config_lib.validate(cfg)  # a bad --set value fails here, before jax starts
+  config_lib.validate(cfg)  # a bad --set value fails here, before jax starts
   workdir = args.workdir or default_workdir(cfg, args.method)
   if args.method == "efficientad_ast":
     from efficientad_jax.ast.trainer import train_ast

@@ -14,13 +14,10 @@ from torch import nn as tnn
 
 from efficientad_jax.ast import efficientnet, method
 from efficientad_jax.ast.autoencoder import FeatureAutoencoder, adaptive_avg_pool, decoder_steps, encoder_sizes
+from efficientad_jax.ast.config import AstConfig
 from efficientad_jax.ast.flow import ConditionalFlow, nll_loss, positional_encoding, soft_clamp
 from efficientad_jax.ast.student import ResidualStudent
-from efficientad_jax.config import AstConfig
 from efficientad_jax.pth import load_state_dict
-
-TINY = AstConfig(image_size=64, backbone_width=0.25, backbone_depth=0.25, pos_channels=8, flow_blocks=2,
-                 flow_hidden=16, student_hidden=16, student_blocks=2, ae_channels=8)
 
 
 def _tiny_flow(c=5, p=4):
@@ -106,7 +103,7 @@ def test_full_size_shapes():
   cfg = AstConfig()
   nets = method.build(cfg)
   assert (nets.channels, nets.grid, nets.pos_channels) == (304, 24, 32)
-  shapes = jax.eval_shape(lambda k: method.init_params(nets, k, cfg.image_size), jax.random.key(0))
+  shapes = jax.eval_shape(lambda k: method.init_params(nets, k, cfg.model.image_size), jax.random.key(0))
   f = jax.ShapeDtypeStruct((1, 24, 24, 304), jnp.float32)
   assert jax.eval_shape(lambda p, x: method.features(nets, p, x), shapes["backbone"],
                         jax.ShapeDtypeStruct((1, 768, 768, 3), jnp.float32)).shape == (1, 24, 24, 304)
@@ -124,7 +121,7 @@ def test_b5_stage_table():
   assert [len(s) for s in specs] == [3, 5, 5, 7, 7, 9, 3]
   assert [s[-1].cout for s in specs] == [24, 40, 64, 128, 176, 304, 512]
   assert efficientnet.stem_channels(1.6) == 48 and efficientnet.feature_stride(6) == 32
-  with pytest.raises(ValueError, match="backbone_stages"):
+  with pytest.raises(ValueError, match="backbone.stages"):
     efficientnet.stage_specs(1.6, 2.2, 8)
 
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from efficientad_jax import checkpoint
-from efficientad_jax import train_step as base_step
+from efficientad_jax import optim, parallel, saved_model
 from efficientad_jax.ast import method, train_step, trainer
-from efficientad_jax.config import AstConfig, DataConfig
+from efficientad_jax.config import DataConfig
 from efficientad_jax.data import eval_batches, generate_synthetic, make_datasets
+from experiments.configs import ast_synthetic
 
 KEYS = {"map_st", "map_ae", "map_combined", "anomaly_map", "score"}
 
@@ -22,41 +22,39 @@ KEYS = {"map_st", "map_ae", "map_combined", "anomaly_map", "score"}
 def cfg(tmp_path_factory):
   base = generate_synthetic(tmp_path_factory.mktemp("data"), layout="mvtec_ad", size=64, num_train=4, num_test=2)
   data = DataConfig(dataset="mvtec_ad", root=str(base.parent), category=base.name, validation_fraction=0.25)
-  return AstConfig(data=data, image_size=16, backbone_width=0.25, backbone_depth=0.25, backbone_stages=2,
-                   pos_channels=8,
-                   flow_blocks=2, flow_hidden=16, student_hidden=16, student_blocks=1, ae_channels=8,
-                   flow_epochs=2, student_epochs=3, batch_size=2, checkpoint_every=1)
+  # The shrunk networks and epochs of `--method efficientad_ast --size small,tiny`, on MVTec-layout data.
+  return dataclasses.replace(ast_synthetic.get_config("tiny"), data=data)
 
 
 @pytest.fixture(scope="module")
 def setup(cfg):
-  ds = make_datasets(cfg.data, image_size=cfg.image_size, seed=cfg.seed)
+  ds = make_datasets(cfg.data, image_size=cfg.model.image_size, seed=cfg.train.seed)
   nets = method.build(cfg)
-  params = method.init_params(nets, jax.random.key(0), cfg.image_size)
-  feats = trainer.extract(nets, params["backbone"], ds.train_eval, cfg.batch_size)
+  params = method.init_params(nets, jax.random.key(0), cfg.model.image_size)
+  feats = trainer.extract(nets, params["backbone"], ds.train_eval, cfg.train.batch_size)
   return ds, nets, params, feats
 
 
 def test_one_step_of_each_stage(cfg, setup):
   ds, nets, params, feats = setup
   assert feats.shape == (3, 4, 4, nets.channels)  # 4 train images, 1 held out for validation
-  mesh = base_step.data_mesh()
-  tx = train_step.make_optimizer(cfg)
+  mesh = parallel.data_mesh()
+  tx = optim.make_optimizer(cfg.optim, 2)  # the one optimizer builder; AST: a constant learning rate
 
-  flow_step = train_step.compile_step(lambda s, b: train_step.flow_train_step(nets, tx, s, b), mesh, "rd", "rr")
-  state = base_step.replicate(train_step.init_flow_state(params["flow"], tx), mesh)
+  flow_step = parallel.compile_step(lambda s, b: train_step.flow_train_step(nets, tx, s, b), mesh, "rd", "rr")
+  state = parallel.replicate(optim.TrainState.create(params["flow"], tx), mesh)
   for i in range(2):
-    state, out = flow_step(state, base_step.shard_batch({"features": feats[i:i + 2]}, mesh))
+    state, out = flow_step(state, parallel.shard_batch({"features": feats[i:i + 2]}, mesh))
     assert np.isfinite(float(out["loss"]))
   assert int(state.step) == 2 and flow_step._cache_size() == 1
   moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params, params["flow"])
   assert min(jax.tree_util.tree_leaves(moved)) > 0
 
   z = jax.jit(lambda p, f: method.teacher(nets, p, f))(state.params, feats[:2])
-  batch = base_step.shard_batch({"features": feats[:2], "target": np.asarray(z)}, mesh)
-  st_step = train_step.compile_step(lambda s, b, k: train_step.student_train_step(nets, tx, s, b, k), mesh,
+  batch = parallel.shard_batch({"features": feats[:2], "target": np.asarray(z)}, mesh)
+  st_step = parallel.compile_step(lambda s, b, k: train_step.student_train_step(nets, tx, s, b, k), mesh,
                                     "rdr", "rr")
-  sstate = base_step.replicate(train_step.init_student_state(params, tx), mesh)
+  sstate = parallel.replicate(train_step.init_student_state(params, tx), mesh)
   for _ in range(2):
     sstate, losses = st_step(sstate, batch, jax.random.key(1))
   assert set(losses) == {"loss", "loss_st", "loss_ae", "loss_stae", "loss_penalty"} and st_step._cache_size() == 1
@@ -119,35 +117,38 @@ def test_train_ast_with_penalty(cfg, tmp_path):
   for i in range(3):
     Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"{i}.png")
   on = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, penalty=str(folder), penalty_resize=32),
-                           flow_epochs=1, student_epochs=1)
-  model = method.load_ast(trainer.train_ast(on, tmp_path / "run", progress=False))
+                           train=dataclasses.replace(cfg.train, flow_epochs=1, student_epochs=1))
+  model = saved_model.load(trainer.train_ast(on, tmp_path / "run", progress=False))
   assert model.meta["penalty"] == "on" and np.isfinite(model.threshold)
   small = dataclasses.replace(on, data=dataclasses.replace(on.data, penalty_resize=8))
-  with pytest.raises(ValueError, match="penalty_resize 8 is smaller than image_size 16"):
+  with pytest.raises(ValueError, match="data.penalty_resize = 8 is out of range"):  # checked before any work
     trainer.train_ast(small, tmp_path / "small", progress=False)
+  assert not (tmp_path / "small").exists()
 
 
 def test_train_ast_resume_and_predict(cfg, tmp_path):
   path = trainer.train_ast(cfg, tmp_path / "run", progress=False)
-  model = method.load_ast(tmp_path / "run")
+  model = saved_model.load(tmp_path / "run")
   assert model.meta["method"] == "efficientad_ast" and np.isfinite(model.threshold)
-  assert model.meta["student"]["epochs_run"] <= cfg.student_epochs
+  assert model.meta["student"]["epochs_run"] <= cfg.train.student_epochs
   assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["flow", "student"]
 
   # Re-running the finished run resumes both stages from their last checkpoints: the same model.
   again = trainer.train_ast(cfg, tmp_path / "run", progress=False)
   assert again == path
-  same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), model.detector.params,
-                                method.load_ast(path).detector.params)
+  same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), model.detector,
+                                saved_model.load(path).detector)
   assert all(jax.tree_util.tree_leaves(same))
   with pytest.raises(ValueError, match="different config"):
-    trainer.train_ast(dataclasses.replace(cfg, flow_epochs=3), tmp_path / "run", progress=False)
+    trainer.train_ast(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, flow_epochs=3)), tmp_path / "run",
+                      progress=False)
 
-  # The shared loader reads it too; predict on test records gives the standard keys at the original size.
-  detector, meta = checkpoint.load_model(path)
-  assert meta["method"] == "efficientad_ast" and set(detector.params) == {
+  # The folder holds the params alone (AST has no statistics or quantiles); predict on test records gives the
+  # standard keys at the original size.
+  arrays, meta = saved_model.read(path)
+  assert meta["method"] == "efficientad_ast" and set(arrays) == {"params"} and set(arrays["params"]) == {
       "backbone", "flow", "student", "student_stats", "autoencoder"}
-  ds = make_datasets(cfg.data, image_size=cfg.image_size, seed=cfg.seed)
+  ds = make_datasets(cfg.data, image_size=cfg.model.image_size, seed=cfg.train.seed)
   batch = next(iter(eval_batches(ds.test, 2)))
   out = model.predict_fn(model.detector, batch["image"], out_size=(64, 64))
   assert set(out) == KEYS
@@ -159,9 +160,9 @@ def test_train_ast_resume_and_predict(cfg, tmp_path):
 
 def test_bad_config_errors(cfg):
   with pytest.raises(ValueError, match="multiple of the backbone stride"):
-    method.build(dataclasses.replace(cfg, image_size=18))
+    method.build(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_size=18)))
   with pytest.raises(FileNotFoundError, match="not a saved"):
-    method.load_ast("/nonexistent")
+    saved_model.load("/nonexistent")
 
 
 def test_cli_trains_and_evaluates_the_ast_method(cfg, tmp_path):
@@ -171,10 +172,10 @@ def test_cli_trains_and_evaluates_the_ast_method(cfg, tmp_path):
   from experiments import train as train_cli
   config_file = tmp_path / "ast_tiny.py"
   config_file.write_text(
-      "from efficientad_jax.config import AstConfig, from_dict\n"
+      "from efficientad_jax.ast.config import AstConfig\nfrom efficientad_jax.config import from_dict\n"
       f"def get_config(arg=''):\n  return from_dict(AstConfig, {config_lib.to_dict(cfg)!r})\n")
   workdir = tmp_path / "run"
   assert train_cli.main(["--method", "efficientad_ast", "--config", str(config_file), "--workdir", str(workdir)]) == 0
-  _, meta = checkpoint.load_model(workdir / "model")
+  _, meta = saved_model.read(workdir / "model")
   assert meta["method"] == "efficientad_ast"
   assert (workdir / "eval" / "metrics.json").exists()

@@ -1,4 +1,9 @@
-"""backend.jit: the XLA:CPU options reach the compiler, and a jaxlib that lacks them falls back to defaults."""
+"""backend.jit: the XLA:CPU options reach the compiler, and a jaxlib that lacks them falls back to defaults;
+the fixture tests also pass at XLA's default optimisation level (the suite compiles at level 1, conftest)."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +12,7 @@ import pytest
 from jax import lax
 
 from efficientad_jax import backend
+from tests.conftest import REPO
 
 
 def _conv(x, w):
@@ -36,3 +42,14 @@ def test_unknown_options_fall_back_to_xla_defaults(monkeypatch, caplog):
     assert float(backend.jit(lambda v: v * 2)(jnp.float32(3))) == 6.0
   finally:
     backend.compiler_options.cache_clear()
+
+
+def test_fixture_parity_at_the_default_optimisation_level():
+  env = dict(os.environ, EFFICIENTAD_TEST_XLA_DEFAULT="1",
+             XLA_FLAGS=os.environ["XLA_FLAGS"].replace("--xla_backend_optimization_level=1", ""))
+  tests = ["tests/test_models.py::test_every_fixture_case_matches_reference",
+           "tests/test_full_path.py::test_predict_maps_and_scores"]
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "2 passed" in proc.stdout.splitlines()[-1]

@@ -12,17 +12,16 @@ import sys
 import textwrap
 import zipfile
 
-import numpy as np
 import pytest
 
-from efficientad_jax import checkpoint, trainer
+from efficientad_jax import engine
 from efficientad_jax import config as config_lib
+from efficientad_jax.ast.config import AstConfig
 from efficientad_jax.data import generate_synthetic
-from efficientad_jax.inference import Detector
-from efficientad_jax.normalization import MapQuantiles, TeacherStats
 from experiments import cli
 from experiments import train as train_cli
 from tests.conftest import REPO, jax_cache_env
+from tests.test_saved_model import tiny_ast_model
 
 
 def run_cli(*args: str, wrapper: str = "", env: dict | None = None) -> subprocess.CompletedProcess:
@@ -103,7 +102,7 @@ def test_predict_folder_of_subfolders(witness):
 def test_config_choices_without_jax():
   # The AST method has a synthetic config, tiny included; the help offers tiny only where it exists.
   cfg = train_cli.load_config("synthetic", "small,tiny", None, "efficientad_ast")
-  assert isinstance(cfg, config_lib.AstConfig) and cfg.data.dataset == "synthetic" and cfg.image_size == 16
+  assert isinstance(cfg, AstConfig) and cfg.data.dataset == "synthetic" and cfg.model.image_size == 16
   helptext = subprocess.run([sys.executable, "-m", "experiments.train", "--help"], cwd=REPO, capture_output=True,
                             text=True).stdout
   assert "synthetic also takes 'small,tiny'" in " ".join(helptext.split())
@@ -171,20 +170,27 @@ def test_failed_run_then_corrected_command_in_the_same_run_directory(tmp_path, j
   # Resumable settings (pure Python: the run directory's rule, no second training run): the divergence
   # advice `--set optim.learning_rate=...` works in the same directory, and is recorded.
   cfg = train_cli.load_config("synthetic", "small,tiny", None)
-  trainer.write_config(run, config_lib.override(cfg, ["model.conv_impl=xla", "optim.learning_rate=5e-5",
+  engine.write_config(run, config_lib.override(cfg, ["model.conv_impl=xla", "optim.learning_rate=5e-5",
                                                      "train.steps=6"]))
   last = json.loads((run / "config_history.jsonl").read_text().splitlines()[-1])
   assert last["checkpointed"] and set(last["changed"]) == {"optim.learning_rate", "train.steps"}
 
 
-def test_benchmark_refuses_an_ast_model(tmp_path):
-  z = np.zeros(1, np.float32)
-  detector = Detector(params={"student": {"w": z}}, teacher_stats=TeacherStats(z, z),
-                      quantiles=MapQuantiles(z, z, z, z))
-  checkpoint.save_model(tmp_path / "model", detector, {"method": "efficientad_ast", "config": {"image_size": 16}})
-  before = digest(tmp_path)
-  one_line(run_cli("benchmark", "--model", str(tmp_path), "--tiny"), 1, "AST", "--model")
-  assert digest(tmp_path) == before
+def test_benchmark_times_an_ast_model_and_refuses_a_folder_that_is_no_model(tmp_path):
+  run = tiny_ast_model(tmp_path / "run")
+  before = digest(run)
+  proc = run_cli("benchmark", "--model", str(run), "--tiny", "--runs", "1", "--batch-sizes", "1",
+                 "--out", str(tmp_path / "bench.json"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (result,) = json.loads((tmp_path / "bench.json").read_text())["results"]
+  assert (result["method"], result["size"], result["dtype"], result["image_size"]) == (
+      "efficientad_ast", "ast", "float32", 16)
+  assert result["paper"] is None and result["latency"]["runs"] == 1
+  assert digest(run) == before
+  (tmp_path / "notes").mkdir()
+  (tmp_path / "notes" / "a.txt").write_text("not a model")
+  one_line(run_cli("benchmark", "--model", str(tmp_path / "notes"), "--tiny"), 1, "not a saved model", "--model")
+  one_line(run_cli("benchmark", "--model", str(run), "--dtypes", "float16"), 2, "--dtypes", "--model")
 
 
 def test_config_validation_covers_the_defaults():

@@ -58,11 +58,11 @@ def test_target_matches_torch_unfold_interpolate_pool(c2, c3, layer_dim, channel
 
 
 def test_sizes_must_match():
-  cfg = distill_configs.get_config("small").distill
+  cfg = distill_configs.get_config("small")
   distill.check_sizes(cfg)  # 256 -> 64 = 512 / 8
-  distill.check_sizes(distill_configs.get_config("medium").distill)
-  with pytest.raises(ValueError, match="backbone_size = 2 \\* image_size"):
-    distill.check_sizes(dataclasses.replace(cfg, backbone_size=256))
+  distill.check_sizes(distill_configs.get_config("medium"))
+  with pytest.raises(ValueError, match="backbone.image_size = 2 \\* model.image_size"):
+    distill.check_sizes(dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, image_size=256)))
 
 
 def write_images(folder, n=8):
@@ -80,19 +80,21 @@ def write_images(folder, n=8):
 def tiny_cfg(tmp_path):
   write_images(tmp_path / "imagenet" / "n01")
   save_tiny(tmp_path / "wrn.pth", seed=1)
-  cfg = distill_configs.get_config("small,tiny").distill
-  return dataclasses.replace(cfg, imagenet=str(tmp_path / "imagenet"), backbone_weights=str(tmp_path / "wrn.pth"))
+  cfg = distill_configs.get_config("small,tiny")
+  return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, imagenet=str(tmp_path / "imagenet")),
+                             backbone=dataclasses.replace(cfg.backbone, weights=str(tmp_path / "wrn.pth")))
 
 
 def test_stream_is_seeded_and_grayscale_is_shared(tmp_path):
-  cfg = dataclasses.replace(tiny_cfg(tmp_path), grayscale_prob=0.5)
-  source = distill_data.image_source(cfg.imagenet)
+  cfg = tiny_cfg(tmp_path)
+  cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, grayscale_prob=0.5))
+  source = distill_data.image_source(cfg.data.imagenet)
   batches = [next(iter(distill_data.train_dataset(source, cfg, 8))) for _ in range(2)]
   np.testing.assert_array_equal(batches[0]["backbone"], batches[1]["backbone"])
   b = batches[0]
   assert b["image"].shape == (8, 64, 64, 3) and b["backbone"].shape == (8, 128, 128, 3)
   # Undo the normalisation: a gray element has equal channels at BOTH sizes (one decision per image).
-  raw = lambda x: x * np.asarray(cfg.std) + np.asarray(cfg.mean)
+  raw = lambda x: x * np.asarray(cfg.data.std) + np.asarray(cfg.data.mean)
   gray = lambda x: np.abs(np.diff(raw(x), axis=-1)).max(axis=(1, 2, 3)) < 1e-5
   assert (gray(b["image"]) == gray(b["backbone"])).all() and 0 < gray(b["image"]).sum() < 8
 
@@ -113,11 +115,12 @@ def test_distill_end_to_end_resume_and_teacher(tmp_path):
   # Resume: drop the final checkpoint and teacher; the rerun from step 10 must give the same teacher.
   shutil.rmtree(run / "checkpoints" / "20")
   shutil.rmtree(teacher_dir)
-  distill_teacher.main(["--size", "small,tiny", "--imagenet", cfg.imagenet, "--backbone", cfg.backbone_weights,
+  distill_teacher.main(["--size", "small,tiny", "--imagenet", cfg.data.imagenet, "--backbone", cfg.backbone.weights,
                         "--workdir", str(run)])
   resumed, _ = weights.load_teacher(teacher_dir)
   for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(resumed)):
     np.testing.assert_array_equal(a, b)
-  # A rerun with other settings is not silently continued.
+  # A rerun with other settings is not silently continued (the learning rate alone may change: RESUMABLE).
   with pytest.raises(ValueError, match="different config"):
-    distill.distill(dataclasses.replace(cfg, learning_rate=1e-2), run, progress=False)
+    distill.distill(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, weight_decay=1e-2)), run,
+                    progress=False)

@@ -15,19 +15,18 @@ import pytest
 import tifffile
 from PIL import Image
 
-from efficientad_jax import checkpoint, evaluate, metrics, models, normalization, predict
+from efficientad_jax import calibration, evaluate, metrics, models, normalization, predict, saved_model
 from efficientad_jax import config as config_lib
 from efficientad_jax.config import Config, DataConfig, ModelConfig
-from efficientad_jax.data import generate_synthetic, make_datasets
-from efficientad_jax.inference import Detector
+from efficientad_jax.data import generate_synthetic, make_datasets, pipeline
 
 SIZE = 64
 B = 6  # not a divisor of the 8 (MVTec AD) and 16 (LOCO) test images: the last batch is padded
 
 
 def random_params(nets: models.Models, seed: int) -> dict:
-  """Random params in the structure of `models.init_params` (its shapes via eval_shape: the real
-  init takes ~20 s on CPU), uniform +-1/sqrt(fan_in) like PyTorch's default."""
+  """Random params in the structure of `models.init_params` (its shapes via eval_shape), uniform
+  +-1/sqrt(fan_in) like PyTorch's default, from a NumPy seed."""
   shapes = jax.eval_shape(lambda k: models.init_params(nets, k, SIZE), jax.random.key(0))
   rng = np.random.default_rng(seed)
 
@@ -45,27 +44,19 @@ def padded(images: np.ndarray) -> np.ndarray:
 def make_run(root: pathlib.Path, layout: str) -> pathlib.Path:
   """A saved, untrained model on a synthetic dataset in `layout`; returns the run folder.
 
-  Map quantiles and threshold are calibrated on the validation images with the same jitted predict
-  (and batch shape) as evaluation, so the whole module compiles predict once.
+  Map quantiles and threshold are calibrated by training's own calibration, which runs the jitted predict
+  of `saved_model.load` at evaluation's batch shape, so the whole module compiles predict once.
   """
   generate_synthetic(root / "data", layout=layout, size=SIZE, num_train=4, num_test=2, num_validation=2)
   cfg = Config(model=ModelConfig(image_size=SIZE),
                data=DataConfig(dataset=layout, root=str(root / "data"), category="widget"))
-  nets, predict_fn = predict.compiled_predict(cfg.model, cfg.maps)
-  c = cfg.model.teacher_channels
-  stats = normalization.TeacherStats(np.zeros(c, np.float32), np.ones(c, np.float32))
-  unit = normalization.MapQuantiles(*(np.float32(v) for v in (0, 1, 0, 1)))
-  detector = Detector(params=random_params(nets, seed=0), teacher_stats=stats, quantiles=unit)
+  nets = models.build(cfg.model)
+  stats = normalization.TeacherStats.identity(cfg.model.teacher_channels)
   ds = make_datasets(cfg.data, SIZE, seed=0)
-  val = np.stack([r["image"] for r in ds.validation])
-  out = predict_fn(detector, padded(val), out_size=(SIZE, SIZE))  # raw maps don't depend on quantiles
-  q = normalization.fit_map_quantiles(np.asarray(out["map_st"])[:len(val)], np.asarray(out["map_ae"])[:len(val)],
-                                      cfg.maps.q_start, cfg.maps.q_end)
-  detector = detector.replace(quantiles=q)
-  scores = np.asarray(predict_fn(detector, padded(val), out_size=(SIZE, SIZE))["score"])[:len(val)]
-  meta = {"config": config_lib.to_dict(cfg), "threshold": float(np.quantile(scores, 0.99)),
+  detector, threshold = calibration.calibrate_efficientad(cfg, random_params(nets, seed=0), stats, ds.validation, B)
+  meta = {"config": config_lib.to_dict(cfg), "threshold": threshold,
           "image_size": SIZE, "model_size": "small", "teacher": "random", "steps": 0}
-  checkpoint.save_model(root / "run" / "model", detector, meta)
+  saved_model.save(root / "run" / "model", "efficientad", detector, meta)
   return root / "run"
 
 
@@ -165,7 +156,7 @@ def test_ad_metrics_equal_direct_computation(ad):
   threshold = m["decision"]["saved_threshold"]
   assert m["decision"]["accuracy_at_saved"] == pytest.approx(np.mean((scores > threshold) == labels))
   assert m["decision"]["f1_optimal_threshold"] == pytest.approx(m["metrics"]["image_threshold"])
-  assert threshold == checkpoint.load_model(run / "model")[1]["threshold"]  # never overwritten
+  assert threshold == saved_model.read(run / "model")[1]["threshold"]  # never overwritten
 
 
 def test_loco_metrics_equal_direct_computation(loco):
@@ -187,7 +178,7 @@ def test_size_batches_groups_sizes_and_pads():
   sizes = [(4, 6), (5, 5), (4, 6), (4, 6), (5, 5), (4, 6), (4, 6)]
   records = [(i, {"orig_size": np.array(s), "image": np.full((2, 2, 3), i, np.float32)})
              for i, s in enumerate(sizes)]
-  batches = list(evaluate.size_batches(records, 3))
+  batches = list(pipeline.size_batches(records, 3))
   assert sorted(i for _, idx, _ in batches for i in idx) == list(range(len(sizes)))
   for size, idx, images in batches:
     assert images.shape == (3, 2, 2, 3)  # always full: one compile per size
@@ -218,7 +209,7 @@ def test_overlay_marks_ground_truth():
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
-  with pytest.raises(FileNotFoundError, match="not a saved EfficientAD model"):
+  with pytest.raises(FileNotFoundError, match="not a saved model"):
     evaluate.evaluate(tmp_path)
 
 

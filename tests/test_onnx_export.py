@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from efficientad_jax import checkpoint, config as config_lib, models, normalization, onnx_export, predict
+from efficientad_jax import config as config_lib, inference, models, normalization, onnx_export, predict
+from efficientad_jax import saved_model
 from efficientad_jax.config import Config, MapConfig, ModelConfig
 from efficientad_jax.inference import Detector
 
@@ -48,7 +49,7 @@ def save_model(root: pathlib.Path, size: str) -> pathlib.Path:
   """A saved model with random networks, random teacher statistics and quantiles fitted on random images."""
   rng = np.random.default_rng(["small", "medium"].index(size))
   cfg = Config(model=ModelConfig(size=size, image_size=SIZE), maps=MAPS)
-  nets, predict_fn = predict.compiled_predict(cfg.model, cfg.maps)
+  nets, predict_fn = inference.compiled_predict(cfg.model, cfg.maps)
   c = cfg.model.teacher_channels
   stats = normalization.TeacherStats(rng.normal(0, 0.1, c).astype(np.float32),
                                      rng.uniform(0.5, 2.0, c).astype(np.float32))
@@ -58,7 +59,7 @@ def save_model(root: pathlib.Path, size: str) -> pathlib.Path:
   q = normalization.fit_map_quantiles(np.asarray(out["map_st"]), np.asarray(out["map_ae"]), 0.1, 0.9)
   meta = {"config": config_lib.to_dict(cfg), "threshold": 0.125, "image_size": SIZE, "model_size": size,
           "teacher": "random", "steps": 0}
-  checkpoint.save_model(root / "run" / "model", detector.replace(quantiles=q), meta)
+  saved_model.save(root / "run" / "model", "efficientad", detector.replace(quantiles=q), meta)
   return root / "run"
 
 
@@ -102,7 +103,7 @@ def test_metadata_holds_threshold_size_and_preprocessing(exported):
 
 def test_ast_models_are_refused(exported):
   model = predict.load(exported[0])
-  ast = dataclasses.replace(model, meta={**model.meta, "method": "efficientad_ast"})
+  ast = dataclasses.replace(model, method=saved_model.method("efficientad_ast"))
   with pytest.raises(onnx_export.OnnxExportError, match="supports EfficientAD PDN models only.*AST"):
     onnx_export.to_onnx(ast, "runs/ast")
   with pytest.raises(onnx_export.OnnxExportError, match="opset"):
@@ -110,13 +111,8 @@ def test_ast_models_are_refused(exported):
 
 
 def test_a_saved_ast_model_is_refused_in_one_line(tmp_path):
-  from efficientad_jax.ast import method  # pylint: disable=g-import-not-at-top
-  cfg = config_lib.AstConfig(image_size=16, backbone_width=0.25, backbone_depth=0.25, backbone_stages=2,
-                             pos_channels=8, flow_blocks=2, flow_hidden=16, student_hidden=16, student_blocks=1,
-                             ae_channels=8)
-  params = method.init_params(method.build(cfg), jax.random.key(0), cfg.image_size)
-  meta = {"config": config_lib.to_dict(cfg), "threshold": 1.0, "image_size": cfg.image_size}
-  method.save_ast_model(tmp_path / "ast" / "model", params, meta)
+  from tests.test_saved_model import tiny_ast_model  # pylint: disable=g-import-not-at-top
+  tiny_ast_model(tmp_path / "ast")
   with pytest.raises(onnx_export.OnnxExportError) as e:
     onnx_export.export_onnx(tmp_path / "ast", tmp_path / "ast.onnx")
   assert "\n" not in str(e.value) and "'efficientad_ast'" in str(e.value) and "AST" in str(e.value)

@@ -68,7 +68,7 @@ def test_predict_library_matches_the_eval_path(run):
 def test_list_images_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="no files match"):
     predict.list_images(tmp_path / "nothing*.png")
-  with pytest.raises(FileNotFoundError, match="not a saved EfficientAD model"):
+  with pytest.raises(FileNotFoundError, match="not a saved model"):
     predict.load(tmp_path)
 
 

@@ -18,7 +18,7 @@ import optax
 import pytest
 import torch
 
-from efficientad_jax import models, normalization, train_step, weights
+from efficientad_jax import models, normalization, optim, parallel, train_step, weights
 from efficientad_jax.config import Config, LossConfig, ModelConfig, OptimConfig
 from experiments import torch_reference
 
@@ -88,7 +88,7 @@ def test_ae_and_stae_losses_share_one_dropped_autoencoder_output():
   nets = models.build(cfg.model)
   params = models.init_params(nets, jax.random.key(0), 64)
   c = cfg.model.teacher_channels
-  stats = normalization.TeacherStats(jnp.zeros(c), jnp.ones(c))
+  stats = normalization.TeacherStats.identity(c)
   frozen = train_step.Frozen(teacher=params["teacher"], stats=stats)
   rng = np.random.default_rng(0)
   batch = {k: rng.normal(size=(1, 64, 64, 3)).astype(np.float32) for k in ("image", "image_ae")}
@@ -120,7 +120,7 @@ def test_optimizer_matches_torch_adam_and_steplr_over_60_steps():
                          weight_decay=cfg.weight_decay)
   sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(cfg.decay_at_fraction * steps),
                                           gamma=cfg.decay_factor)
-  tx = train_step.make_optimizer(cfg, steps)
+  tx = optim.make_optimizer(cfg, steps)
   params = {k: jnp.asarray(v) for k, v in p0.items()}
   state = tx.init(params)
   update = jax.jit(tx.update)
@@ -139,7 +139,7 @@ def test_optimizer_decays_the_learning_rate_at_the_reference_step():
   cfg = OptimConfig()
   steps = 100
   boundary = int(cfg.decay_at_fraction * steps)
-  tx = train_step.make_optimizer(cfg, steps)
+  tx = optim.make_optimizer(cfg, steps)
   params = {"w": jnp.zeros(())}
   state = tx.init(params)
   sizes = []
@@ -212,14 +212,14 @@ def test_training_trajectory_matches_pytorch_without_dropout():
 
   ours_losses = []
   nets = models.build(cfg.model)
-  tx = train_step.make_optimizer(cfg.optim, steps)
+  tx = optim.make_optimizer(cfg.optim, steps)
   state = train_step.init_state(start, tx)
   frozen = train_step.Frozen(teacher=_flax_params(teacher, pdn_names),
                              stats=normalization.TeacherStats(jnp.asarray(mean_np), jnp.asarray(std_np)))
-  mesh = train_step.data_mesh(jax.devices()[:1])
+  mesh = parallel.data_mesh(jax.devices()[:1])
   step = train_step.compile_train_step(nets, cfg, tx, mesh)
   for x, x_ae in batches:
-    state, losses = step(state, frozen, train_step.shard_batch({"image": x, "image_ae": x_ae}, mesh),
+    state, losses = step(state, frozen, parallel.shard_batch({"image": x, "image_ae": x_ae}, mesh),
                          jax.random.key(0))
     ours_losses.append([float(losses[k]) for k in ("loss_hard", "loss_ae", "loss_stae")])
 

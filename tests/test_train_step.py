@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efficientad_jax import models, train_step
+from efficientad_jax import models, optim, parallel, train_step
 from efficientad_jax.config import Config, ModelConfig, OptimConfig, TrainConfig
-from tests.conftest import REPO
+from tests.conftest import REPO, devices_env
 
 TINY = Config(model=ModelConfig(image_size=64), train=TrainConfig(steps=10))
 
@@ -36,7 +36,7 @@ def test_optimizer_is_adam_with_coupled_l2_and_step_decay():
   rng = np.random.default_rng(0)
   p0 = rng.normal(size=(5,))
   grads = [rng.normal(size=(5,)) for _ in range(total)]
-  tx = train_step.make_optimizer(cfg, total)
+  tx = optim.make_optimizer(cfg, total)
   p, state = jnp.asarray(p0), tx.init(jnp.asarray(p0))
   update = jax.jit(tx.update)
   for g in grads:
@@ -50,40 +50,61 @@ def test_optimizer_is_adam_with_coupled_l2_and_step_decay():
 def _tiny_setup(cfg=TINY, batch_size=2, seed=0):
   nets = models.build(cfg.model)
   params = models.init_params(nets, jax.random.key(seed), cfg.model.image_size)
-  tx = train_step.make_optimizer(cfg.optim, cfg.train.steps)
+  tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
   state = train_step.init_state(params, tx)
   c = cfg.model.teacher_channels
   frozen = train_step.Frozen(teacher=params["teacher"],
-                             stats=train_step.TeacherStats(mean=jnp.zeros(c), std=jnp.ones(c)))
+                             stats=train_step.TeacherStats.identity(c))
   rng = np.random.default_rng(seed)
   s = cfg.model.image_size
   batch = {k: rng.normal(size=(batch_size, s, s, 3)).astype(np.float32) for k in ("image", "image_ae", "penalty")}
   return nets, tx, state, frozen, batch
 
 
-def test_step_compiles_once_and_updates_only_trainables():
+@pytest.fixture(scope="module")
+def compiled():
+  """One compiled data-parallel step shared by the tests of this module (a compile is most of their cost),
+  with host copies of its inputs: the step donates its state, so each test replicates its own."""
   nets, tx, state, frozen, batch = _tiny_setup()
-  mesh = train_step.data_mesh()
+  mesh = parallel.data_mesh()
   step = train_step.compile_train_step(nets, TINY, tx, mesh)
-  state, frozen = train_step.replicate((state, frozen), mesh)
+  host = jax.tree_util.tree_map(np.asarray, (state, frozen))
+  return step, mesh, host, batch
+
+
+def test_step_compiles_once_and_updates_only_trainables(compiled):
+  step, mesh, host, batch = compiled
+  state, frozen = parallel.replicate(host, mesh)
   key = jax.random.key(0)
-  teacher_before = jax.tree_util.tree_map(np.asarray, frozen.teacher)
   losses = []
   for _ in range(3):
-    state, out = step(state, frozen, batch, key)
+    state, out = step(state, frozen, parallel.shard_batch(batch, mesh), key)
     losses.append(float(out["loss"]))
   assert step._cache_size() == 1
   assert int(state.step) == 3
   assert all(np.isfinite(losses))
   assert losses[-1] < losses[0]
-  jax.tree_util.tree_map(np.testing.assert_array_equal, teacher_before, frozen.teacher)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, host[1].teacher, frozen.teacher)
+
+
+def test_step_makes_no_hidden_host_device_transfers(compiled):
+  """Under transfer_guard('disallow') only the explicit batch upload (shard_batch) may move data."""
+  step, mesh, host, batch = compiled
+  state, frozen = parallel.replicate(host, mesh)
+  key = jax.random.key(0)
+  state, _ = step(state, frozen, parallel.shard_batch(batch, mesh), key)  # compiled outside the guard
+  with jax.transfer_guard("disallow"):
+    for _ in range(2):
+      state, losses = step(state, frozen, parallel.shard_batch(batch, mesh), key)
+  assert np.isfinite(float(losses["loss"]))
+  assert step._cache_size() == 1
 
 
 def test_penalty_is_optional():
   nets, tx, state, frozen, batch = _tiny_setup()
   del batch["penalty"]
-  _, out = jax.jit(lambda s, f, b: train_step.train_step(nets, TINY, tx, s, f, b, jax.random.key(0)))(
-      state, frozen, batch)
+  out = jax.jit(lambda p, f, b: train_step.compute_losses(nets, TINY, p, f, b, jax.random.key(0)))(
+      state.params, frozen, batch)
   assert float(out["loss_penalty"]) == 0.0
   np.testing.assert_allclose(float(out["loss"]), float(out["loss_hard"] + out["loss_ae"] + out["loss_stae"]),
                              rtol=1e-6)
@@ -92,16 +113,16 @@ def test_penalty_is_optional():
 _MULTI_DEVICE = r"""
 import jax, numpy as np
 from tests.test_train_step import TINY, _tiny_setup
-from efficientad_jax import train_step
+from efficientad_jax import parallel, train_step
 assert jax.device_count() == 8, jax.devices()
 results = []
 for devices in (jax.devices()[:1], jax.devices()):
   nets, tx, state, frozen, batch = _tiny_setup(batch_size=8)
-  mesh = train_step.data_mesh(devices)
+  mesh = parallel.data_mesh(devices)
   step = train_step.compile_train_step(nets, TINY, tx, mesh)
-  state, frozen = train_step.replicate((state, frozen), mesh)
+  state, frozen = parallel.replicate((state, frozen), mesh)
   for i in range(2):
-    state, out = step(state, frozen, train_step.shard_batch(batch, mesh), jax.random.key(0))
+    state, out = step(state, frozen, parallel.shard_batch(batch, mesh), jax.random.key(0))
   results.append(jax.tree_util.tree_map(np.asarray, (state.params, out)))
 (p1, out1), (p8, out8) = results
 for k in out1:
@@ -116,7 +137,7 @@ print("ok")
 
 
 def test_eight_devices_equal_one_device_on_the_same_global_batch():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, **devices_env(8))
   proc = subprocess.run([sys.executable, "-c", _MULTI_DEVICE], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -132,29 +153,15 @@ class _Device:
 def test_data_parallel_devices_divide_the_global_batch():
   one_host = [_Device(0, i) for i in range(8)]
   for batch, used in ((1, 1), (2, 2), (3, 3), (5, 5), (6, 6), (7, 7), (8, 8), (12, 6), (16, 8), (9, 3), (11, 1)):
-    chosen = train_step.data_parallel_devices(batch, one_host)
+    chosen = parallel.data_parallel_devices(batch, one_host)
     assert chosen == one_host[:used], batch
   # Two processes with 4 devices each: equal shares, the same number of devices from each.
   two_hosts = [_Device(p, 4 * p + i) for p in (1, 0) for i in range(4)]  # listing order is irrelevant
   for batch, per_host in ((2, 1), (4, 2), (6, 3), (8, 4), (10, 1), (16, 4)):
-    chosen = train_step.data_parallel_devices(batch, two_hosts)
+    chosen = parallel.data_parallel_devices(batch, two_hosts)
     assert [d.process_index for d in chosen] == [0] * per_host + [1] * per_host, batch
   with pytest.raises(ValueError, match="not a multiple of the 2 processes"):
-    train_step.data_parallel_devices(3, two_hosts)
+    parallel.data_parallel_devices(3, two_hosts)
   for bad in (0, -4):
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
-      train_step.data_parallel_devices(bad, one_host)
-
-
-def test_step_makes_no_hidden_host_device_transfers():
-  """Under transfer_guard('disallow') only the explicit batch upload (shard_batch) may move data."""
-  nets, tx, state, frozen, batch = _tiny_setup()
-  mesh = train_step.data_mesh()
-  step = train_step.compile_train_step(nets, TINY, tx, mesh)
-  state, frozen = train_step.replicate((state, frozen), mesh)
-  key = jax.random.key(0)
-  state, _ = step(state, frozen, train_step.shard_batch(batch, mesh), key)  # compile outside the guard
-  with jax.transfer_guard("disallow"):
-    for _ in range(2):
-      state, losses = step(state, frozen, train_step.shard_batch(batch, mesh), key)
-  assert np.isfinite(float(losses["loss"]))
+      parallel.data_parallel_devices(bad, one_host)

@@ -14,9 +14,9 @@ import numpy as np
 import optax
 import pytest
 
-from efficientad_jax import checkpoint, config as config_lib, trainer, train_step
+from efficientad_jax import checkpoint, config as config_lib, engine, optim, saved_model, trainer
 from experiments.train import load_config
-from tests.conftest import REPO, jax_cache_env
+from tests.conftest import REPO, devices_env, jax_cache_env
 
 
 def tiny(**overrides):
@@ -32,14 +32,23 @@ def _train_cmd(workdir, *sets):
 
 
 def _params(model_dir):
-  detector, meta = checkpoint.load_model(model_dir)
-  return jax.tree_util.tree_leaves(detector.params), meta
+  model = saved_model.load(model_dir)
+  return jax.tree_util.tree_leaves(model.detector.params), model.meta
 
 
-def test_training_writes_a_complete_model(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """One tiny training run (the synthetic tiny config as it is) shared by the tests that only read it."""
+  run = tmp_path_factory.mktemp("tiny") / "run"
+  return run, trainer.train(tiny(), run, progress=False)
+
+
+def test_training_writes_a_complete_model(tiny_run):
   cfg = tiny()
-  path = trainer.train(cfg, tmp_path / "run", progress=False)
-  detector, meta = checkpoint.load_model(path)
+  run, path = tiny_run
+  model = saved_model.load(path)
+  detector, meta = model.detector, model.meta
+  assert model.method.name == meta["method"] == "efficientad"
   assert set(detector.params) == {"teacher", "student", "autoencoder"}
   assert detector.teacher_stats.mean.shape == (cfg.model.teacher_channels,)
   q = detector.quantiles
@@ -48,18 +57,20 @@ def test_training_writes_a_complete_model(tmp_path):
   assert meta["image_size"] == 64 and meta["model_size"] == "small" and np.isfinite(meta["threshold"])
   saved = config_lib.from_dict(config_lib.Config, meta["config"])
   assert saved == cfg  # synthetic data live in the run (RUN/data), resolved at run time: a copy still works
-  assert saved.data.root == "" and (tmp_path / "run" / "data").is_dir()
-  assert (tmp_path / "run" / "config.json").exists()
+  assert saved.data.root == "" and (run / "data").is_dir()
+  assert (run / "config.json").exists()
   assert meta["global_batch"] == 1
   # RUN/splits.json lists the images of both splits, disjoint, as the data pipeline used them.
-  splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+  splits = json.loads((run / "splits.json").read_text())
   assert splits["num_train"] == len(splits["train"]) == cfg.data.synthetic_train
   assert splits["num_validation"] == len(splits["validation"]) == cfg.data.synthetic_validation
   assert not set(splits["train"]) & set(splits["validation"])
   assert all(os.path.isfile(f) for f in splits["train"] + splits["validation"])
   # A restart with other settings must not silently continue this run.
+  before = sorted(str(p) for p in run.rglob("*"))
   with pytest.raises(ValueError, match="different config"):
-    trainer.train(tiny(**{"train.seed": 1}), tmp_path / "run", progress=False)
+    trainer.train(tiny(**{"train.seed": 1}), run, progress=False)
+  assert sorted(str(p) for p in run.rglob("*")) == before
 
 
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, jax_cache):
@@ -90,7 +101,8 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, jax_cache):
 def test_splits_json_records_the_seeded_hold_out(tmp_path):
   """MVTec AD layout: the reference's n - int(0.9 n) held-out images, listed by path, seeded by train.seed."""
   cfg = tiny(**{"data.synthetic_layout": "mvtec_ad", "data.synthetic_train": 12, "train.steps": 1})
-  trainer.train(cfg, tmp_path / "a", progress=False)
+  cfg = engine.resolve_paths(cfg, tmp_path / "a")
+  trainer.write_splits(tmp_path / "a", trainer.checked_datasets(cfg), cfg)  # what train() writes, untrained
   splits = json.loads((tmp_path / "a" / "splits.json").read_text())
   assert len(splits["validation"]) == 12 - int(0.9 * 12) == 2 and len(splits["train"]) == 10
   assert not set(splits["train"]) & set(splits["validation"])
@@ -100,47 +112,47 @@ def test_splits_json_records_the_seeded_hold_out(tmp_path):
 
 _DEVICES = r"""
 import sys, jax, numpy as np
-from efficientad_jax import checkpoint, trainer
+jax.config.update("jax_default_matmul_precision", "highest")  # as in the pytest process (conftest)
+from efficientad_jax import saved_model, trainer
 from experiments import cli
 cli.setup_logging()
 from tests.test_trainer import tiny
-path = trainer.train(tiny(**{"train.steps": 2}), sys.argv[1], progress=False)
-det, meta = checkpoint.load_model(path)
+path = trainer.train(tiny(), sys.argv[1], progress=False)
+model = saved_model.load(path)
+det, meta = model.detector, model.meta
 np.savez(sys.argv[2], *[np.asarray(x) for x in jax.tree_util.tree_leaves(det.params)])
 print("DEVICES", jax.device_count(), "GLOBAL_BATCH", meta["global_batch"])
 """
 
 
-def test_batch_one_on_eight_devices_trains_as_on_one(tmp_path, jax_cache):
-  """The default global batch of 1 runs on one of 8 devices: the same parameters as a 1-device machine."""
-  runs = {}
-  for n in (1, 8):  # the session's compilation cache: programs of the other tiny runs are not compiled again
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-               **jax_cache_env(jax_cache))
-    proc = subprocess.run([sys.executable, "-c", _DEVICES, str(tmp_path / f"run{n}"), str(tmp_path / f"p{n}.npz")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert f"DEVICES {n} GLOBAL_BATCH 1" in proc.stdout
-    assert f"global batch 1 on 1 of {n} devices: 1 image(s) per device" in proc.stderr
-    runs[n] = np.load(tmp_path / f"p{n}.npz")
-  assert len(runs[1].files) == len(runs[8].files) > 0
+def test_batch_one_on_eight_devices_trains_as_on_one(tmp_path, tiny_run, jax_cache):
+  """The default global batch of 1 runs on one of 8 devices: the same parameters as the 1-device run."""
+  env = dict(os.environ, **devices_env(8), **jax_cache_env(jax_cache))
+  proc = subprocess.run([sys.executable, "-c", _DEVICES, str(tmp_path / "run8"), str(tmp_path / "p8.npz")],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  assert "DEVICES 8 GLOBAL_BATCH 1" in proc.stdout
+  assert "global batch 1 on 1 of 8 devices: 1 image(s) per device" in proc.stderr
+  eight = np.load(tmp_path / "p8.npz")
+  one, _ = _params(tiny_run[1])
+  assert len(eight.files) == len(one) > 0
   # Same single-device mesh, same numbers up to float32 rounding: XLA:CPU with 8 simulated devices splits the
-  # host's intra-op threads differently, which reorders some sums (observed at most 6.3e-8 after 2 steps).
-  for k in runs[1].files:
-    np.testing.assert_allclose(runs[8][k], runs[1][k], rtol=0, atol=1e-6, err_msg=k)
+  # host's intra-op threads differently, which reorders some sums (BUILD_NOTES.md, "Test suite").
+  for i, a in enumerate(one):
+    np.testing.assert_allclose(eight[f"arr_{i}"], np.asarray(a), rtol=0, atol=1e-6, err_msg=str(i))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   # From its third update on the optimizer explodes the parameters, so the losses of step 4 are NaN (a NaN
   # image would not do: XLA:CPU's fused conv+ReLU maps NaN inputs to 0).
-  make = train_step.make_optimizer
+  make = optim.make_optimizer
 
   def exploding(cfg, total_steps):
     blow_up = optax.scale_by_schedule(lambda count: jnp.where(count >= 2, 1e38, 1.0))
     return optax.chain(make(cfg, total_steps), blow_up)
 
-  monkeypatch.setattr(train_step, "make_optimizer", exploding)
-  with pytest.raises(trainer.TrainingDiverged, match="step 4: non-finite"):
+  monkeypatch.setattr(optim, "make_optimizer", exploding)
+  with pytest.raises(engine.TrainingDiverged, match="step 4: non-finite"):
     trainer.train(tiny(**{"train.steps": 6}), tmp_path / "run", progress=False)
   ckpts = checkpoint.TrainCheckpoints(tmp_path / "run" / "checkpoints", 2)
   assert ckpts.latest_step() == 2
@@ -151,11 +163,11 @@ _WORKER = r"""
 import sys, jax, numpy as np
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
-from efficientad_jax import trainer, checkpoint
+from efficientad_jax import trainer, saved_model
 from tests.test_trainer import tiny
 cfg = tiny(**{"train.steps": 3, "train.batch_size": 2})  # one image per process
 path = trainer.train(cfg, sys.argv[3], progress=False)
-det, _ = checkpoint.load_model(path)
+det = saved_model.load(path).detector
 print("CHECKSUM", repr(sum(float(np.abs(np.asarray(x, np.float64)).sum()) for x in jax.tree_util.tree_leaves(det.params))))
 """
 

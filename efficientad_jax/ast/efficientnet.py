@@ -51,7 +51,7 @@ def make_divisible(v: float, divisor: int = 8) -> int:
 def stage_specs(width: float, depth: float, stages: int) -> tuple[tuple[BlockSpec, ...], ...]:
   """Blocks of features.1..features.<stages>: the first block of a stage strides and changes width."""
   if not 1 <= stages <= len(_B0_STAGES):
-    raise ValueError(f"backbone_stages must be in 1..{len(_B0_STAGES)}, got {stages}")
+    raise ValueError(f"backbone.stages must be in 1..{len(_B0_STAGES)}, got {stages}")
   out = []
   for ratio, k, stride, cin, cout, layers in _B0_STAGES[:stages]:
     cin, cout = make_divisible(cin * width), make_divisible(cout * width)

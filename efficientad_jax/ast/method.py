@@ -9,33 +9,28 @@ Inference (images -> maps), method name 'efficientad_ast':
   map_st = mean_c (z - s[:C])^2;  map_ae = mean_c (a - s[C:])^2
   map_combined = st_weight * map_st + ae_weight * map_ae   (no quantile normalisation)
   anomaly_map = bilinear resize of map_combined to the original size (NO padding);  score = max.
-`predict` returns the same keys as `efficientad_jax.inference.predict`, so evaluation and the benchmark work
-unchanged. The model is stored with `checkpoint.save_model`: `Detector.params` holds {'backbone', 'flow',
-'student', 'student_stats' (BatchNorm running statistics), 'autoencoder'}; AST has no teacher normalisation
-and no map normalisation, so `Detector.teacher_stats` / `.quantiles` hold the identity (mean 0, std 1;
-start 0, end 1) only because the shared model format requires them; `predict` never reads them.
+`predict` returns the same keys as `efficientad_jax.inference.predict`, so evaluation, export and the
+benchmark work unchanged. AST has no teacher normalisation and no map normalisation: its detector is the
+params dict {'backbone', 'flow', 'student', 'student_stats' (BatchNorm running statistics), 'autoencoder'},
+saved by `saved_model.save(path, METHOD, params, meta)` as arrays/{'params'} through `SAVED_MODEL`.
 """
 
 from __future__ import annotations
 
 import functools
-import pathlib
 from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from efficientad_jax import backend, checkpoint
+from efficientad_jax import backend, saved_model
 from efficientad_jax import config as config_lib
 from efficientad_jax.ast import efficientnet
 from efficientad_jax.ast.autoencoder import FeatureAutoencoder
 from efficientad_jax.ast.flow import ConditionalFlow, positional_encoding
 from efficientad_jax.ast.student import ResidualStudent
-from efficientad_jax.config import AstConfig
-from efficientad_jax.inference import Detector
+from efficientad_jax.ast.config import AstConfig
 from efficientad_jax.models import resize
-from efficientad_jax.normalization import MapQuantiles, TeacherStats
-from efficientad_jax.predict import LoadedModel  # the same loaded-model record as EfficientAD
 
 METHOD = "efficientad_ast"
 
@@ -52,21 +47,21 @@ class Nets(NamedTuple):
 
 def build(cfg: AstConfig) -> Nets:
   """The four networks for `cfg` (B5 by default: C = 304, g = image_size / 32)."""
-  stride = efficientnet.feature_stride(cfg.backbone_stages)
-  if cfg.image_size % stride:
-    raise ValueError(f"image_size {cfg.image_size} must be a multiple of the backbone stride {stride}")
-  dtype = jnp.dtype(cfg.dtype)
-  c = efficientnet.feature_channels(cfg.backbone_width, cfg.backbone_stages)
-  p = cfg.pos_channels
+  stride = efficientnet.feature_stride(cfg.backbone.stages)
+  if cfg.model.image_size % stride:
+    raise ValueError(f"image_size {cfg.model.image_size} must be a multiple of the backbone stride {stride}")
+  dtype = jnp.dtype(cfg.model.dtype)
+  c = efficientnet.feature_channels(cfg.backbone.width, cfg.backbone.stages)
+  m, p = cfg.model, cfg.model.pos_channels
   return Nets(
-      backbone=efficientnet.EfficientNetTrunk(cfg.backbone_width, cfg.backbone_depth, cfg.backbone_stages,
-                                              cfg.backbone_bn_eps),
-      flow=ConditionalFlow(c, p, cfg.flow_blocks, cfg.flow_hidden, cfg.flow_kernel, cfg.flow_clamp,
-                           cfg.flow_seed, dtype),
-      student=ResidualStudent(c + p, 2 * c, cfg.student_hidden, cfg.student_blocks, cfg.student_kernel,
-                              cfg.leaky_slope, cfg.bn_momentum, cfg.bn_eps, dtype),
-      autoencoder=FeatureAutoencoder(c, c, cfg.ae_channels, cfg.ae_dropout, dtype),
-      channels=c, grid=cfg.image_size // stride, pos_channels=p)
+      backbone=efficientnet.EfficientNetTrunk(cfg.backbone.width, cfg.backbone.depth, cfg.backbone.stages,
+                                              cfg.backbone.bn_eps),
+      flow=ConditionalFlow(c, p, cfg.flow.blocks, cfg.flow.hidden, cfg.flow.kernel, cfg.flow.clamp,
+                           cfg.flow.seed, dtype),
+      student=ResidualStudent(c + p, 2 * c, m.student_hidden, m.student_blocks, m.student_kernel, m.leaky_slope,
+                              m.bn_momentum, m.bn_eps, dtype),
+      autoencoder=FeatureAutoencoder(c, c, m.ae_channels, m.ae_dropout, dtype),
+      channels=c, grid=cfg.model.image_size // stride, pos_channels=p)
 
 
 def init_params(nets: Nets, key: jax.Array, image_size: int) -> dict:
@@ -115,55 +110,43 @@ def maps_from_features(nets: Nets, params: dict, f: jnp.ndarray) -> tuple[jnp.nd
   return jnp.mean(jnp.square(z - s[..., :c]), -1), jnp.mean(jnp.square(a - s[..., c:]), -1)
 
 
-def predict(nets: Nets, cfg: AstConfig, detector: Detector, images: jnp.ndarray,
+def predict(nets: Nets, cfg: AstConfig, params: dict, images: jnp.ndarray,
             out_size: Sequence[int]) -> dict[str, jnp.ndarray]:
   """Images [B, S, S, 3] -> {'map_st', 'map_ae', 'map_combined' ([B, g, g]), 'anomaly_map' ([B, *out_size]),
   'score' ([B])}: the keys of `efficientad_jax.inference.predict`."""
-  map_st, map_ae = maps_from_features(nets, detector.params, features(nets, detector.params["backbone"], images))
-  combined = cfg.st_weight * map_st + cfg.ae_weight * map_ae
+  map_st, map_ae = maps_from_features(nets, params, features(nets, params["backbone"], images))
+  combined = cfg.maps.st_weight * map_st + cfg.maps.ae_weight * map_ae
   anomaly_map = resize(combined[..., None], tuple(out_size))[..., 0]
   return {"map_st": map_st, "map_ae": map_ae, "map_combined": combined, "anomaly_map": anomaly_map,
           "score": jnp.max(anomaly_map, axis=(1, 2))}
 
 
 def make_ast_predict_fn(nets: Nets, cfg: AstConfig) -> Callable[..., dict[str, jnp.ndarray]]:
-  """The jitted `predict`: fn(detector, images, out_size) with out_size static (one compile per size)."""
+  """The jitted `predict`: fn(params, images, out_size) with out_size static (one compile per size)."""
   return backend.jit(functools.partial(predict, nets, cfg), static_argnames="out_size")
 
 
 # --- The saved model.
 
 
-def make_detector(params: dict) -> Detector:
-  """Wraps AST params in the shared `Detector` (identity statistics and quantiles: see the module doc)."""
-  c = params["autoencoder"]["out2"]["bias"].shape[0]
-  one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
-  return Detector(params=params, teacher_stats=TeacherStats(mean=jnp.zeros(c), std=jnp.ones(c)),
-                  quantiles=MapQuantiles(st_start=zero, st_end=one, ae_start=zero, ae_end=one))
-
-
-def save_ast_model(path: str | pathlib.Path, params: dict, meta: dict) -> pathlib.Path:
-  """`checkpoint.save_model` with meta['method'] = 'efficientad_ast'."""
-  return checkpoint.save_model(path, make_detector(params), dict(meta, method=METHOD))
-
-
 @functools.lru_cache(maxsize=4)
 def compiled_predict(cfg: AstConfig) -> tuple[Nets, Callable]:
+  """(nets, jitted predict) per config: models loaded twice in one process share compilations."""
   nets = build(cfg)
   return nets, make_ast_predict_fn(nets, cfg)
 
 
-def from_loaded(detector: Detector, meta: dict) -> LoadedModel:
-  """A `LoadedModel` from what `checkpoint.load_model` returned (for loaders that dispatch on meta['method'])."""
-  if meta.get("method") != METHOD:
-    raise ValueError(f"meta['method'] is {meta.get('method')!r}, not {METHOD!r}")
-  cfg = config_lib.from_dict(AstConfig, meta["config"])
-  nets, predict_fn = compiled_predict(cfg)
-  return LoadedModel(detector=jax.device_put(detector), cfg=cfg, meta=meta, nets=nets, predict_fn=predict_fn)
+def _predict_pair(cfg: AstConfig) -> tuple[Callable[..., dict], Callable[..., dict]]:
+  nets, jitted = compiled_predict(cfg)
+  return functools.partial(predict, nets, cfg), jitted
 
 
-def load_ast(path: str | pathlib.Path) -> LoadedModel:
-  """Restores a model written by `train_ast` from RUN or RUN/model."""
-  path = pathlib.Path(path)
-  path = path / "model" if (path / "model" / "meta").exists() else path
-  return from_loaded(*checkpoint.load_model(path))
+def _inputs(cfg: AstConfig) -> saved_model.Inputs:
+  return saved_model.Inputs(image_size=cfg.model.image_size, mean=cfg.data.mean, std=cfg.data.std,
+                            dtype=cfg.model.dtype, seed=cfg.train.seed)
+
+
+SAVED_MODEL = saved_model.Method(
+    name=METHOD, config=lambda d: config_lib.from_dict(AstConfig, d), inputs=_inputs, predict=_predict_pair,
+    to_arrays=lambda params: {"params": params},
+    from_arrays=lambda tree: tree["params"])  # models saved before: also identity statistics, unused

@@ -1,4 +1,5 @@
-"""EfficientAD-AST training states, losses and pure steps (no I/O). The caller jits them (`compile_step`).
+"""EfficientAD-AST training states, losses and pure steps (no I/O). The caller jits them
+(`parallel.compile_step`); the flow's state is the shared `optim.TrainState`.
 
 Both stages read precomputed backbone features (the backbone is frozen and the training images are not
 augmented, so features are computed once per run):
@@ -7,35 +8,22 @@ augmented, so features are computed once per run):
                          [+ mean S_P[:C]^2, the ImageNet penalty, when penalty features are given]
                      z = teacher output (frozen, precomputed), S = student([f | pe]), A = autoencoder(f),
                      S_P = student([f_P | pe]) on backbone features f_P of penalty images
-Optimiser: PyTorch Adam(lr, eps, weight_decay) = coupled L2 added to the gradient before Adam's moments.
+Optimiser: `efficientad_jax.optim.make_optimizer(cfg.optim, steps)`, the one every method uses (PyTorch
+Adam(lr, eps, weight_decay): coupled L2 added to the gradient before Adam's moments; AST: constant lr).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from efficientad_jax import backend
 from efficientad_jax.ast import method
 from efficientad_jax.ast.flow import nll_loss
-from efficientad_jax.config import AstConfig
-
-
-def make_optimizer(cfg: AstConfig) -> optax.GradientTransformation:
-  return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                     optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
-                     optax.scale_by_learning_rate(cfg.learning_rate))
-
-
-@flax.struct.dataclass
-class FlowState:
-  step: jnp.ndarray  # int32 scalar
-  params: dict  # flow params
-  opt_state: Any
+from efficientad_jax.optim import TrainState
 
 
 @flax.struct.dataclass
@@ -48,10 +36,6 @@ class StudentState:
   best_batch_stats: dict
 
 
-def init_flow_state(params: dict, tx: optax.GradientTransformation) -> FlowState:
-  return FlowState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-
 def init_student_state(params: dict, tx: optax.GradientTransformation) -> StudentState:
   trainable = {"student": params["student"], "autoencoder": params["autoencoder"]}
   return keep_best(StudentState(step=jnp.zeros((), jnp.int32), params=trainable,
@@ -59,8 +43,8 @@ def init_student_state(params: dict, tx: optax.GradientTransformation) -> Studen
                                 best_params=trainable, best_batch_stats=params["student_stats"]))
 
 
-def flow_train_step(nets: method.Nets, tx: optax.GradientTransformation, state: FlowState,
-                    batch: dict[str, jnp.ndarray]) -> tuple[FlowState, dict[str, jnp.ndarray]]:
+def flow_train_step(nets: method.Nets, tx: optax.GradientTransformation, state: TrainState,
+                    batch: dict[str, jnp.ndarray]) -> tuple[TrainState, dict[str, jnp.ndarray]]:
   """batch: 'features' [B, g, g, C], optional 'weight' [B, g, g] (downsampled foreground mask)."""
   f = batch["features"]
 
@@ -69,9 +53,7 @@ def flow_train_step(nets: method.Nets, tx: optax.GradientTransformation, state: 
     return nll_loss(z, logdet, batch.get("weight"))
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  return FlowState(step=state.step + 1, params=params, opt_state=opt_state), {"loss": loss}
+  return state.apply_gradients(grads, tx), {"loss": loss}
 
 
 def student_losses(nets: method.Nets, trainable: dict, batch_stats: dict, batch: dict[str, jnp.ndarray],
@@ -143,13 +125,3 @@ def keep_best(state: StudentState) -> StudentState:
   """Copies (never aliases: the train step donates `params`) the current networks into `best_*`."""
   copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)  # noqa: E731
   return state.replace(best_params=copy(state.params), best_batch_stats=copy(state.batch_stats))
-
-
-def compile_step(fn: Callable, mesh: jax.sharding.Mesh, kinds: Sequence[str], out_kinds: Sequence[str],
-                 donate: Sequence[int] = ()) -> Callable:
-  """jit `fn` for data parallelism: each argument/output is 'r' (replicated) or 'd' (sharded on 'data')."""
-  spec = {"r": jax.sharding.PartitionSpec(), "d": jax.sharding.PartitionSpec("data")}
-  sh = lambda kinds: tuple(jax.sharding.NamedSharding(mesh, spec[k]) for k in kinds)  # noqa: E731
-  out = sh(out_kinds)
-  return backend.jit(fn, in_shardings=sh(kinds), out_shardings=out[0] if len(out) == 1 else out,
-                     donate_argnums=tuple(donate))

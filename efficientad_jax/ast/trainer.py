@@ -1,9 +1,9 @@
 """The EfficientAD-AST training run: features -> teacher flow -> student + autoencoder -> threshold -> model.
 
-`train_ast(cfg, workdir)` mirrors `efficientad_jax.trainer.train`: RUN/config.json (a restart with another
-config is refused), resumable orbax checkpoints per stage (RUN/checkpoints/flow/<epoch>,
-RUN/checkpoints/student/<epoch>; each also holds the frozen networks and a small JSON state), NaN stop, and the
-complete model in RUN/model (`checkpoint.save_model`, meta['method'] = 'efficientad_ast').
+`train_ast(cfg, workdir)` runs on the same engine as EfficientAD (`engine.py`): RUN/config.json (a restart
+with another config is refused), two resumable stages counted in epochs (RUN/checkpoints/flow/<epoch>,
+RUN/checkpoints/student/<epoch>; each also holds the frozen networks and a small JSON state), NaN stop,
+TensorBoard, and the complete model in RUN/model (`saved_model.save`, meta['method'] = 'efficientad_ast').
 Both stages read backbone features computed once per run from the un-augmented training images
 (`Datasets.train_eval`) and validation normals; batches are drawn by a seeded per-epoch permutation.
 Foreground masks: the data pipeline provides none for training images, so the flow NLL is a plain mean
@@ -22,24 +22,23 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-import tqdm
 
-from efficientad_jax import backend, checkpoint, train_step as base_step
+from efficientad_jax import backend, calibration, engine, optim, parallel, saved_model
 from efficientad_jax import config as config_lib
 from efficientad_jax.ast import efficientnet, method, train_step
-from efficientad_jax.config import AstConfig
-from efficientad_jax.data import eval_batches, make_datasets, pipeline
-from efficientad_jax.trainer import TrainingDiverged, image_batches, resolve_paths, write_config
+from efficientad_jax.ast.config import AstConfig
+from efficientad_jax.data import make_datasets, pipeline
 
 log = logging.getLogger("efficientad_jax")
 
 
 def load_backbone(cfg: AstConfig, params: dict) -> tuple[dict, str]:
   """The frozen EfficientNet trunk: imported from torchvision's .pth, or (demo only) random, said loudly."""
-  if cfg.backbone_weights:
-    return efficientnet.load_torchvision(cfg.backbone_weights, cfg.backbone_width, cfg.backbone_depth,
-                                         cfg.backbone_stages), cfg.backbone_weights
+  if cfg.backbone.weights:
+    return efficientnet.load_torchvision(cfg.backbone.weights, cfg.backbone.width, cfg.backbone.depth,
+                                         cfg.backbone.stages), cfg.backbone.weights
   log.warning("no backbone_weights: using a RANDOM EfficientNet trunk (fine for tests, not for results; pass "
               "a torchvision efficientnet_b5 state_dict .pth)")
   return params, "random"
@@ -48,7 +47,8 @@ def load_backbone(cfg: AstConfig, params: dict) -> tuple[dict, str]:
 def extract(nets: method.Nets, backbone: dict, records, batch_size: int) -> np.ndarray:
   """Backbone features of eval records, in order: float32 [N, g, g, C] on the host."""
   fn = backend.jit(lambda p, x: method.features(nets, p, x))
-  out = [np.asarray(fn(backbone, images))[:n] for images, n in image_batches(records, batch_size)]
+  out = [np.asarray(fn(backbone, images))[:len(indices)]
+         for _, indices, images in pipeline.size_batches(enumerate(pipeline.ordered(records)), batch_size)]
   return np.concatenate(out) if out else np.zeros((0, nets.grid, nets.grid, nets.channels), np.float32)
 
 
@@ -65,33 +65,28 @@ def _local(x: np.ndarray) -> np.ndarray:
   return x[jax.process_index() * k:(jax.process_index() + 1) * k]
 
 
-def _check(value: float, what: str) -> None:
-  if not math.isfinite(value):
-    raise TrainingDiverged(f"{what}: non-finite loss {value}; stopped, the last checkpoint is kept "
-                           "(lower learning_rate or check the input images)")
+def _epoch_mean(losses: list[jax.Array]) -> jax.Array:
+  return jnp.mean(jnp.stack(losses))  # on the device: the engine reads it at logged epochs only
 
 
 def train_flow(cfg: AstConfig, nets: method.Nets, flow_params: dict, feats: np.ndarray, frozen: dict,
-               workdir: pathlib.Path, mesh, progress: bool) -> dict:
+               workdir: pathlib.Path, mesh, progress: bool, writer=None) -> dict:
   """Stage 1: the teacher flow, `flow_epochs` epochs of NLL; resumable at checkpointed epochs."""
-  tx = train_step.make_optimizer(cfg)
-  step = train_step.compile_step(lambda s, b: train_step.flow_train_step(nets, tx, s, b), mesh, "rd", "rr", (0,))
-  state, frozen = base_step.replicate((train_step.init_flow_state(flow_params, tx), frozen), mesh)
-  ckpts = checkpoint.TrainCheckpoints(workdir / "checkpoints" / "flow", cfg.max_to_keep)
-  start = ckpts.latest_step() or 0
-  if start:
-    state, _, _ = ckpts.restore(start, state, frozen)
-    log.info("flow: resumed at epoch %d", start)
-  for epoch in tqdm.trange(start, cfg.flow_epochs, desc="flow", disable=not progress, dynamic_ncols=True):
+  t = cfg.train
+  tx = optim.make_optimizer(cfg.optim, t.flow_epochs * (len(feats) // t.batch_size))
+  step = parallel.compile_step(lambda s, b: train_step.flow_train_step(nets, tx, s, b), mesh, "rd", "rr", (0,))
+
+  def advance(state, frozen, epoch):
     losses = []
-    for idx in epoch_batches(len(feats), cfg.batch_size, cfg.seed, 1, epoch):
-      state, out = step(state, base_step.shard_batch({"features": _local(feats[idx])}, mesh))
+    for idx in epoch_batches(len(feats), t.batch_size, t.seed, 1, epoch):
+      state, out = step(state, parallel.shard_batch({"features": _local(feats[idx])}, mesh))
       losses.append(out["loss"])
-    _check(float(np.mean([float(v) for v in losses])), f"flow epoch {epoch + 1}")
-    if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.flow_epochs:
-      ckpts.save(epoch + 1, state, frozen, {"epoch": epoch + 1})
-  ckpts.wait()
-  ckpts.close()
+    return state, {"loss": _epoch_mean(losses)}
+
+  fresh = lambda: parallel.replicate((optim.TrainState.create(flow_params, tx), frozen), mesh)  # noqa: E731
+  stage = engine.Stage("flow", t.flow_epochs, 1, t.checkpoint_every, t.max_to_keep, unit="epoch")
+  state, _, _ = engine.run_stage(stage, workdir, advance, engine.Hooks(fresh=fresh, template=fresh),
+                                 writer=writer, show_progress=progress)
   return state.params
 
 
@@ -103,11 +98,8 @@ def penalty_features(cfg: AstConfig, nets: method.Nets, backbone: dict) -> Calla
     log.warning("no data.penalty source: training the AST student WITHOUT the ImageNet penalty (recorded in the "
                 "model as 'penalty: off')")
     return None
-  if cfg.data.penalty_resize < cfg.image_size:
-    raise ValueError(f"data.penalty_resize {cfg.data.penalty_resize} is smaller than image_size {cfg.image_size}: "
-                     f"the penalty image is resized to it and centre-cropped (the reference uses 2 x image_size)")
-  batches = pipeline.penalty_batches(source, image_size=cfg.image_size,
-                                     batch_size=cfg.batch_size // jax.process_count(), seed=cfg.seed,
+  batches = pipeline.penalty_batches(source, image_size=cfg.model.image_size,
+                                     batch_size=cfg.train.batch_size // jax.process_count(), seed=cfg.train.seed,
                                      data_cfg=cfg.data, process_index=jax.process_index(),
                                      process_count=jax.process_count())
   fn = backend.jit(lambda p, x: method.features(nets, p, x))
@@ -120,42 +112,35 @@ def _validation_loss(eval_fn, state, val: dict[str, np.ndarray], batch_size: int
   for i in range(0, n, batch_size):
     idx = np.arange(i, min(i + batch_size, n))
     pad = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
-    batch = base_step.shard_batch({k: _local(v[pad]) for k, v in val.items()}, mesh)
+    batch = parallel.shard_batch({k: _local(v[pad]) for k, v in val.items()}, mesh)
     total += float(np.sum(np.asarray(eval_fn(state, batch)["loss"])[:len(idx)]))
   return total / n
 
 
 def train_student(cfg: AstConfig, nets: method.Nets, params: dict, train: dict, val: dict, frozen: dict,
                   workdir: pathlib.Path, key: jax.Array, mesh, progress: bool,
-                  penalty: Callable[[int], np.ndarray] | None = None) -> tuple[dict, dict]:
+                  penalty: Callable[[int], np.ndarray] | None = None, writer=None) -> tuple[dict, dict]:
   """Stage 2: student + autoencoder, early stopping on the validation loss; returns (best params, summary).
 
   `penalty` (from `penalty_features`) gives the penalty features of each global student step, or None."""
-  tx = train_step.make_optimizer(cfg)
-  step = train_step.compile_step(lambda s, b, k: train_step.student_train_step(nets, tx, s, b, k), mesh,
-                                 "rdr", "rr", (0,))
-  eval_fn = train_step.compile_step(lambda s, b: train_step.student_eval_losses(nets, s, b), mesh, "rd", "r")
-  state, frozen = base_step.replicate((train_step.init_student_state(params, tx), frozen), mesh)
-  ckpts = checkpoint.TrainCheckpoints(workdir / "checkpoints" / "student", cfg.max_to_keep)
-  patience = max(1, int(cfg.patience_fraction * cfg.student_epochs))
+  t = cfg.train
+  steps_per_epoch = len(train["features"]) // t.batch_size
+  tx = optim.make_optimizer(cfg.optim, t.student_epochs * steps_per_epoch)
+  step = parallel.compile_step(lambda s, b, k: train_step.student_train_step(nets, tx, s, b, k), mesh,
+                               "rdr", "rr", (0,))
+  eval_fn = parallel.compile_step(lambda s, b: train_step.student_eval_losses(nets, s, b), mesh, "rd", "r")
+  patience = max(1, int(t.patience_fraction * t.student_epochs))
   early = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "bad_epochs": 0, "stopped": False}
-  if ckpts.latest_step():
-    state, _, early = ckpts.restore(ckpts.latest_step(), state, frozen)
-    log.info("student: resumed at epoch %d", early["epoch"])
-  bar = tqdm.tqdm(total=cfg.student_epochs, initial=early["epoch"], desc="student", disable=not progress)
-  while early["epoch"] < cfg.student_epochs and not early["stopped"]:
-    epoch = early["epoch"]
+
+  def advance(state, frozen, epoch):
     losses = []
-    steps_per_epoch = len(train["features"]) // cfg.batch_size
-    for i, idx in enumerate(epoch_batches(len(train["features"]), cfg.batch_size, cfg.seed, 2, epoch)):
+    for i, idx in enumerate(epoch_batches(len(train["features"]), t.batch_size, t.seed, 2, epoch)):
       local = {k: _local(v[idx]) for k, v in train.items()}
       if penalty is not None:
         local["penalty"] = penalty(epoch * steps_per_epoch + i)
-      batch = base_step.shard_batch(local, mesh)
-      state, out = step(state, batch, key)
+      state, out = step(state, parallel.shard_batch(local, mesh), key)
       losses.append(out["loss"])
-    _check(float(np.mean([float(v) for v in losses])), f"student epoch {epoch + 1}")
-    val_loss = _validation_loss(eval_fn, state, val, cfg.batch_size, mesh)
+    val_loss = _validation_loss(eval_fn, state, val, t.batch_size, mesh)
     early["epoch"] = epoch + 1
     if val_loss < early["best_loss"]:
       state = train_step.keep_best(state)
@@ -163,57 +148,47 @@ def train_student(cfg: AstConfig, nets: method.Nets, params: dict, train: dict, 
     else:
       early["bad_epochs"] += 1
       early["stopped"] = early["bad_epochs"] >= patience
-    bar.set_postfix(train=f"{float(np.mean([float(v) for v in losses])):.4f}", val=f"{val_loss:.4f}")
-    bar.update(1)
-    if early["epoch"] % cfg.checkpoint_every == 0 or early["stopped"] or early["epoch"] == cfg.student_epochs:
-      ckpts.save(early["epoch"], state, frozen, dict(early))
-  bar.close()
-  ckpts.wait()
-  ckpts.close()
+    return state, {"loss": _epoch_mean(losses), "validation_loss": val_loss}
+
+  fresh = lambda: parallel.replicate((train_step.init_student_state(params, tx), frozen), mesh)  # noqa: E731
+  hooks = engine.Hooks(fresh=fresh, template=fresh, progress=lambda: dict(early), resume=early.update,
+                       finished=lambda: early["stopped"])
+  stage = engine.Stage("student", t.student_epochs, 1, t.checkpoint_every, t.max_to_keep, unit="epoch")
+  state, _, _ = engine.run_stage(stage, workdir, advance, hooks, writer=writer, show_progress=progress)
   best = {**state.best_params, "student_stats": state.best_batch_stats}
   return best, {"epochs_run": early["epoch"], "best_epoch": early["best_epoch"],
                 "best_validation_loss": early["best_loss"], "early_stopped": early["stopped"],
                 "patience": patience}
 
 
-def calibrate_threshold(cfg: AstConfig, nets: method.Nets, params: dict, validation) -> float:
-  """The `threshold_quantile` of validation-normal image scores (test images are never used)."""
-  predict = method.make_ast_predict_fn(nets, cfg)
-  detector = method.make_detector(params)
-  scores = [float(predict(detector, b["image"], out_size=tuple(int(v) for v in b["orig_size"][0]))["score"][0])
-            for b in eval_batches(validation, 1)]
-  return float(np.quantile(scores, cfg.threshold_quantile))
-
-
 def train_ast(cfg: AstConfig, workdir: str | pathlib.Path, *, progress: bool = True) -> pathlib.Path:
   """Trains both stages, calibrates the threshold and saves the complete model; returns RUN/model."""
-  workdir = pathlib.Path(workdir).absolute()
-  saved_cfg = cfg  # RUN/config.json and the model keep a synthetic data.root empty (resolved at run time)
-  cfg = resolve_paths(cfg, workdir)
-  write_config(workdir, saved_cfg)
-  init_key, step_key = jax.random.split(jax.random.key(cfg.seed))
-  mesh = base_step.data_mesh()
-  if cfg.batch_size % jax.device_count():
-    raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {jax.device_count()} devices")
+  saved_cfg, cfg, workdir = engine.prepare_run(cfg, workdir)
+  engine.write_config(workdir, saved_cfg)
+  init_key, step_key = jax.random.split(jax.random.key(cfg.train.seed))
+  mesh = parallel.data_mesh()
+  if cfg.train.batch_size % jax.device_count():
+    raise ValueError(f"train.batch_size {cfg.train.batch_size} must be divisible by the {jax.device_count()} devices")
 
   # --- Data, networks, features of the training and validation normals.
-  ds = make_datasets(cfg.data, image_size=cfg.image_size, seed=cfg.seed)
+  ds = make_datasets(cfg.data, image_size=cfg.model.image_size, seed=cfg.train.seed)
   nets = method.build(cfg)
-  params = method.init_params(nets, init_key, cfg.image_size)
+  params = method.init_params(nets, init_key, cfg.model.image_size)
   params["backbone"], backbone_source = load_backbone(cfg, params["backbone"])
   penalty = penalty_features(cfg, nets, params["backbone"])  # lazy: checks the settings now, reads at each step
-  eval_batch = max(1, cfg.batch_size // jax.process_count()) * jax.process_count()
+  eval_batch = max(1, cfg.train.batch_size // jax.process_count()) * jax.process_count()
   feats = extract(nets, params["backbone"], ds.train_eval, eval_batch)
   val_feats = extract(nets, params["backbone"], ds.validation, eval_batch)
   if not len(val_feats):
     raise ValueError("no validation images: early stopping and the threshold need them "
                      "(data.validation_fraction > 0, or LOCO's validation/good)")
-  if len(feats) < cfg.batch_size:
-    raise ValueError(f"{len(feats)} training images, fewer than batch_size {cfg.batch_size}")
+  if len(feats) < cfg.train.batch_size:
+    raise ValueError(f"{len(feats)} training images, fewer than train.batch_size {cfg.train.batch_size}")
 
   # --- Stage 1: the teacher flow.
+  writer = engine.log_writer(workdir)
   params["flow"] = train_flow(cfg, nets, params["flow"], feats, {"backbone": params["backbone"]}, workdir,
-                              mesh, progress)
+                              mesh, progress, writer)
 
   # --- Stage 2: student + autoencoder on the frozen teacher's outputs.
   teach = backend.jit(lambda p, f: method.teacher(nets, p, f))
@@ -222,17 +197,21 @@ def train_ast(cfg: AstConfig, workdir: str | pathlib.Path, *, progress: bool = T
   train = {"features": feats, "target": targets(feats)}
   val = {"features": val_feats, "target": targets(val_feats)}
   frozen = {"backbone": params["backbone"], "flow": params["flow"]}
-  best, summary = train_student(cfg, nets, params, train, val, frozen, workdir, step_key, mesh, progress, penalty)
+  best, summary = train_student(cfg, nets, params, train, val, frozen, workdir, step_key, mesh, progress, penalty,
+                                writer)
   params.update(best)
+  if writer is not None:
+    writer.close()
 
   # --- Threshold from validation normals, then the complete model.
-  threshold = calibrate_threshold(cfg, nets, params, ds.validation)
-  meta = {"config": config_lib.to_dict(saved_cfg), "image_size": cfg.image_size, "model_size": "ast",
+  _, predict_fn = method.compiled_predict(cfg)
+  threshold = calibration.threshold(predict_fn, params, ds.validation, cfg.maps.threshold_quantile, eval_batch)
+  meta = {"config": config_lib.to_dict(saved_cfg), "image_size": cfg.model.image_size, "model_size": "ast",
           "teacher": "flow", "backbone": backbone_source, "penalty": "off" if penalty is None else "on",
           "threshold": threshold,
-          "threshold_rule": f"{cfg.threshold_quantile} quantile of validation image scores",
-          "flow_epochs": cfg.flow_epochs, "steps": summary["epochs_run"], "student": summary,
+          "threshold_rule": f"{cfg.maps.threshold_quantile} quantile of validation image scores",
+          "flow_epochs": cfg.train.flow_epochs, "steps": summary["epochs_run"], "student": summary,
           "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-  path = method.save_ast_model(workdir / "model", params, meta)
+  path = saved_model.save(workdir / "model", method.METHOD, params, meta)
   log.info("saved the AST model to %s (threshold %.4f)", path, threshold)
   return path

@@ -12,7 +12,7 @@ import functools
 import json
 import pathlib
 import zlib
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import grain
 import numpy as np
@@ -206,3 +206,39 @@ def penalty_source(spec: str, tfds_data_dir: str = "") -> Sequence[Any] | None:
   if not paths:
     raise DataError(f"penalty folder {folder}: no {'/'.join(PENALTY_SUFFIXES)} images")
   return paths
+
+
+def size_batches(records: Iterable[tuple[int, dict]], batch_size: int
+                 ) -> Iterator[tuple[tuple[int, int], list[int], np.ndarray]]:
+  """Groups (index, record) by original size into batches of exactly `batch_size` images.
+
+  A size's last batch is padded by repeating its last image, so each original size has one batch
+  shape and the predict function compiles once per size (the output size is a static argument).
+
+  Yields:
+    ((H, W), indices of the real images, images [batch_size, S, S, 3] float32).
+  """
+  buckets: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+
+  def stack(bucket):
+    images = [image for _, image in bucket]
+    images += [images[-1]] * (batch_size - len(images))
+    return [i for i, _ in bucket], np.stack(images)
+
+  for index, record in records:
+    size = tuple(int(v) for v in record["orig_size"])
+    bucket = buckets.setdefault(size, [])
+    bucket.append((index, record["image"]))
+    if len(bucket) == batch_size:
+      yield (size, *stack(bucket))
+      buckets[size] = []
+  for size, bucket in buckets.items():
+    if bucket:
+      yield (size, *stack(bucket))
+
+
+def ordered(records: Any) -> Iterator[dict]:
+  """Records in order; a grain MapDataset is decoded by a few threads ahead of the device."""
+  if isinstance(records, grain.MapDataset):
+    return iter(records.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=16)))
+  return iter(records)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -38,7 +39,16 @@ def build(cfg: ModelConfig, *, padded_teacher: bool = False) -> Models:
 
 
 def init_params(models: Models, key: jax.Array, image_size: int) -> dict:
-  """Fresh parameters {'teacher', 'student', 'autoencoder'} (PyTorch default init)."""
+  """Fresh parameters {'teacher', 'student', 'autoencoder'} (PyTorch default init), in one compiled program.
+
+  The parameters do not depend on the conv backward (`conv_impl`), so every implementation shares one
+  compilation of the initialisation."""
+  plain = Models(*(m.clone(conv_impl="xla") for m in models))
+  return _init(plain, key, image_size)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(models: Models, key: jax.Array, image_size: int) -> dict:
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   kt, ks, ka = jax.random.split(key, 3)
   return {

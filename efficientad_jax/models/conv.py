@@ -2,8 +2,9 @@
 
 XLA's CPU backend computes the weight gradient of a convolution as another convolution with the batch as
 the contracted feature dimension. For the PDN's wide layers (128-256 input channels) that is fast, but for
-the autoencoder's narrow (32-64 channel) and strided layers it is 3-25x slower than a matmul (BUILD_NOTES,
-issue 6). The weight gradient is a plain matrix product of image patches and output gradients,
+the autoencoder's narrow (32-64 channel) and strided layers it is many times slower than a matmul
+(BUILD_NOTES.md, "Performance"). The weight gradient is a plain matrix product of image patches and output
+gradients,
 
   dW[i, j, c, o] = sum_{b, y, x} X_pad[b, s*y + i, s*x + j, c] * G[b, y, x, o],
 
@@ -24,8 +25,6 @@ Implementations (`ModelConfig.conv_impl`):
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 from typing import Any, Callable, Sequence
 
@@ -34,16 +33,10 @@ import jax.numpy as jnp
 from jax import lax
 
 IMPLS = ("auto", "xla", "im2col", "shifted", "mixed")
-CPU_IMPL = "mixed"  # what "auto" picks on CPU (measured fastest, see experiments/benchmark.py --mode conv)
-# "mixed" keeps XLA's own weight gradient from this many input channels up (stride 1): measured on 2 cores at
-# 3x256x256, PDN-S conv2 (128 -> 256) 150-240 ms vs 290 ms as matmuls, conv4 (256 -> 768) 170 vs 220 ms;
-# below it XLA's is the slow one (autoencoder 64 -> 64 at 63x63: 150 ms vs 7 ms).
+CPU_IMPL = "mixed"  # what "auto" picks on CPU: the fastest there (`experiments.benchmark --mode conv`)
+# "mixed" keeps XLA's own weight gradient from this many input channels up (stride 1): there XLA:CPU's own is
+# as fast as the matmuls, below it far slower (BUILD_NOTES.md, "Performance").
 XLA_WGRAD_MIN_CHANNELS = 128
-
-
-# Trace-time override of "auto" (tests and benchmarks compare implementations of the same model). It is read
-# when a function is traced, so wrap the FIRST call of a fresh `jax.jit`, not its creation.
-_AUTO_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("conv_impl", default=None)
 
 
 def resolve_impl(impl: str) -> str:
@@ -51,23 +44,8 @@ def resolve_impl(impl: str) -> str:
   if impl not in IMPLS:
     raise ValueError(f"conv_impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
-    override = _AUTO_OVERRIDE.get()
-    if override is not None:
-      return override
     return CPU_IMPL if jax.default_backend() == "cpu" else "xla"
   return impl
-
-
-@contextlib.contextmanager
-def override_auto(impl: str | None):
-  """Within the block, convs built with impl "auto" trace as `impl` (None: no override)."""
-  if impl is not None and (impl not in IMPLS or impl == "auto"):
-    raise ValueError(f"override must be one of {IMPLS[1:]}, got {impl!r}")
-  token = _AUTO_OVERRIDE.set(impl)
-  try:
-    yield
-  finally:
-    _AUTO_OVERRIDE.reset(token)
 
 
 def _forward(x: jnp.ndarray, w: jnp.ndarray, strides: tuple[int, int],

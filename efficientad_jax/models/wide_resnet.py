@@ -26,15 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efficientad_jax.weights import WeightsError, load_state_dict  # one error for weights that do not fit
+
 WRN101_2 = {"blocks": (3, 4, 23), "planes": (64, 128, 256), "width_factor": 2, "stem": 64}
 EXPANSION = 4  # bottleneck output channels = planes * 4
 _STRIDES = (1, 2, 2)  # layer1..layer3
 _BN_EPS = 1e-5  # torchvision's BatchNorm2d default
 _IGNORED = re.compile(r"^(fc|layer4)\.|\.num_batches_tracked$")  # in the file, not needed up to layer3
-
-
-class WeightsError(ValueError):
-  """A backbone state_dict that does not fit the architecture; names the file and the keys."""
 
 
 def _conv(features: int, kernel: int, stride: int, pad: int, dtype: Any, name: str) -> nn.Conv:
@@ -97,9 +95,9 @@ class WideResNet(nn.Module):
 
 
 def from_config(cfg: Any, dtype: Any = jnp.float32) -> WideResNet:
-  """The backbone of a config with fields backbone_blocks, backbone_planes, backbone_width, backbone_stem."""
-  return WideResNet(blocks=tuple(cfg.backbone_blocks), planes=tuple(cfg.backbone_planes),
-                    width_factor=cfg.backbone_width, stem=cfg.backbone_stem, dtype=dtype)
+  """The backbone of a config section with fields blocks, planes, width, stem (`WideResNetConfig`)."""
+  return WideResNet(blocks=tuple(cfg.blocks), planes=tuple(cfg.planes), width_factor=cfg.width, stem=cfg.stem,
+                    dtype=dtype)
 
 
 def abstract_variables(net: WideResNet) -> dict:
@@ -167,6 +165,4 @@ def _torch_shape(hwio: tuple) -> tuple:
 
 def load_backbone(path: str, net: WideResNet) -> dict:
   """`variables_from_state` of a `.pth` file, read without torch (efficientad_jax.pth)."""
-  from efficientad_jax import pth  # noqa: PLC0415  (models stay importable without the reader)
-
-  return variables_from_state(pth.load_state_dict(str(path)), net, source=str(path))
+  return variables_from_state(load_state_dict(path), net, source=str(path))

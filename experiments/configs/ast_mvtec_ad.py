@@ -1,8 +1,8 @@
 """EfficientAD-AST on MVTec AD, the published settings (method 'efficientad_ast').
 
-  python -m experiments.train --method efficientad_ast --config experiments/configs/ast_mvtec_ad.py \
+  python -m experiments.train --method efficientad_ast --dataset mvtec_ad \
       --set data.root=/data/mvtec_ad --set data.category=bottle \
-      --set backbone_weights=weights/efficientnet_b5.pth
+      --set backbone.weights=weights/efficientnet_b5.pth
 
 768x768 input, EfficientNet-B5 (torchvision state_dict) cut after features.6 (304 x 24 x 24), flow teacher
 240 epochs, student + autoencoder up to 100 epochs (early stopping on validation normals), batch 8.
@@ -10,7 +10,8 @@ Published (AST-EfficientAD variant): image / pixel AU-ROC 96.98 / 94.00 over the
 Not reproduced in this repository (no GPU and no B5 weights were available to the session that wrote it).
 """
 
-from efficientad_jax.config import AstConfig, DataConfig
+from efficientad_jax.ast.config import AstConfig
+from efficientad_jax.config import DataConfig
 
 
 def get_config(arg: str = ""):

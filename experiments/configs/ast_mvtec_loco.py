@@ -1,14 +1,15 @@
 """EfficientAD-AST on MVTec LOCO, the published settings (method 'efficientad_ast').
 
-  python -m experiments.train --method efficientad_ast --config experiments/configs/ast_mvtec_loco.py \
+  python -m experiments.train --method efficientad_ast --dataset mvtec_loco \
       --set data.root=/data/mvtec_loco --set data.category=breakfast_box \
-      --set backbone_weights=weights/efficientnet_b5.pth
+      --set backbone.weights=weights/efficientnet_b5.pth
 
 As ast_mvtec_ad.py; validation normals are LOCO's own validation/good (early stopping and the threshold).
 Published: image AU-ROC 73.3, AU-sPRO 73.5 (mean over the 5 objects). Not reproduced in this repository.
 """
 
-from efficientad_jax.config import AstConfig, DataConfig
+from efficientad_jax.ast.config import AstConfig
+from efficientad_jax.config import DataConfig
 
 
 def get_config(arg: str = ""):

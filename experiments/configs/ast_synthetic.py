@@ -9,18 +9,20 @@ The backbone is random (no EfficientNet-B5 weights can be assumed), so the maps 
 
 import dataclasses
 
-from efficientad_jax.config import AstConfig, DataConfig
+from efficientad_jax.ast.config import AstConfig, AstModelConfig, EfficientNetConfig, FlowConfig
+from efficientad_jax.config import DataConfig
 
 
 def get_config(arg: str = ""):
   data = DataConfig(dataset="synthetic", synthetic_layout="mvtec_ad", synthetic_size=128, synthetic_train=40,
                     synthetic_test=8, validation_fraction=0.2)
-  cfg = AstConfig(data=data, image_size=256, flow_epochs=8, student_epochs=8, batch_size=8)
+  cfg = AstConfig(model=AstModelConfig(image_size=256), data=data)
+  cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, flow_epochs=8, student_epochs=8))
   if "tiny" in arg.split(","):
     cfg = dataclasses.replace(
         cfg, data=dataclasses.replace(data, synthetic_size=64, synthetic_train=4, synthetic_test=2,
                                       validation_fraction=0.25),
-        image_size=16, backbone_width=0.25, backbone_depth=0.25, backbone_stages=2, pos_channels=8,
-        flow_blocks=2, flow_hidden=16, student_hidden=16, student_blocks=1, ae_channels=8, flow_epochs=2,
-        student_epochs=3, batch_size=2, checkpoint_every=1)
+        model=AstModelConfig(image_size=16, pos_channels=8, student_hidden=16, student_blocks=1, ae_channels=8),
+        backbone=EfficientNetConfig(width=0.25, depth=0.25, stages=2), flow=FlowConfig(blocks=2, hidden=16),
+        train=dataclasses.replace(cfg.train, flow_epochs=2, student_epochs=3, batch_size=2, checkpoint_every=1))
   return cfg

@@ -9,31 +9,26 @@ Expected runtime on one H100 -- ESTIMATED from XLA's FLOP counts, never measured
 layer3 at 512^2 costs 210 GFLOP and the target aggregation 45 GFLOP (39 of them the float32 layer2 pooling
 conv), the padded PDN forward+backward at 256^2 110 GFLOP (S) / 370 GFLOP (M); 960,000 images give
 3.5e17 / 6.0e17 FLOP, i.e. about 45 min (S) / 65 min (M) at ~200 TFLOP/s effective TF32 (1.2 h / 2 h at
-25 % utilisation), if ~12 grain workers (distill.num_workers) keep up with JPEG decoding.
+25 % utilisation), if ~12 grain workers (data.num_workers) keep up with JPEG decoding.
 `get_config("small,tiny")` is the same pipeline with a tiny random backbone for the tests.
 """
 
 import dataclasses
 
-from efficientad_jax.config import DistillConfig
+from efficientad_jax.distill_config import DistillConfig, DistillModelConfig, TargetConfig
 from experiments.configs.common import parse_size
 
 
-@dataclasses.dataclass(frozen=True)
-class DistillExperiment:
-  """Top level of `--set distill.<field>=...` overrides."""
-
-  distill: DistillConfig = DistillConfig()
-
-
-def get_config(arg: str = "small") -> DistillExperiment:
+def get_config(arg: str = "small") -> DistillConfig:
   parts = [a for a in (arg or "small").split(",") if a]
   size = parse_size(next((a for a in parts if a != "tiny"), "small"))
-  cfg = DistillConfig(size=size)
+  cfg = DistillConfig(model=DistillModelConfig(size=size))
   if "tiny" in parts:
     # Same code, shrunk: WideResNet [1, 1, 2] blocks with narrow planes, 64^2 student / 128^2 backbone.
     cfg = dataclasses.replace(
-        cfg, backbone_blocks=(1, 1, 2), backbone_planes=(4, 8, 16), backbone_stem=8, layer_dim=256,
-        image_size=64, backbone_size=128, steps=20, batch_size=2, learning_rate=1e-3, num_stat_images=4,
-        checkpoint_every=10, log_every=1)
-  return DistillExperiment(distill=cfg)
+        cfg, model=dataclasses.replace(cfg.model, image_size=64),
+        backbone=dataclasses.replace(cfg.backbone, blocks=(1, 1, 2), planes=(4, 8, 16), stem=8, image_size=128),
+        target=TargetConfig(layer_dim=256, num_stat_images=4),
+        optim=dataclasses.replace(cfg.optim, learning_rate=1e-3),
+        train=dataclasses.replace(cfg.train, steps=20, batch_size=2, checkpoint_every=10, log_every=1))
+  return cfg
