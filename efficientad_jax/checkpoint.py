@@ -66,8 +66,19 @@ class TrainCheckpoints:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    """The steps (units) of every complete checkpoint, ascending."""
+    return sorted(self._manager.all_steps())
+
+  def check(self) -> None:
+    """Raises the error of a failed asynchronous save (a disk that filled during the write) now, so that
+    training stops at the next boundary instead of running on to the end without checkpoints."""
+    with _disk_full_as_oserror(self._manager.directory):
+      self._manager.check_for_errors()
+
   def save(self, step: int, state: Any, frozen: Any, data_state: dict) -> None:
     check_space(self._manager.directory, 2 * tree_bytes(state, frozen))  # the new one before the old goes
+    self.check()
     with _disk_full_as_oserror(self._manager.directory):
       self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        frozen=ocp.args.StandardSave(frozen),

@@ -5,15 +5,19 @@ and serialisable to JSON for the saved model. Every method's config (`Config` he
 `distill_config.DistillConfig`) is composed of sections; the sections all methods share (`OptimConfig`,
 `InputConfig`, `RunConfig` and their extensions) are defined once here, with their range rules.
 `experiments/configs/*.py` build configs with `get_config()`; `override(cfg, ["train.steps=100", ...])`
-applies command-line overrides with type checking, `validate(cfg)` checks every section's ranges.
+applies command-line overrides with type checking, `validate(cfg)` checks every section's ranges
+(`config_tree.py`, the operations on any config tree).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import typing
-from typing import Any, Sequence
+from typing import Any
+
+# The generic tree operations, re-exported: configs are used through this module.
+from efficientad_jax.config_tree import (ConfigError, Rule, changed_fields, flat_fields, from_dict,  # noqa: F401
+                                         override, rules, to_dict, to_json, validate)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -23,15 +27,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 CONV_IMPLS = ("auto", "xla", "im2col", "shifted", "mixed")  # models/conv.py IMPLS
 DATASETS = ("synthetic", "mvtec_ad", "mvtec_loco", "visa", "folder")  # data/api.py DATASETS
 
-Rule = tuple[str, bool, str]  # (field, holds, requirement), e.g. ("steps", steps >= 1, ">= 1")
-
-
 def unit(v: float) -> bool:
   return 0 <= v <= 1
-
-
-class ConfigError(ValueError):
-  """A config value the run cannot use (a bad `--set`, a field out of range): a usage error (exit 2)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,100 +226,6 @@ class Config:
     return [("data.penalty_resize", self.data.penalty_resize >= self.model.image_size, ">= model.image_size")]
 
 
-def to_dict(cfg: Any) -> dict:
-  return dataclasses.asdict(cfg)
-
-
-def from_dict(cls: type, d: dict) -> Any:
-  """Inverse of `to_dict` for nested dataclasses; unknown keys are an error."""
-  hints = typing.get_type_hints(cls)
-  names = {f.name for f in dataclasses.fields(cls)}
-  unknown = set(d) - names
-  if unknown:
-    raise ConfigError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
-  kwargs = {}
-  for key, value in d.items():
-    hint = hints[key]
-    if dataclasses.is_dataclass(hint):
-      kwargs[key] = from_dict(hint, value)
-    elif isinstance(value, list):
-      kwargs[key] = tuple(value)
-    else:
-      kwargs[key] = value
-  return cls(**kwargs)
-
-
-def to_json(cfg: Any) -> str:
-  return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
-
-
-def from_json(text: str, cls: type = Config) -> Any:
-  return from_dict(cls, json.loads(text))
-
-
-def _parse(text: str, hint: Any, where: str) -> Any:
-  if hint is bool:
-    if text.lower() in ("1", "true", "yes"):
-      return True
-    if text.lower() in ("0", "false", "no"):
-      return False
-    raise ConfigError(f"{where}: expected a boolean, got {text!r}")
-  origin = typing.get_origin(hint)
-  if origin is tuple:
-    item = typing.get_args(hint)[0]
-    return tuple(_parse(t, item, where) for t in text.split(","))
-  try:
-    return hint(text)
-  except ValueError:
-    raise ConfigError(f"{where}: expected {hint.__name__}, got {text!r}") from None
-
-
-def override(cfg: Any, assignments: Sequence[str]) -> Any:
-  """Returns `cfg` with dotted `key=value` assignments applied, e.g. `train.steps=100`."""
-  for assignment in assignments:
-    if "=" not in assignment:
-      raise ConfigError(f"override {assignment!r}: expected key=value, e.g. train.steps=100")
-    path, text = assignment.split("=", 1)
-    cfg = _set(cfg, path.split("."), text, path)
-  return cfg
-
-
-def _set(node: Any, keys: list[str], text: str, path: str) -> Any:
-  names = {f.name for f in dataclasses.fields(node)}
-  if keys[0] not in names:
-    raise ConfigError(f"override {path!r}: {type(node).__name__} has no field {keys[0]!r}; "
-                     f"fields: {sorted(names)}")
-  child = getattr(node, keys[0])
-  if len(keys) == 1:
-    if dataclasses.is_dataclass(child):
-      raise ConfigError(f"override {path!r}: is a section, name one of its fields")
-    value = _parse(text, typing.get_type_hints(type(node))[keys[0]], path)
-  else:
-    if not dataclasses.is_dataclass(child):
-      raise ConfigError(f"override {path!r}: {keys[0]!r} is not a section")
-    value = _set(child, keys[1:], text, path)
-  return dataclasses.replace(node, **{keys[0]: value})
-
-
-def rules(cfg: Any) -> list[Rule]:
-  """Every range rule of a sectioned config (`Config`, `AstConfig`, `DistillConfig`): each section's own,
-  named 'section.field', then the config's rules across sections. A shared section type brings the same
-  rules to every method."""
-  out = [(f"{f.name}.{name}", holds, requirement) for f in dataclasses.fields(cfg)
-         for name, holds, requirement in getattr(cfg, f.name).range_rules()]
-  return out + cfg.range_rules()
-
-
-def validate(cfg: Any) -> Any:
-  """Returns `cfg` if every field is in range; else raises ConfigError naming the first bad field."""
-  for field, holds, requirement in rules(cfg):
-    if not holds:
-      section, name = field.split(".")
-      value = getattr(getattr(cfg, section), name)
-      raise ConfigError(f"{field} = {value!r} is out of range (--set {field}=...): it must be {requirement}")
-  return cfg
-
-
 # Fields a resumed run may change (docs: BUILD_NOTES.md "Resuming with other settings"): none changes the
 # networks, the checkpointed state's shapes, or which images the data stream draws in which order.
 RESUMABLE = frozenset({
@@ -334,19 +237,5 @@ RESUMABLE = frozenset({
 })
 
 
-def flat_fields(tree: Any, prefix: str = "") -> dict[str, Any]:
-  """{'section.field': value} of a config (any nesting of dataclasses or dicts)."""
-  items = dataclasses.asdict(tree).items() if dataclasses.is_dataclass(tree) else tree.items()
-  out = {}
-  for key, value in items:
-    if isinstance(value, dict):
-      out.update(flat_fields(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-  return out
-
-
-def changed_fields(old: Any, new: Any) -> dict[str, tuple[Any, Any]]:
-  """{'section.field': (old, new)} for the fields whose values differ."""
-  a, b = flat_fields(old), flat_fields(new)
-  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+def from_json(text: str, cls: type = Config) -> Any:
+  return from_dict(cls, json.loads(text))

@@ -192,6 +192,7 @@ def run_stage(stage: Stage, workdir: pathlib.Path, advance: Advance, hooks: Hook
       done = unit + 1
       last = done == stage.total or hooks.finished()
       if done % stage.log_every == 0 or done % stage.checkpoint_every == 0 or last:
+        ckpts.check()  # an earlier asynchronous save that failed stops the run here
         values = {k: float(v) for k, v in metrics.items()}
         check_finite(values, f"{stage.name or 'training'} {stage.unit} {done}")
         history.append((done, values))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from efficientad_jax import metrics
 from efficientad_jax.data import indexes, records, synthetic
 from efficientad_jax.data.records import Sample
 from tests import fixture_sets
@@ -56,6 +57,11 @@ def test_mvtec_loco_fixture_index(fixtures):
   assert [s.defect_name for s in splits.defects_config] == names
 
 
+def saturation_area(spec: records.DefectSpec, area: int) -> float:
+  """The one saturation rule (metrics.saturation_area), as the index applies it to a defects_config entry."""
+  return metrics.saturation_area(area, spec.saturation_threshold, spec.relative_saturation)
+
+
 def test_saturation_area_rule(fixtures):
   loco = fixture_sets.mvtec_loco(fixtures)
   specs = records.parse_defects_config(loco.category_dir / "defects_config.json")
@@ -63,15 +69,15 @@ def test_saturation_area_rule(fixtures):
   # Every channel of the set: the areas the official script computed.
   for image in loco.doc["images"]:
     for c in image["channels"]:
-      assert records.saturation_area(by_name[c["defect"]], c["area"]) == c["saturation_area"], c
+      assert saturation_area(by_name[c["defect"]], c["area"]) == c["saturation_area"], c
   # The rule on both sides of each threshold: absolute = min(threshold, area); relative = int(t * area).
   for s in specs:
     t = s.saturation_threshold
     if s.relative_saturation:
-      assert records.saturation_area(s, 101) == int(t * 101)
+      assert saturation_area(s, 101) == int(t * 101)
     else:
-      assert records.saturation_area(s, int(t) + 50) == int(t)  # capped
-      assert records.saturation_area(s, int(t) - 1) == int(t) - 1  # the area, when smaller
+      assert saturation_area(s, int(t) + 50) == int(t)  # capped
+      assert saturation_area(s, int(t) - 1) == int(t) - 1  # the area, when smaller
 
 
 def test_hold_out_is_seeded_and_disjoint():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from efficientad_jax.config import DataConfig
-from efficientad_jax.data import api
+from efficientad_jax.data import api, tfds_builders
 from efficientad_jax.data.records import DataError
 from tests import fixture_sets
 from tests.test_data_indexes import make_visa
@@ -53,7 +53,8 @@ def test_mvtec_ad_tfds_matches_files(fixtures, tmp_path):
   for split, records in (("train", via_tfds.train_eval), ("validation", via_tfds.validation)):
     assert sorted(listing[split]) == sorted("tfds:" + r["id"] for r in records)
     assert len(listing[split]) == len(files[split]) and all(f.endswith(".png") for f in files[split])
-  assert list((tmp_path / "tfds/mvtec_ad" / ad.category / "1.0.0").glob("*.array_record-*"))
+  version = str(tfds_builders.MvtecAd.VERSION)
+  assert list((tmp_path / "tfds/mvtec_ad" / ad.category / version).glob("*.array_record-*"))
   batch = next(via_tfds.train_iter(2))
   assert batch["image"].shape == (2, 24, 24, 3)
 
@@ -101,7 +102,8 @@ def test_failed_build_leaves_no_cache_and_build_is_cached(fixtures, tmp_path):
   assert leftovers == []  # no records, no dataset_info: nothing that looks like a cache
   shutil.copy(good, broken)
   api.make_datasets(cfg, 24, 0)
-  shards = sorted((data_dir / "mvtec_ad" / ad.category / "1.0.0").glob("*.array_record-*"))
+  version = str(tfds_builders.MvtecAd.VERSION)
+  shards = sorted((data_dir / "mvtec_ad" / ad.category / version).glob("*.array_record-*"))
   stamps = [p.stat().st_mtime_ns for p in shards]
   api.make_datasets(cfg, 24, 0)  # cached: not rebuilt
   assert [p.stat().st_mtime_ns for p in shards] == stamps

@@ -104,3 +104,21 @@ def test_no_import_cycle_counting_function_level_imports():
   _, both = import_graphs()
   cycle = find_cycle(both)
   assert cycle is None, "import cycle (with imports inside functions): " + " -> ".join(cycle)
+
+
+def test_public_api_resolves_lazily():
+  """Every name of efficientad_jax.__all__ resolves; importing the package itself loads no JAX module."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  code = ("import sys, efficientad_jax as e; assert 'jax' not in sys.modules, 'jax imported';"
+          "import efficientad_jax.metrics; assert 'jax' not in sys.modules, 'metrics imported jax';"
+          "missing = [n for n in e.__all__ if getattr(e, n, None) is None]; assert not missing, missing;"
+          "print(len(e.__all__))")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert int(proc.stdout) == len(efficientad_jax.__all__) > 10
+
+
+def test_public_api_names_do_not_shadow_submodules():
+  submodules = {name.split(".")[1] for name in package_modules() if name.count(".") >= 1}
+  assert not set(efficientad_jax.__all__) & submodules

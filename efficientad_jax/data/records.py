@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from efficientad_jax.metrics.spro import saturation_area
+
 LOCO_TYPES = ("good", "logical_anomalies", "structural_anomalies")
 SPLITS = ("train", "validation", "test")
 
@@ -69,17 +71,6 @@ class DefectSpec:
   pixel_value: int
   saturation_threshold: float
   relative_saturation: bool
-
-
-def saturation_area(spec: DefectSpec, area: int) -> int:
-  """Area at which a defect counts as fully found (docs/method.md §9; official LOCO evaluation).
-
-  relative: int(threshold * area); absolute: min(threshold, area) (the official script warns and
-  uses the area when the threshold exceeds it).
-  """
-  if spec.relative_saturation:
-    return int(spec.saturation_threshold * area)
-  return int(min(spec.saturation_threshold, area))
 
 
 def parse_defects_config(path: str | pathlib.Path) -> tuple[DefectSpec, ...]:
@@ -145,7 +136,8 @@ def loco_channel(mask: np.ndarray, specs: Sequence[DefectSpec], path: str) -> di
   binary = mask != 0
   area = int(binary.sum())
   return {"mask": binary, "defect": spec.defect_name, "pixel_value": spec.pixel_value,
-          "area": area, "saturation_area": saturation_area(spec, area)}
+          "area": area, "saturation_area": saturation_area(area, spec.saturation_threshold,
+                                                                  spec.relative_saturation)}
 
 
 def hold_out_count(n: int, fraction: float) -> int:

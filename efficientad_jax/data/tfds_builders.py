@@ -10,7 +10,7 @@ re-encode JPEGs and, for numpy inputs, needs TensorFlow):
   'image': bytes (original file), 'id': str, 'label': int, 'defect': str, 'loco_type': str,
   'height', 'width': int (original size), 'mask': bytes ('' for none),
   LOCO: 'channels': [bytes] one PNG per defect, 'channel_defects': [str], 'channel_areas': [int],
-  'channel_saturation_areas': [int], 'defects_config': str (the object's JSON).
+  'channel_saturation_areas': [float], 'defects_config': str (the object's JSON).
 Splits: MVTec AD and VisA 'train' (all normals; the seeded validation hold-out is applied when
 loading, `load_splits`) and 'test'; LOCO 'train', 'validation', 'test'.
 
@@ -49,8 +49,8 @@ def _features(loco: bool) -> tfds.features.FeaturesDict:
     feats.update({"channels": tfds.features.Sequence(_BYTES()),
                   "channel_defects": tfds.features.Sequence(tfds.features.Text()),
                   "channel_areas": tfds.features.Sequence(tfds.features.Scalar(np.int64)),
-                  "channel_saturation_areas": tfds.features.Sequence(
-                      tfds.features.Scalar(np.int64)),
+                  # float: an absolute saturation threshold may be fractional (min(threshold, area))
+                  "channel_saturation_areas": tfds.features.Sequence(tfds.features.Scalar(np.float64)),
                   "defects_config": tfds.features.Text()})
   return tfds.features.FeaturesDict(feats)
 
@@ -75,8 +75,9 @@ def _example(sample: records.Sample, specs: Sequence[records.DefectSpec], loco: 
 class _AnomalyBuilder(tfds.core.GeneratorBasedBuilder):
   """Shared logic: index the manual_dir with our indexers, yield one example per image."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release (efficientad_jax)."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release (efficientad_jax).",
+                   "1.1.0": "LOCO channel saturation areas as float (fractional absolute thresholds)."}
   LOCO = False
   # tfds' own `code_path` needs the `importlib_resources` backport, which tfds 4.9.10 does not
   # declare; the module file is what it would find.

@@ -1,0 +1,113 @@
+"""The training engine on a toy method (a scalar state, no networks): resume equals an uninterrupted run, JSON
+progress travels with the checkpoints, a NaN stops before any save, early stopping ends a stage and stays
+ended, and the run directory's config rule. The three real methods run on it in test_trainer, test_distill
+and test_ast_training."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from efficientad_jax import config as config_lib
+from efficientad_jax import engine
+from efficientad_jax.checkpoint import TrainCheckpoints
+
+
+class Toy:
+  """state x <- 0.5 x + unit + frozen; `seen` counts the units run, saved as the JSON progress."""
+
+  def __init__(self, nan_at=None, stop_after=None, interrupt_at=None):
+    self.nan_at, self.stop_after, self.interrupt_at = nan_at, stop_after, interrupt_at
+    self.progress = {"seen": 0, "stopped": False}
+
+  def advance(self, state, frozen, unit):
+    if unit == self.interrupt_at:
+      raise KeyboardInterrupt
+    x = 0.5 * state["x"] + unit + frozen["offset"]
+    if unit == self.nan_at:
+      x = x * jnp.nan
+    self.progress["seen"] += 1
+    self.progress["stopped"] = self.stop_after is not None and self.progress["seen"] >= self.stop_after
+    return {"x": x}, {"loss": x}
+
+  def hooks(self):
+    fresh = lambda: ({"x": jnp.zeros((), jnp.float32)}, {"offset": jnp.ones((), jnp.float32)})  # noqa: E731
+    return engine.Hooks(fresh=fresh, template=fresh, progress=lambda: dict(self.progress),
+                        resume=self.progress.update, finished=lambda: self.progress["stopped"])
+
+
+STAGE = engine.Stage("toy", total=7, log_every=1, checkpoint_every=2, max_to_keep=5)
+
+
+def run(workdir, toy, stage=STAGE):
+  return engine.run_stage(stage, workdir, toy.advance, toy.hooks(), show_progress=False)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
+  full, _, history = run(tmp_path / "a", Toy())
+  assert [u for u, _ in history] == list(range(1, 8))
+  expected = 0.0
+  for unit in range(7):
+    expected = 0.5 * expected + unit + 1
+  assert float(full["x"]) == expected
+
+  with pytest.raises(KeyboardInterrupt):
+    run(tmp_path / "b", Toy(interrupt_at=5))
+  assert TrainCheckpoints(tmp_path / "b" / "checkpoints" / "toy", 5).latest_step() == 4
+  toy = Toy()
+  resumed, _, history = run(tmp_path / "b", toy)
+  assert [u for u, _ in history] == [5, 6, 7]  # units 5..7 run again from the checkpoint of unit 4
+  assert float(resumed["x"]) == float(full["x"])
+  assert toy.progress["seen"] == 7  # the JSON progress came back with the checkpoint (4) and went on
+
+
+def test_nan_stops_before_the_save_and_keeps_the_last_good_checkpoint(tmp_path):
+  with pytest.raises(engine.TrainingDiverged, match="toy step 4: non-finite loss"):
+    run(tmp_path, Toy(nan_at=3))  # unit 3 is the 4th step, a checkpoint step
+  ckpts = TrainCheckpoints(tmp_path / "checkpoints" / "toy", 5)
+  assert ckpts.all_steps() == [2]
+  state, _, progress = ckpts.restore(2, *Toy().hooks().template())
+  assert np.isfinite(float(state["x"])) and progress["seen"] == 2
+  ckpts.close()
+
+
+def test_early_stop_ends_the_stage_and_a_rerun_stays_stopped(tmp_path):
+  toy = Toy(stop_after=3)
+  state, _, history = run(tmp_path, toy)
+  assert [u for u, _ in history] == [1, 2, 3]
+  ckpts = TrainCheckpoints(tmp_path / "checkpoints" / "toy", 5)
+  assert ckpts.latest_step() == 3  # the last unit run is saved even off the checkpoint_every grid
+  ckpts.close()
+  again = Toy(stop_after=3)
+  state2, _, history2 = run(tmp_path, again)
+  assert history2 == [] and again.progress == {"seen": 3, "stopped": True}
+  assert float(state2["x"]) == float(state["x"])
+
+
+def test_prepare_run_checks_before_anything_is_written(tmp_path):
+  cfg = config_lib.Config()
+  saved, running, workdir = engine.prepare_run(cfg, tmp_path / "run")
+  assert saved == cfg and running.data.root == str(workdir / "data") and not workdir.exists()
+  with pytest.raises(config_lib.ConfigError, match="train.steps"):
+    engine.prepare_run(config_lib.override(cfg, ["train.steps=0"]), tmp_path / "run")
+  engine.write_config(workdir, saved)
+  assert json.loads((workdir / "config.json").read_text())["data"]["root"] == ""
+
+
+def test_a_failed_asynchronous_save_stops_the_run_at_the_next_boundary(tmp_path, monkeypatch):
+  """A disk that fills DURING an asynchronous save (after the free-space check) is reported as the OSError
+  it is at the next logged unit, instead of training on without checkpoints."""
+  import errno  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  def failed(manager):
+    if manager.latest_step() is not None:  # once a save has been started
+      raise ValueError("RESOURCE_EXHAUSTED: write failed: No space left on device")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "check_for_errors", failed)
+  toy = Toy()
+  with pytest.raises(OSError) as raised:
+    run(tmp_path, toy)
+  assert raised.value.errno == errno.ENOSPC and "checkpoints" in str(raised.value.filename)
+  assert toy.progress["seen"] == 3  # unit 2 saved, unit 3 ran, its boundary raised
