@@ -5,6 +5,7 @@ import errno
 import logging
 import os
 import pathlib
+import subprocess
 import sys
 import threading
 import zipfile
@@ -103,6 +104,8 @@ def run(main, argv=None) -> int:
   debug = "--debug" in args
   if not debug:  # orbax logs each failed background write with its traceback; the error line says it once
     logging.getLogger("absl").addFilter(lambda record: record.levelno < logging.ERROR)
+    if argv is None:  # a real process (python -m experiments.<cli>): its fd 2 goes through stderr_filter.py
+      _filter_stderr()
   try:
     return main(argv)
   except KeyboardInterrupt:
@@ -118,6 +121,24 @@ def run(main, argv=None) -> int:
     if argv is None:  # the process ends here (python -m experiments.<cli>): let nothing bury the line
       _quiet_shutdown()
     return status
+
+
+def _filter_stderr() -> None:
+  """Routes file descriptor 2 through `experiments/stderr_filter.py`, a separate process that leaves out the
+  'Event loop is closed' tracebacks tensorstore prints at the C level after a failed asynchronous write (no
+  Python-level hook sees them) and passes everything else on at once. Without a pipe, nothing changes."""
+  try:
+    read_end, write_end = os.pipe()
+    terminal = os.dup(2)
+    subprocess.Popen([sys.executable, "-S", "-u", str(pathlib.Path(__file__).with_name("stderr_filter.py"))],
+                     stdin=read_end, stdout=terminal, stderr=subprocess.DEVNULL, close_fds=True)
+  except OSError:
+    return
+  os.close(read_end)
+  os.close(terminal)
+  sys.stderr.flush()
+  os.dup2(write_end, 2)
+  os.close(write_end)
 
 
 def _quiet_shutdown() -> None:
