@@ -184,6 +184,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--train-steps", type=int)
   p.add_argument("--train-warmup", type=int, help="untimed steps (the first one compiles)")
   p.add_argument("--conv-runs", type=int)
+  p.add_argument("--conv-impls", default=",".join(benchmark_train.CONV_IMPLS),
+                 help="--mode conv: the backward implementations to time (default: all)")
   p.add_argument("--model", default="", help="time a saved model (RUN or RUN/model, either method, in the "
                  "dtype it was trained with) instead of random params")
   p.add_argument("--seed", type=int, default=0)
@@ -200,6 +202,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.sizes = [s for s in args.sizes.split(",") if s]
   args.dtypes = [d for d in args.dtypes.split(",") if d]
   args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b]
+  args.conv_impls = [i for i in args.conv_impls.split(",") if i]
+  unknown = set(args.conv_impls) - set(benchmark_train.CONV_IMPLS)
+  if unknown or not args.conv_impls:
+    p.error(f"--conv-impls: choose from {','.join(benchmark_train.CONV_IMPLS)}, "
+            f"got {','.join(sorted(unknown)) or 'none'}")
   return args
 
 

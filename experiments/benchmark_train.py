@@ -106,15 +106,16 @@ def bench_conv(size: str, image_size: int, args: argparse.Namespace) -> dict:
   rng = np.random.default_rng(args.seed)
   batch = {k: rng.normal(size=(1, image_size, image_size, 3)).astype(np.float32)
            for k in ("image", "image_ae", "penalty")}
-  steps = {impl: random_train_step_fn(size, image_size, args.seed, impl) for impl in CONV_IMPLS}
+  impls = args.conv_impls
+  steps = {impl: random_train_step_fn(size, image_size, args.seed, impl) for impl in impls}
   first = {}
-  for impl in CONV_IMPLS:
+  for impl in impls:
     start = time.perf_counter()
     steps[impl](batch)
     first[impl] = time.perf_counter() - start
-  seconds = {impl: [] for impl in CONV_IMPLS}
+  seconds = {impl: [] for impl in impls}
   for _ in range(args.conv_runs):
-    for impl in CONV_IMPLS:
+    for impl in impls:
       start = time.perf_counter()
       steps[impl](batch)
       seconds[impl].append(time.perf_counter() - start)
@@ -136,11 +137,11 @@ def print_train(results: list[dict], env: dict) -> None:
 
 def print_conv(results: list[dict], env: dict) -> None:
   print(f"\nTrain step by conv backward, median s ({env['device']}, jax {env['jax_version']}, {env['date']})")
-  print("| model | image | xla (plain) | im2col | shifted | mixed | auto = |")
-  print("|---|---|---|---|---|---|---|")
+  impls = list(results[0]["median_step_s"]) if results else []
+  print("| model | image | " + " | ".join(impls) + " | auto = |")
+  print("|---|---|" + "---|" * len(impls) + "---|")
   for r in results:
     m = r["median_step_s"]
-    print(f"| {r['size']} | {r['image_size']} | {m['xla']:.3f} | {m['im2col']:.3f} | {m['shifted']:.3f} | "
-          f"{m['mixed']:.3f} | {r['auto']} |")
+    print(f"| {r['size']} | {r['image_size']} | " + " | ".join(f"{m[i]:.3f}" for i in impls) + f" | {r['auto']} |")
 
 

@@ -46,15 +46,21 @@ def test_train_json_structure(tmp_path):
   assert "steps/s" in stdout
 
 
-def test_conv_mode_times_every_backward(tmp_path):
-  report, stdout = _run(tmp_path, "--mode", "conv")
+def test_conv_mode_times_the_chosen_backwards(tmp_path):
+  """Two of the four implementations (each is a train-step compile); the default times all four."""
+  report, stdout = _run(tmp_path, "--mode", "conv", "--conv-impls", "xla,mixed")
   (result,) = report["results"]
-  assert set(result["median_step_s"]) == {"xla", "im2col", "shifted", "mixed"}
+  assert set(result["median_step_s"]) == {"xla", "mixed"}
   assert all(len(v) == 1 and v[0] > 0 for v in result["step_s"].values())
-  assert "| small | 64 |" in stdout
+  assert "| small | 64 |" in stdout and "| xla | mixed |" in stdout
+  from experiments import benchmark  # pylint: disable=import-outside-toplevel
+  assert benchmark.parse_args(["--mode", "conv"]).conv_impls == ["xla", "im2col", "shifted", "mixed"]
 
 
 def test_bad_mode_is_rejected(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--mode", "nope"], cwd=REPO,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and "invalid choice" in proc.stderr
+  proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--mode", "conv", "--conv-impls", "cudnn"],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and "--conv-impls" in proc.stderr.splitlines()[-1]
