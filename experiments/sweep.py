@@ -20,7 +20,7 @@ import argparse
 import sys
 
 from efficientad_jax import config as config_lib
-from efficientad_jax import sweep
+from efficientad_jax import sweep, sweep_report
 from experiments.train import load_config
 from experiments import cli
 
@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--aggregate-only", action="store_true", help="only write the tables from finished runs")
   p.add_argument("--compilation-cache", default=None,
                  help="XLA persistent compilation cache folder shared by the runs (default OUT/jax_cache; '' = off)")
-  p.add_argument("--benchmark", help="benchmark JSON with latency/throughput per size (sweep.load_benchmark)")
+  p.add_argument("--benchmark", help="benchmark JSON with latency/throughput per size (sweep_report.load_benchmark)")
   cli.add_debug_flag(p)
   return p.parse_args(argv)
 
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     make_config = config_maker(args)
     for job in mine:  # a bad --set or root fails here, at once, not once per run hours later
       make_config(job)
-    bench = sweep.load_benchmark(args.benchmark) if args.benchmark else None
+    bench = sweep_report.load_benchmark(args.benchmark) if args.benchmark else None
   except (ValueError, OSError) as e:
     raise SystemExit(f"error: {e}") from None
   failed = []
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     statuses = sweep.run_jobs(mine, args.out, make_config)
     failed = [job for job, status in statuses.items() if status == "failed"]
   rows, problems = sweep.aggregate(jobs, args.out)
-  md, csv = sweep.write_report(args.out, rows, problems, len(jobs), bench)
+  md, csv = sweep_report.write_report(args.out, rows, problems, len(jobs), bench)
   print(f"{len(jobs) - len(problems)} of {len(jobs)} runs finished; tables: {md}, {csv}")
   for job, status, reason in problems:
     print(f"  {status}: {job}" + (f": {reason}" if reason else ""))

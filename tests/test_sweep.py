@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from efficientad_jax import sweep
+from efficientad_jax import sweep, sweep_report
 from experiments import sweep as sweep_cli
 from tests.conftest import REPO
 
@@ -123,7 +123,7 @@ def test_aggregation_equals_numpy_with_a_missing_run(tmp_path):
   loco = got[("category", "mvtec_loco", "pushpins", "image_auroc_structural")]
   assert loco["mean"] == pytest.approx(np.mean([values[sweep.Job("mvtec_loco", "pushpins", "S", s)][0] + 2
                                                 for s in range(2)]))
-  text = sweep.markdown(rows, problems, len(jobs))
+  text = sweep_report.markdown(rows, problems, len(jobs))
   assert "- missing: mvtec_loco/pushpins/S/seed2" in text and "* incomplete" in text
 
 
@@ -160,11 +160,11 @@ def test_paper_numbers_and_latency_are_in_the_table(tmp_path):
              {"size": "small", "dtype": "float16", "latency": {"mean_ms": 1.25}, "throughput": {"images_per_s": 700}},
              {"size": "medium", "dtype": "float32", "latency": {"mean_ms": 3.5}}]  # experiments.benchmark's form
   bench.write_text(json.dumps({"environment": {"device": "H100"}, "mode": "inference", "results": records}))
-  assert sweep.load_benchmark(bench) == {  # half precision preferred, as in the paper's protocol
+  assert sweep_report.load_benchmark(bench) == {  # half precision preferred, as in the paper's protocol
       "S": {"latency_ms": 1.25, "throughput": 700.0, "dtype": "float16", "device": "H100"},
       "M": {"latency_ms": 3.5, "dtype": "float32", "device": "H100"}}
   rows, problems = sweep.aggregate(jobs, tmp_path)
-  text = sweep.markdown(rows, problems, len(jobs), sweep.load_benchmark(bench))
+  text = sweep_report.markdown(rows, problems, len(jobs), sweep_report.load_benchmark(bench))
   lines = set(text.splitlines())
   assert "| EfficientAD-S (paper) | 98.8 | 97.5 | 90 | 95.4 | 92.5 | 2.2 | 614 |" in lines
   assert "| EfficientAD-M (paper) | 99.1 | 98.1 | 90.7 | 96 | 93.3 | 4.5 | 269 |" in lines
@@ -172,11 +172,11 @@ def test_paper_numbers_and_latency_are_in_the_table(tmp_path):
   assert "| EfficientAD-M (ours) | 90.0 | 90.0 | 90.0 | 90.0 | 90.0 | 3.5 | – |" in lines
   assert "| LOCO | M (paper) | 94.7 | 86.8 | 90.7 |" in text
   assert "EfficientAD-S: float16 on H100" in text
-  assert read_csv(sweep.write_report(tmp_path, rows, problems, len(jobs))[1])[
+  assert read_csv(sweep_report.write_report(tmp_path, rows, problems, len(jobs))[1])[
       ("all", "all", "mean", "M", "seg")]["paper"] == "93.3"
   with pytest.raises(ValueError, match="no result with a size"):
     bench.write_text(json.dumps({"results": [{"size": "S"}]}))
-    sweep.load_benchmark(bench)
+    sweep_report.load_benchmark(bench)
 
 
 # --- A real sweep: 4 tiny runs, 2 tasks.
