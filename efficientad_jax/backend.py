@@ -1,9 +1,9 @@
 """How this project's entry points are compiled: `jit` = `jax.jit` plus XLA options for the CPU backend.
 
-XLA:CPU (jaxlib 0.10) hands every convolution to YNNPACK by default ("individual_convolution" fusions).
-Inside the train step those ran at 14-63 GFLOP/s on 2 cores against 200-300 GFLOP/s for XLA's Eigen
-convolutions, and taking convolutions away from YNNPACK made a PDN-S step 3.3 s -> 2.0 s (BUILD_NOTES,
-issue 6). Dots and reductions stay with YNNPACK, where they are fast. Accelerators get XLA's defaults.
+XLA:CPU (jaxlib 0.10) hands every convolution to YNNPACK by default ("individual_convolution" fusions), which
+ran the train step's convolutions several times slower than XLA's own Eigen convolutions (measured in
+BUILD_NOTES.md, "Performance"). Dots and reductions stay with YNNPACK, where they are fast. Accelerators
+get XLA's defaults.
 """
 
 from __future__ import annotations
