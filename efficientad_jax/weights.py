@@ -18,14 +18,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from efficientad_jax import pth
+from efficientad_jax.models.pdn import ARCHITECTURES
 
 # (flax layer, nelson nn.Sequential index, HWIO kernel shape); 'C' is the output width, read from the file.
-_PDN_SPECS = {
-    "small": (("conv1", 0, (4, 4, 3, 128)), ("conv2", 3, (4, 4, 128, 256)), ("conv3", 6, (3, 3, 256, 256)),
-              ("conv4", 8, (4, 4, 256, "C"))),
-    "medium": (("conv1", 0, (4, 4, 3, 256)), ("conv2", 3, (4, 4, 256, 512)), ("conv3", 6, (1, 1, 512, 512)),
-               ("conv4", 8, (3, 3, 512, 512)), ("conv5", 10, (4, 4, 512, "C")), ("conv6", 12, (1, 1, "C", "C"))),
-}
 _AE_SPEC = (
     ("enc1", 0, (4, 4, 3, 32)), ("enc2", 2, (4, 4, 32, 32)), ("enc3", 4, (4, 4, 32, 64)),
     ("enc4", 6, (4, 4, 64, 64)), ("enc5", 8, (4, 4, 64, 64)), ("enc6", 10, (8, 8, 64, 64)),
@@ -123,9 +118,15 @@ def _state_from_params(params: Mapping[str, Any], spec: tuple, layout: str) -> d
 
 
 def _pdn_spec(size: str) -> tuple:
-  if size not in _PDN_SPECS:
-    raise WeightsError(f"PDN size must be one of {sorted(_PDN_SPECS)}, got {size!r}")
-  return _PDN_SPECS[size]
+  """The PDN's layers as (flax name, nelson nn.Sequential index, HWIO kernel shape), from the one architecture
+  table (`models.pdn.ARCHITECTURES`): each ReLU and pooling layer takes an index of the Sequential too."""
+  if size not in ARCHITECTURES:
+    raise WeightsError(f"PDN size must be one of {sorted(ARCHITECTURES)}, got {size!r}")
+  spec, index = [], 0
+  for i, (k, cin, cout, _, relu, pool) in enumerate(ARCHITECTURES[size], start=1):
+    spec.append((f"conv{i}", index, (k, k, "C" if cin is None else cin, "C" if cout is None else cout)))
+    index += 1 + relu + pool
+  return tuple(spec)
 
 
 def pdn_params_from_state(state: Mapping[str, Any], size: str, layout: str | None = None, *,
