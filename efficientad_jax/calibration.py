@@ -15,7 +15,7 @@ import numpy as np
 
 from efficientad_jax import inference
 from efficientad_jax.config import Config
-from efficientad_jax.data.pipeline import ordered, size_batches
+from efficientad_jax.data.pipeline import ordered_batches
 from efficientad_jax.inference import Detector
 from efficientad_jax.normalization import TeacherStats, fit_map_quantiles
 
@@ -27,7 +27,7 @@ def outputs(predict_fn: Predict, detector: Any, records: Any, keys: Iterable[str
   """{key: [N, ...] host array} of `predict_fn`'s outputs for the N eval records (padding images dropped)."""
   keys = tuple(keys)
   collected: dict[int, dict[str, np.ndarray]] = {}
-  for size, indices, images in size_batches(enumerate(ordered(records)), batch_size):
+  for size, indices, images in ordered_batches(records, batch_size):
     out = predict_fn(detector, images, out_size=size)
     host = {k: np.asarray(out[k]) for k in keys}
     for j, i in enumerate(indices):

@@ -78,7 +78,6 @@ class TrainCheckpoints:
 
   def save(self, step: int, state: Any, frozen: Any, data_state: dict) -> None:
     check_space(self._manager.directory, 2 * tree_bytes(state, frozen))  # the new one before the old goes
-    self.check()
     with _disk_full_as_oserror(self._manager.directory):
       self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        frozen=ocp.args.StandardSave(frozen),

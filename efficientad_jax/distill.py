@@ -172,14 +172,13 @@ def distill(cfg: DistillConfig, workdir: str | pathlib.Path, *, progress: bool =
     return parallel.new_state(init, key, mesh), parallel.replicate(stats, mesh)
 
   def template():
-    stats = TeacherStats(*[jax.ShapeDtypeStruct((cfg.model.channels,), jnp.float32)] * 2)
+    stats = TeacherStats.identity(cfg.model.channels)  # shapes only: the values come from the checkpoint
     return parallel.state_template(init, key, mesh), parallel.as_template(stats, mesh)
 
   def advance(state, stats, step):
     return step_fn(state, backbone_vars, stats, parallel.shard_batch(next(it), mesh))
 
-  t = cfg.train
-  stage = engine.Stage("", t.steps, t.log_every, t.checkpoint_every, t.max_to_keep)
+  stage = engine.Stage.of_schedule(cfg.train)
   writer = engine.log_writer(workdir)
   hooks = engine.Hooks(fresh=fresh, template=template, progress=it.get_state, resume=it.set_state)
   state, _, history = engine.run_stage(stage, workdir, advance, hooks, writer=writer, show_progress=progress)

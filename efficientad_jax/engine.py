@@ -140,6 +140,11 @@ class Stage:
   max_to_keep: int
   unit: str = "step"
 
+  @classmethod
+  def of_schedule(cls, schedule: config_lib.ScheduleConfig, name: str = "") -> "Stage":
+    """The stage of a run counted in optimizer steps (EfficientAD, distillation): its `train` section."""
+    return cls(name, schedule.steps, schedule.log_every, schedule.checkpoint_every, schedule.max_to_keep)
+
   def directory(self, workdir: pathlib.Path) -> pathlib.Path:
     return workdir / "checkpoints" / self.name if self.name else workdir / "checkpoints"
 

@@ -100,11 +100,6 @@ def _predict_pair(cfg: Config) -> tuple[Callable[..., dict], Callable[..., dict]
   return functools.partial(predict, nets, cfg.maps), jitted
 
 
-def _inputs(cfg: Config) -> saved_model.Inputs:
-  return saved_model.Inputs(image_size=cfg.model.image_size, mean=cfg.data.mean, std=cfg.data.std,
-                            dtype=cfg.model.dtype, seed=cfg.train.seed)
-
-
 def _to_arrays(detector: Detector) -> dict:
   """The on-disk tree: {'params', 'teacher_stats': {'mean', 'std'}, 'quantiles': {'st_start', ...}}."""
   return {"params": detector.params,
@@ -118,5 +113,5 @@ def _from_arrays(tree: dict) -> Detector:
 
 
 SAVED_MODEL = saved_model.Method(
-    name="efficientad", config=lambda d: config_lib.from_dict(Config, d), inputs=_inputs,
+    name="efficientad", config=lambda d: config_lib.from_dict(Config, d), inputs=saved_model.config_inputs,
     predict=_predict_pair, to_arrays=_to_arrays, from_arrays=_from_arrays)

@@ -63,6 +63,13 @@ class Method(NamedTuple):
   from_arrays: Callable[[dict], Any]
 
 
+def config_inputs(cfg: Any) -> Inputs:
+  """`Inputs` of any method's config: every method keeps them in the shared sections (model.image_size,
+  model.dtype, data.mean / std, train.seed)."""
+  return Inputs(image_size=cfg.model.image_size, mean=cfg.data.mean, std=cfg.data.std, dtype=cfg.model.dtype,
+                seed=cfg.train.seed)
+
+
 def method(name: str) -> Method:
   """The `Method` registered under `name`, importing its module on first use."""
   if name not in METHODS:

@@ -27,7 +27,7 @@ from efficientad_jax import config as config_lib
 from efficientad_jax.config import Config
 from efficientad_jax.data import Datasets, make_datasets
 from efficientad_jax.data.api import check_images
-from efficientad_jax.data.pipeline import ordered, size_batches
+from efficientad_jax.data.pipeline import ordered_batches
 from efficientad_jax.data.records import DataError
 
 log = logging.getLogger("efficientad_jax")
@@ -51,7 +51,7 @@ def pieces(cfg: Config, mesh: jax.sharding.Mesh) -> Pieces:
 
 def frozen_template(teacher: dict, channels: int, mesh: jax.sharding.Mesh) -> train_step.Frozen:
   """The shapes and shardings a checkpoint's frozen part restores into (the statistics are in the checkpoint)."""
-  stats = normalization.TeacherStats(*[jax.ShapeDtypeStruct((channels,), jnp.float32)] * 2)
+  stats = normalization.TeacherStats.identity(channels)  # shapes only: the values come from the checkpoint
   return parallel.as_template(train_step.Frozen(teacher=teacher, stats=stats), mesh)
 
 
@@ -91,7 +91,7 @@ def fit_teacher_stats(nets: models.Models, teacher: dict, ds: Datasets, batch_si
     return np.asarray(apply(teacher, images))[:len(indices)]  # drop the padding images of the last batch
 
   return normalization.fit_teacher_stats(
-      features, lambda: size_batches(enumerate(ordered(ds.train_eval)), batch_size))
+      features, lambda: ordered_batches(ds.train_eval, batch_size))
 
 
 def checked_datasets(cfg: Config) -> Datasets:
@@ -144,8 +144,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) ->
   # (the one orbax writes) resumes all of them.
   hooks = engine.Hooks(fresh=fresh, template=lambda: (state_like, frozen_template(
       teacher, cfg.model.teacher_channels, mesh)), progress=it.get_state, resume=it.set_state)
-  t = cfg.train
-  stage = engine.Stage("", t.steps, t.log_every, t.checkpoint_every, t.max_to_keep)
+  stage = engine.Stage.of_schedule(cfg.train)
   writer = engine.log_writer(workdir)
   state, frozen, _ = engine.run_stage(stage, workdir, advance, hooks, writer=writer, show_progress=progress)
 

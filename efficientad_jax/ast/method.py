@@ -141,12 +141,7 @@ def _predict_pair(cfg: AstConfig) -> tuple[Callable[..., dict], Callable[..., di
   return functools.partial(predict, nets, cfg), jitted
 
 
-def _inputs(cfg: AstConfig) -> saved_model.Inputs:
-  return saved_model.Inputs(image_size=cfg.model.image_size, mean=cfg.data.mean, std=cfg.data.std,
-                            dtype=cfg.model.dtype, seed=cfg.train.seed)
-
-
 SAVED_MODEL = saved_model.Method(
-    name=METHOD, config=lambda d: config_lib.from_dict(AstConfig, d), inputs=_inputs, predict=_predict_pair,
-    to_arrays=lambda params: {"params": params},
+    name=METHOD, config=lambda d: config_lib.from_dict(AstConfig, d), inputs=saved_model.config_inputs,
+    predict=_predict_pair, to_arrays=lambda params: {"params": params},
     from_arrays=lambda tree: tree["params"])  # models saved before: also identity statistics, unused

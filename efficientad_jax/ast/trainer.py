@@ -48,7 +48,7 @@ def extract(nets: method.Nets, backbone: dict, records, batch_size: int) -> np.n
   """Backbone features of eval records, in order: float32 [N, g, g, C] on the host."""
   fn = backend.jit(lambda p, x: method.features(nets, p, x))
   out = [np.asarray(fn(backbone, images))[:len(indices)]
-         for _, indices, images in pipeline.size_batches(enumerate(pipeline.ordered(records)), batch_size)]
+         for _, indices, images in pipeline.ordered_batches(records, batch_size)]
   return np.concatenate(out) if out else np.zeros((0, nets.grid, nets.grid, nets.channels), np.float32)
 
 

@@ -237,6 +237,11 @@ def size_batches(records: Iterable[tuple[int, dict]], batch_size: int
       yield (size, *stack(bucket))
 
 
+def ordered_batches(records: Any, batch_size: int) -> Iterator[tuple[tuple[int, int], list[int], np.ndarray]]:
+  """`size_batches` over eval records in their order (indices 0..N-1)."""
+  return size_batches(enumerate(ordered(records)), batch_size)
+
+
 def ordered(records: Any) -> Iterator[dict]:
   """Records in order; a grain MapDataset is decoded by a few threads ahead of the device."""
   if isinstance(records, grain.MapDataset):
