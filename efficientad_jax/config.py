@@ -127,13 +127,16 @@ class InputConfig:
   mean: tuple[float, float, float] = IMAGENET_MEAN
   std: tuple[float, float, float] = IMAGENET_STD
   tfds_data_dir: str = ""  # TFDS data_dir ("" = TFDS default), for any "tfds:..." source
-  num_workers: int = 0  # grain worker processes (0: in the main process)
-  prefetch: int = 2
+  # grain worker processes decoding and augmenting (0: threads of the main process). -1 = auto: none on a
+  # CPU-only machine (XLA's step needs the cores there, and it, not the feed, bounds the speed), else one per
+  # core beyond the first, at most MAX_AUTO_WORKERS (data/pipeline.py `worker_count`).
+  num_workers: int = -1
+  prefetch: int = 2  # batches read ahead (per worker)
 
   def range_rules(self) -> list[Rule]:
     return [("mean", len(self.mean) == 3, "three values"),
             ("std", all(s > 0 for s in self.std) and len(self.std) == 3, "three values > 0"),
-            ("num_workers", self.num_workers >= 0, ">= 0"),
+            ("num_workers", self.num_workers >= -1, ">= 0, or -1 (auto)"),
             ("prefetch", self.prefetch >= 0, ">= 0")]
 
 
@@ -158,6 +161,9 @@ class DataConfig(InputConfig):
   synthetic_validation: int = 8  # synthetic LOCO layout: images in validation/good
   synthetic_seed: int = 0  # synthetic dataset: its own seed (the data stay fixed across runs)
   source: str = "files"  # "files": index the extracted folder | "tfds": our TFDS builders
+  # Training images decoded once per run into a memory-mapped uint8 file (data/cache.py), read by every worker;
+  # false decodes every image at every use (the same values, slower).
+  decode_cache: bool = True
 
   def range_rules(self) -> list[Rule]:
     return super().range_rules() + [
@@ -208,6 +214,13 @@ class TrainConfig(ScheduleConfig):
   """EfficientAD's training loop (docs/method.md §5-§6): global batch 1 as in the paper."""
 
   teacher_checkpoint: str = ""  # orbax teacher from experiments.import_teacher; "" = random teacher
+  # Optimizer steps per jitted call (a lax.scan over K stacked batches; train_step.train_steps). Same results as
+  # K = 1, bit for bit; logging, NaN checks and checkpoints happen at call boundaries, so a K that divides
+  # log_every and checkpoint_every keeps every call the same length (one compile).
+  steps_per_dispatch: int = 1
+
+  def range_rules(self) -> list[Rule]:
+    return super().range_rules() + [("steps_per_dispatch", self.steps_per_dispatch >= 1, ">= 1")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +245,8 @@ RESUMABLE = frozenset({
     "optim.learning_rate",  # the divergence advice; Adam's moments do not depend on it
     "train.steps",  # extend or shorten a run (the decay point, decay_at_fraction * steps, moves with it)
     "train.log_every", "train.checkpoint_every", "train.max_to_keep",
-    "data.root", "data.download", "data.tfds_data_dir", "data.num_workers", "data.prefetch",
+    "data.root", "data.download", "data.tfds_data_dir", "data.num_workers", "data.prefetch", "data.decode_cache",
+    "train.steps_per_dispatch",  # how many steps one jitted call runs: the same steps, bit for bit
     "model.conv_impl",  # same parameters and forward numbers, another backward implementation
 })
 

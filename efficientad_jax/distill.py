@@ -175,7 +175,8 @@ def distill(cfg: DistillConfig, workdir: str | pathlib.Path, *, progress: bool =
     stats = TeacherStats.identity(cfg.model.channels)  # shapes only: the values come from the checkpoint
     return parallel.state_template(init, key, mesh), parallel.as_template(stats, mesh)
 
-  def advance(state, stats, step):
+  def advance(state, stats, step, count):
+    del step, count  # one step per call (Stage.per_dispatch = 1); the iterator holds the position
     return step_fn(state, backbone_vars, stats, parallel.shard_batch(next(it), mesh))
 
   stage = engine.Stage.of_schedule(cfg.train)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from efficientad_jax.distill_config import DistillConfig
 from efficientad_jax.data import preprocess
-from efficientad_jax.data.pipeline import mark_flags_parsed, penalty_source, sub_seed
+from efficientad_jax.data.pipeline import mark_flags_parsed, penalty_source, sub_seed, worker_count
 from efficientad_jax.data.records import DataError
 
 
@@ -60,9 +60,9 @@ def local_batch_size(global_batch: int, process_count: int, device_count: int) -
 def _iterate(ds: grain.MapDataset, cfg: DistillConfig) -> grain.IterDataset:
   d = cfg.data
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, d.prefetch), prefetch_buffer_size=d.prefetch))
-  if d.num_workers > 0:
+  if (workers := worker_count(d.num_workers)) > 0:
     mark_flags_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return it
 
 

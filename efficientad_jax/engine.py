@@ -120,7 +120,8 @@ def check_finite(metrics: dict[str, float], where: str) -> None:
 
 # --- The resumable loop.
 
-Advance = Callable[[Any, Any, int], tuple[Any, dict[str, Any]]]  # (state, frozen, unit) -> (state, metrics)
+# (state, frozen, first unit, count) -> (state, metrics after the last of the `count` units it ran)
+Advance = Callable[[Any, Any, int, int], tuple[Any, dict[str, Any]]]
 
 
 @dataclasses.dataclass
@@ -131,6 +132,9 @@ class Stage:
     (RUN/checkpoints/<name>/<unit>).
   total: units to run (optimizer steps, or epochs); log_every / checkpoint_every / max_to_keep in units.
   unit: what a unit is called in messages ("step", "epoch").
+  per_dispatch: units one `advance` call may run (EfficientAD's train.steps_per_dispatch); calls end at every
+    multiple of log_every and checkpoint_every and at total, so logging, NaN checks and checkpoints see the
+    state between two calls.
   """
 
   name: str
@@ -139,11 +143,18 @@ class Stage:
   checkpoint_every: int
   max_to_keep: int
   unit: str = "step"
+  per_dispatch: int = 1
 
   @classmethod
-  def of_schedule(cls, schedule: config_lib.ScheduleConfig, name: str = "") -> "Stage":
+  def of_schedule(cls, schedule: config_lib.ScheduleConfig, name: str = "", per_dispatch: int = 1) -> "Stage":
     """The stage of a run counted in optimizer steps (EfficientAD, distillation): its `train` section."""
-    return cls(name, schedule.steps, schedule.log_every, schedule.checkpoint_every, schedule.max_to_keep)
+    return cls(name, schedule.steps, schedule.log_every, schedule.checkpoint_every, schedule.max_to_keep,
+               per_dispatch=per_dispatch)
+
+  def dispatch_size(self, done: int) -> int:
+    """Units of the next call after `done`: per_dispatch, cut at the next log / checkpoint boundary or total."""
+    to_boundary = min(every - done % every for every in (self.log_every, self.checkpoint_every))
+    return min(self.per_dispatch, to_boundary, self.total - done)
 
   def directory(self, workdir: pathlib.Path) -> pathlib.Path:
     return workdir / "checkpoints" / self.name if self.name else workdir / "checkpoints"
@@ -172,7 +183,9 @@ def run_stage(stage: Stage, workdir: pathlib.Path, advance: Advance, hooks: Hook
   """Runs `stage` from its last complete checkpoint (or fresh) to `total` units; returns (state, frozen,
   [(unit, metrics)] at each logged unit of this call).
 
-  Metrics stay on the device between logged units (no host sync per step); at a logged or checkpointed unit
+  `advance(state, frozen, first, count)` runs `count` units (`Stage.dispatch_size`). Dispatch is asynchronous:
+  while the device runs one call the host prepares and copies the next call's inputs, and metrics stay on the
+  device between logged units (no host sync per call); at a logged or checkpointed unit
   they are read, checked for NaN/inf (`TrainingDiverged` before the save, so the last good checkpoint stays),
   shown and written to TensorBoard.
   """
@@ -190,11 +203,11 @@ def run_stage(stage: Stage, workdir: pathlib.Path, advance: Advance, hooks: Hook
                start)
     bar = tqdm.tqdm(total=stage.total, initial=start, desc=stage.name or None, unit=stage.unit,
                     disable=not show_progress or jax.process_index() != 0, dynamic_ncols=True)
-    for unit in range(start, stage.total):
-      if hooks.finished():
-        break
-      state, metrics = advance(state, frozen, unit)
-      done = unit + 1
+    done = start
+    while done < stage.total and not hooks.finished():
+      count = stage.dispatch_size(done)
+      state, metrics = advance(state, frozen, done, count)
+      done += count
       last = done == stage.total or hooks.finished()
       if done % stage.log_every == 0 or done % stage.checkpoint_every == 0 or last:
         ckpts.check()  # an earlier asynchronous save that failed stops the run here
@@ -207,7 +220,7 @@ def run_stage(stage: Stage, workdir: pathlib.Path, advance: Advance, hooks: Hook
             writer.add_scalar(f"{stage.name or 'train'}/{k}", v, done)
       if done % stage.checkpoint_every == 0 or last:
         ckpts.save(done, state, frozen, hooks.progress())
-      bar.update(1)
+      bar.update(count)
   finally:  # also on divergence or Ctrl-C: the last good checkpoint's async save must complete
     if bar is not None:
       bar.close()

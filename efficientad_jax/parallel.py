@@ -14,7 +14,8 @@ import numpy as np
 
 from efficientad_jax import backend
 
-_SPECS = {"r": jax.sharding.PartitionSpec(), "d": jax.sharding.PartitionSpec("data")}
+_SPECS = {"r": jax.sharding.PartitionSpec(), "d": jax.sharding.PartitionSpec("data"),
+          "s": jax.sharding.PartitionSpec(None, "data")}
 
 
 def data_parallel_devices(batch_size: int, devices: Sequence[jax.Device] | None = None) -> list[jax.Device]:
@@ -51,7 +52,8 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
 
 
 def sharding(mesh: jax.sharding.Mesh, kind: str) -> jax.sharding.NamedSharding:
-  """'r': replicated on every device of the mesh; 'd': split along the leading (batch) axis."""
+  """'r': replicated on every device of the mesh; 'd': split along the leading (batch) axis; 's': stacked
+  batches [K, B, ...], split along the batch axis B."""
   return jax.sharding.NamedSharding(mesh, _SPECS[kind])
 
 
@@ -65,10 +67,16 @@ def compile_step(fn: Callable, mesh: jax.sharding.Mesh, in_kinds: str, out_kinds
                      donate_argnums=tuple(donate))
 
 
-def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """Process-local NumPy batch -> global jax.Arrays sharded on 'data' (multi-host safe)."""
-  sharded = sharding(mesh, "d")
+def shard_batch(batch: dict, mesh: jax.sharding.Mesh, kind: str = "d") -> dict[str, jax.Array]:
+  """Process-local NumPy batch -> global jax.Arrays sharded on 'data' (multi-host safe); kind 's' for stacked
+  batches [K, B, ...] (`stack_batches`)."""
+  sharded = sharding(mesh, kind)
   return {k: jax.make_array_from_process_local_data(sharded, v) for k, v in batch.items()}
+
+
+def stack_batches(batches: Sequence[dict]) -> dict[str, np.ndarray]:
+  """K batches of the same keys and shapes -> one batch with a leading step axis [K, ...]."""
+  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:

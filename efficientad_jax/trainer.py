@@ -14,7 +14,7 @@ import json
 import logging
 import pathlib
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,8 @@ class Pieces(NamedTuple):
   nets: models.Models
   tx: optax.GradientTransformation
   step: Callable  # jitted fn(state, frozen, sharded batch, key) -> (state, losses); state donated
+  # the same for K stacked batches [K, B, ...] ('s' sharding): K steps in one call (train.steps_per_dispatch)
+  steps: Callable
   init: Callable[[jax.Array], train_step.TrainState]  # key -> fresh state (trace it: parallel.new_state)
 
 
@@ -46,7 +48,24 @@ def pieces(cfg: Config, mesh: jax.sharding.Mesh) -> Pieces:
   nets = models.build(cfg.model)
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
   init = lambda key: train_step.init_state(models.init_params(nets, key, cfg.model.image_size), tx)  # noqa: E731
-  return Pieces(nets, tx, train_step.compile_train_step(nets, cfg, tx, mesh), init)
+  return Pieces(nets, tx, train_step.compile_train_step(nets, cfg, tx, mesh),
+                train_step.compile_train_steps(nets, cfg, tx, mesh), init)
+
+
+def make_advance(method: Pieces, batches: Iterator[dict], mesh: jax.sharding.Mesh, key: jax.Array
+                 ) -> engine.Advance:
+  """The engine's `advance` for EfficientAD: one host batch from `batches` through `method.step`, or `count`
+  of them stacked [count, B, ...] through `method.steps` (K steps in one call), copied to the devices (sharded
+  on 'data'). The call returns before the device finishes, so the next call's batches are read and copied
+  while this one runs."""
+  def advance(state, frozen, first, count):
+    del first  # the iterator holds the position; every step folds its own number into `key`
+    if count == 1:
+      return method.step(state, frozen, parallel.shard_batch(next(batches), mesh), key)
+    stacked = parallel.stack_batches([next(batches) for _ in range(count)])
+    return method.steps(state, frozen, parallel.shard_batch(stacked, mesh, "s"), key)
+
+  return advance
 
 
 def frozen_template(teacher: dict, channels: int, mesh: jax.sharding.Mesh) -> train_step.Frozen:
@@ -95,15 +114,16 @@ def fit_teacher_stats(nets: models.Models, teacher: dict, ds: Datasets, batch_si
 
 
 def checked_datasets(cfg: Config) -> Datasets:
-  """`make_datasets`, then the checks that would otherwise fail only after training: a validation split to
-  calibrate on, and every training and validation image decodable (a corrupt file fails in seconds)."""
-  ds = make_datasets(cfg.data, image_size=cfg.model.image_size, seed=cfg.train.seed)
+  """`make_datasets` for training (every training image decoded once, into the decode cache, unless
+  data.decode_cache is off), then the checks that would otherwise fail only after training: a validation split
+  to calibrate on, and every training and validation image decodable (a corrupt file fails in seconds)."""
+  ds = make_datasets(cfg.data, image_size=cfg.model.image_size, seed=cfg.train.seed, training=True)
   if not ds.info["num_validation"]:
     raise DataError(f"{ds.info['root']}: no validation images (data.validation_fraction="
                     f"{cfg.data.validation_fraction}, {ds.info['num_train']} training images): calibration needs "
                     "at least one; add training images or raise data.validation_fraction (LOCO: validation/good)")
   listing = ds.listing()
-  check_images(listing["train"] + listing["validation"])
+  check_images(listing["validation"] if ds.info["decoded_once"] else listing["train"] + listing["validation"])
   return ds
 
 
@@ -137,14 +157,16 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) ->
     frozen = parallel.replicate(train_step.Frozen(teacher=teacher, stats=stats), mesh)
     return parallel.new_state(method.init, init_key, mesh), frozen
 
-  def advance(state, frozen, step):
-    return method.step(state, frozen, parallel.shard_batch(next(it), mesh), step_key)
-
   # The iterator state is the number of batches consumed, equal on every process, so the primary host's copy
   # (the one orbax writes) resumes all of them.
+  if cfg.train.steps_per_dispatch > 1 and jax.default_backend() == "cpu":
+    log.warning("train.steps_per_dispatch=%d on a CPU: XLA:CPU runs the K-step loop far slower than single "
+                "steps (BUILD_NOTES.md, 'Training feed'); K > 1 pays off on accelerators",
+                cfg.train.steps_per_dispatch)
+  advance = make_advance(method, it, mesh, step_key)
   hooks = engine.Hooks(fresh=fresh, template=lambda: (state_like, frozen_template(
       teacher, cfg.model.teacher_channels, mesh)), progress=it.get_state, resume=it.set_state)
-  stage = engine.Stage.of_schedule(cfg.train)
+  stage = engine.Stage.of_schedule(cfg.train, per_dispatch=cfg.train.steps_per_dispatch)
   writer = engine.log_writer(workdir)
   state, frozen, _ = engine.run_stage(stage, workdir, advance, hooks, writer=writer, show_progress=progress)
 

@@ -10,6 +10,7 @@ image size, device->host copy of the anomaly map and score.
   python -m experiments.benchmark --model RUN                         # a saved model (either method), as trained
   python -m experiments.benchmark --mode train --sizes small --train-steps 20   # real step + real data
   python -m experiments.benchmark --mode conv --sizes small              # conv backward per conv_impl
+  python -m experiments.benchmark --mode feed --out feed.json            # data stream, loop and predict overhead
   python -m experiments.benchmark --tiny --out tmp.json                  # 64x64, few runs (CI)
 
 The defaults (1000 warm-up + 1000 runs at 256x256) are meant for an accelerator; on a CPU one PDN-S image
@@ -36,16 +37,21 @@ import numpy as np
 from efficientad_jax import backend, calibration, inference, models, normalization, saved_model
 from efficientad_jax.config import Config, MapConfig, ModelConfig
 from efficientad_jax.inference import Detector
-from experiments import benchmark_train, cli
+from experiments import benchmark_feed, benchmark_train, cli
 
 # docs/method.md §10 (paper §4): the paper's latency (batch 1, half precision) and throughput on an RTX A6000.
 PAPER = {"small": {"latency_ms": 2.2, "throughput_img_s": 614},
          "medium": {"latency_ms": 4.5, "throughput_img_s": 269}}
 DEFAULTS = {"sizes": "small,medium", "dtypes": "float32,bfloat16,float16", "batch_sizes": "1,8,16,32,64",
             "image_size": 256, "warmup": 1000, "runs": 1000, "throughput_warmup": 10, "throughput_runs": 100,
-            "train_steps": 20, "train_warmup": 2, "conv_runs": 5}
+            "train_steps": 20, "train_warmup": 2, "conv_runs": 5, "dispatch": "1",
+            "feed_workers": "0,1,2", "feed_dispatch": "1,64", "feed_images": 16, "feed_penalty_images": 32,
+            "feed_steps": 600, "feed_steps_before": 150, "feed_warmup": 20, "feed_loop_logs": 40,
+            "feed_loop_repeats": 3, "feed_predict_rounds": 30}
 TINY = dict(DEFAULTS, sizes="small", dtypes="float32", batch_sizes="1,2", image_size=64, warmup=1, runs=3,
-            throughput_warmup=1, throughput_runs=2, train_steps=3, train_warmup=1, conv_runs=1)
+            throughput_warmup=1, throughput_runs=2, train_steps=3, train_warmup=1, conv_runs=1,
+            feed_workers="0", feed_dispatch="1,4", feed_images=2, feed_penalty_images=2, feed_steps=6,
+            feed_steps_before=3, feed_warmup=1, feed_loop_logs=3, feed_loop_repeats=1, feed_predict_rounds=1)
 
 
 def environment() -> dict:
@@ -155,6 +161,43 @@ def inference_targets(args: argparse.Namespace) -> Iterator[Timed]:
                   host_predict_fn(size, dtype, args.image_size, args.seed))
 
 
+def predict_overhead(args: argparse.Namespace, n: int = 32) -> dict:
+  """Host time per call of the one predict path (batch 1, tiny image, host image -> host map and score) beyond
+  its compute: per round, the median of 10 calls minus the per-image time of the same `inference.predict`
+  mapped over `n` images inside one call; the median over rounds (interleaved, so load changes hit both alike).
+  Also the host's own share of a call: the time until the call returns (dispatch is asynchronous) plus the
+  copy of the results once they are ready."""
+  size = benchmark_feed.LOOP_IMAGE_SIZE
+  cfg, maps = ModelConfig(image_size=size), MapConfig()
+  detector = plausible_detector(cfg, jax.random.key(args.seed))
+  nets, jitted = inference.compiled_predict(cfg, maps)
+  one_call = host_run(jitted, detector, (size, size))
+  mapped = backend.jit(lambda det, xs: jax.lax.map(
+      lambda x: inference.predict(nets, maps, det, x, (size, size))["score"], xs))
+  rng = np.random.default_rng(args.seed)
+  one = rng.normal(size=(1, size, size, 3)).astype(np.float32)
+  many = jax.device_put(rng.normal(size=(n, 1, size, size, 3)).astype(np.float32))
+  device = jax.devices()[0]
+  differences, calls, per_image, host = [], [], [], []
+  for _ in range(args.feed_predict_rounds):
+    call = float(np.median(time_calls(lambda: one_call(one), 2, 10)))
+    image = time_calls(lambda: np.asarray(mapped(detector, many)), 1, 1)[0] / n
+    calls.append(call)
+    per_image.append(image)
+    differences.append(call - image)
+    start = time.perf_counter()
+    out = jitted(detector, jax.device_put(one, device), out_size=(size, size))
+    returned = time.perf_counter()
+    jax.block_until_ready(out)
+    ready = time.perf_counter()
+    np.asarray(out["anomaly_map"]), np.asarray(out["score"])
+    host.append(returned - start + time.perf_counter() - ready)
+  ms = lambda v: 1e3 * float(np.median(v))  # noqa: E731
+  return {"image_size": size, "call_ms": ms(calls), "compute_ms": ms(per_image), "overhead_ms": ms(differences),
+          "overhead_iqr_ms": [1e3 * float(q) for q in np.percentile(differences, [25, 75])],
+          "host_share_ms": ms(host), "rounds": len(differences), "mapped_images": n}
+
+
 # --- Report.
 
 def print_inference(results: list[dict], env: dict) -> None:
@@ -172,7 +215,7 @@ def print_inference(results: list[dict], env: dict) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--mode", choices=("inference", "train", "conv"), default="inference")
+  p.add_argument("--mode", choices=("inference", "train", "conv", "feed"), default="inference")
   p.add_argument("--sizes", help="default small,medium (--tiny: small)")
   p.add_argument("--dtypes", help="default float32,bfloat16,float16 (--tiny: float32); not with --model")
   p.add_argument("--batch-sizes", help="default 1,8,16,32,64 (--tiny: 1,2)")
@@ -184,6 +227,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--train-steps", type=int)
   p.add_argument("--train-warmup", type=int, help="untimed steps (the first one compiles)")
   p.add_argument("--conv-runs", type=int)
+  p.add_argument("--dispatch", help="--mode train: steps per call K to time, e.g. 1,64 (default 1)")
+  p.add_argument("--feed-workers", help="--mode feed: grain worker counts to time (default 0,1,2)")
+  p.add_argument("--feed-dispatch", help="--mode feed: steps per call K of the loop overhead (default 1,64)")
+  p.add_argument("--feed-images", type=int, help="--mode feed: generated 1024x1024 training PNGs (default 16)")
+  p.add_argument("--feed-penalty-images", type=int, help="--mode feed: generated 500x375 JPEGs (default 32)")
+  p.add_argument("--feed-steps", type=int, help="--mode feed: timed batches per worker count (default 600)")
+  p.add_argument("--feed-steps-before", type=int, help="--mode feed: timed batches, old pipeline (default 150)")
+  p.add_argument("--feed-warmup", type=int, help="--mode feed: untimed batches (default 20)")
+  p.add_argument("--feed-loop-logs", type=int, help="--mode feed: log intervals of the long loop (default 40)")
+  p.add_argument("--feed-loop-repeats", type=int, help="--mode feed: loop timings, median (default 3)")
+  p.add_argument("--feed-predict-rounds", type=int, help="--mode feed: predict timing rounds (default 30)")
   p.add_argument("--conv-impls", default=",".join(benchmark_train.CONV_IMPLS),
                  help="--mode conv: the backward implementations to time (default: all)")
   p.add_argument("--model", default="", help="time a saved model (RUN or RUN/model, either method, in the "
@@ -203,6 +257,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.dtypes = [d for d in args.dtypes.split(",") if d]
   args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b]
   args.conv_impls = [i for i in args.conv_impls.split(",") if i]
+  for name in ("dispatch", "feed_workers", "feed_dispatch"):
+    try:
+      setattr(args, name, [int(v) for v in getattr(args, name).split(",") if v])
+    except ValueError:
+      p.error(f"--{name.replace('_', '-')}: comma-separated integers, got {getattr(args, name)!r}")
+    if not getattr(args, name) or min(getattr(args, name)) < (0 if name == "feed_workers" else 1):
+      p.error(f"--{name.replace('_', '-')}: at least one value, each >= {0 if name == 'feed_workers' else 1}")
   unknown = set(args.conv_impls) - set(benchmark_train.CONV_IMPLS)
   if unknown or not args.conv_impls:
     p.error(f"--conv-impls: choose from {','.join(benchmark_train.CONV_IMPLS)}, "
@@ -220,9 +281,18 @@ def main(argv=None) -> dict:
     report["results"] = [bench_inference(timed, args) for timed in inference_targets(args)]
     print_inference(report["results"], env)
   elif args.mode == "train":
-    report["results"] = [benchmark_train.bench_train(ModelConfig(size=s, dtype=d, image_size=args.image_size), args)
-                         for s in args.sizes for d in args.dtypes]
+    report["results"] = [benchmark_train.bench_train(ModelConfig(size=s, dtype=d, image_size=args.image_size), k, args)
+                         for s in args.sizes for d in args.dtypes for k in args.dispatch]
     benchmark_train.print_train(report["results"], env)
+  elif args.mode == "feed":
+    stream = benchmark_feed.bench_stream(args)
+    loop = benchmark_feed.bench_loop(args)
+    predict = predict_overhead(args)
+    report.update(feed_steps_per_s=stream["feed_steps_per_s"],
+                  feed_steps_per_s_before=stream["feed_steps_per_s_before"],
+                  loop_overhead_ms_per_step=loop[str(max(args.feed_dispatch))]["ms_per_step"],
+                  predict_overhead_ms=predict["overhead_ms"], stream=stream, loop=loop, predict=predict)
+    benchmark_feed.print_feed(report, env)
   else:
     report["results"] = [benchmark_train.bench_conv(s, args.image_size, args) for s in args.sizes]
     benchmark_train.print_conv(report["results"], env)

@@ -37,53 +37,56 @@ def synthetic_data_config(image_size: int, root: str) -> DataConfig:
   return dataclasses.replace(data, penalty=str(pathlib.Path(root) / "widget" / "train" / "good"))
 
 
-def engine_step(cfg: Config, seed: int) -> tuple[Callable, list, jax.sharding.Mesh]:
-  """(fn(state, frozen, sharded batch) -> (state, losses), [state, frozen], mesh): the trainer's own pieces on
-  the trainer's mesh, a random teacher with identity statistics (the step's cost does not depend on them)."""
+def engine_step(cfg: Config, seed: int) -> tuple[trainer.Pieces, list, jax.sharding.Mesh]:
+  """(the trainer's pieces, [state, frozen], mesh) on the trainer's mesh, with a random teacher and identity
+  statistics (the step's cost does not depend on them)."""
   mesh = parallel.data_mesh(parallel.data_parallel_devices(cfg.train.batch_size))
   method = trainer.pieces(cfg, mesh)
   key = jax.random.key(seed)
   teacher = models.init_params(method.nets, key, cfg.model.image_size)["teacher"]
   frozen = train_step.Frozen(teacher=teacher, stats=normalization.TeacherStats.identity(cfg.model.teacher_channels))
   holder = [parallel.new_state(method.init, key, mesh), parallel.replicate(frozen, mesh)]
-  return (lambda state, frozen, batch: method.step(state, frozen, batch, key)), holder, mesh
+  return method, holder, mesh
 
 
-def bench_train(cfg: ModelConfig, args: argparse.Namespace) -> dict:
-  """Steps/s of the compiled train step fed by the real data pipeline, and the data-loading share.
+def bench_train(cfg: ModelConfig, per_dispatch: int, args: argparse.Namespace) -> dict:
+  """Steps/s of the trainer's loop body (`trainer.make_advance`: K batches of the real data pipeline stacked,
+  copied and run as one call of the compiled step), with K = `per_dispatch` steps per call.
 
-  Each step is timed to completion (block on the losses), so data time and step time do not overlap:
-  the data share is an upper bound of what the pipeline costs when steps run asynchronously.
+  Calls run asynchronously, as in training: the clock stops when the last call's losses are on the host.
+  `host_ms_per_step` is the host's own time per step (reading, stacking and copying batches, dispatch), which
+  overlaps the device's work.
   """
-  root = tempfile.mkdtemp(prefix="efficientad_bench_")
-  full = Config(model=cfg, data=synthetic_data_config(cfg.image_size, root),
-                train=TrainConfig(steps=args.train_steps + args.train_warmup))
-  generate = time.perf_counter()
-  make_datasets(full.data, image_size=cfg.image_size, seed=0)  # generates the synthetic images once
-  ds = make_datasets(full.data, image_size=cfg.image_size, seed=0)
-  setup_s = time.perf_counter() - generate
-  step, holder, mesh = engine_step(full, args.seed)
-  it = ds.train_iter(full.train.batch_size)
-  data_s, total_s = [], []
-  compile_s = 0.0
-  for i in range(args.train_warmup + args.train_steps):
+  dispatches = max(1, -(-args.train_steps // per_dispatch))
+  with tempfile.TemporaryDirectory(prefix="efficientad_bench_") as root:
+    full = Config(model=cfg, data=synthetic_data_config(cfg.image_size, root),
+                  train=TrainConfig(steps=(dispatches + args.train_warmup) * per_dispatch,
+                                    steps_per_dispatch=per_dispatch))
+    generate = time.perf_counter()
+    ds = make_datasets(full.data, image_size=cfg.image_size, seed=0, training=True)
+    setup_s = time.perf_counter() - generate
+    method, holder, mesh = engine_step(full, args.seed)
+    advance = trainer.make_advance(method, iter(ds.train_iter(full.train.batch_size)), mesh,
+                                   jax.random.key(args.seed))
     start = time.perf_counter()
-    batch = parallel.shard_batch(next(it), mesh)
-    loaded = time.perf_counter()
-    holder[0], losses = step(holder[0], holder[1], batch)
-    jax.block_until_ready(losses)
-    end = time.perf_counter()
-    if i < args.train_warmup:
-      compile_s += end - start
-      continue
-    data_s.append(loaded - start)
-    total_s.append(end - start)
+    for _ in range(args.train_warmup):
+      holder[0], _ = advance(holder[0], holder[1], 0, per_dispatch)
+    jax.block_until_ready(holder[0])
+    compile_s = time.perf_counter() - start
+    host_s = 0.0
+    start = time.perf_counter()
+    for _ in range(dispatches):
+      called = time.perf_counter()
+      holder[0], losses = advance(holder[0], holder[1], 0, per_dispatch)
+      host_s += time.perf_counter() - called
+    final_loss = float(losses["loss"])
+    wall_s = time.perf_counter() - start
+  steps = dispatches * per_dispatch
   return {"size": cfg.size, "dtype": cfg.dtype, "image_size": cfg.image_size, "batch_size": full.train.batch_size,
-          "conv_impl": conv_lib.resolve_impl(cfg.conv_impl), "steps": args.train_steps,
-          "steps_per_s": len(total_s) / float(np.sum(total_s)), "step": summarize(total_s),
-          "data_share": float(np.sum(data_s) / np.sum(total_s)), "data_ms_mean": 1e3 * float(np.mean(data_s)),
-          "warmup_and_compile_s": compile_s, "dataset_setup_s": setup_s,
-          "final_loss": float(losses["loss"]), "penalty": bool(ds.info["penalty"])}
+          "steps_per_dispatch": per_dispatch, "conv_impl": conv_lib.resolve_impl(cfg.conv_impl), "steps": steps,
+          "steps_per_s": steps / wall_s, "ms_per_step": 1e3 * wall_s / steps, "host_ms_per_step": 1e3 * host_s / steps,
+          "warmup_and_compile_s": compile_s, "dataset_setup_s": setup_s, "final_loss": final_loss,
+          "penalty": bool(ds.info["penalty"])}
 
 
 def random_train_step_fn(size: str, image_size: int, seed: int = 0, impl: str = "auto"
@@ -91,10 +94,11 @@ def random_train_step_fn(size: str, image_size: int, seed: int = 0, impl: str = 
   """fn(host batch {'image','image_ae','penalty'} [B, S, S, 3]) -> loss, one real compiled step per call,
   with the conv backward `impl` (ModelConfig.conv_impl)."""
   cfg = Config(model=ModelConfig(size=size, image_size=image_size, conv_impl=impl), train=TrainConfig(steps=10))
-  step, holder, mesh = engine_step(cfg, seed)
+  method, holder, mesh = engine_step(cfg, seed)
+  key = jax.random.key(seed)
 
   def run(batch: dict) -> float:
-    holder[0], losses = step(holder[0], holder[1], parallel.shard_batch(batch, mesh))
+    holder[0], losses = method.step(holder[0], holder[1], parallel.shard_batch(batch, mesh), key)
     return float(losses["loss"])
 
   return run
@@ -128,11 +132,11 @@ def bench_conv(size: str, image_size: int, args: argparse.Namespace) -> dict:
 def print_train(results: list[dict], env: dict) -> None:
   print(f"\nTraining, compiled step + data pipeline ({env['device']}, jax {env['jax_version']}, "
         f"{env['date']})")
-  print("| model | dtype | image | conv | steps/s | step ms (p50) | data share |")
-  print("|---|---|---|---|---|---|---|")
+  print("| model | dtype | image | conv | steps per call | steps/s | ms per step | host ms per step |")
+  print("|---|---|---|---|---|---|---|---|")
   for r in results:
-    print(f"| {r['size']} | {r['dtype']} | {r['image_size']} | {r['conv_impl']} | {r['steps_per_s']:.3f} | "
-          f"{r['step']['p50_ms']:.1f} | {100 * r['data_share']:.1f} % |")
+    print(f"| {r['size']} | {r['dtype']} | {r['image_size']} | {r['conv_impl']} | {r['steps_per_dispatch']} | "
+          f"{r['steps_per_s']:.3f} | {r['ms_per_step']:.2f} | {r['host_ms_per_step']:.3f} |")
 
 
 def print_conv(results: list[dict], env: dict) -> None:

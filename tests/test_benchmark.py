@@ -37,13 +37,31 @@ def test_inference_json_structure(tmp_path):
 
 
 def test_train_json_structure(tmp_path):
-  report, stdout = _run(tmp_path, "--mode", "train")
+  """Two steps per call (the K-step program; K = 1 runs in every trainer test), 3 steps asked: whole calls.
+  No warm-up: the compile lands in the timed call (XLA:CPU runs K-step loops slowly, BUILD_NOTES.md)."""
+  report, stdout = _run(tmp_path, "--mode", "train", "--dispatch", "2", "--train-warmup", "0")
   assert report["mode"] == "train" and ENV_KEYS <= set(report["environment"])
   (result,) = report["results"]
-  assert result["image_size"] == 64 and result["steps"] == 3 and result["penalty"] is True
-  assert result["steps_per_s"] > 0 and 0.0 <= result["data_share"] <= 1.0
+  assert result["steps_per_dispatch"] == 2 and result["steps"] == 4  # ceil(3 / 2) calls of 2 steps
+  assert result["image_size"] == 64 and result["penalty"] is True
+  assert result["steps_per_s"] > 0 and 0 < result["host_ms_per_step"] <= result["ms_per_step"]
   assert result["conv_impl"] in ("xla", "im2col", "shifted", "mixed")
   assert "steps/s" in stdout
+
+
+def test_feed_json_structure(tmp_path):
+  """The stream before/after on generated MVTec-size inputs, the loop overhead per K, the predict overhead."""
+  report, stdout = _run(tmp_path, "--mode", "feed")
+  for key in ("feed_steps_per_s", "feed_steps_per_s_before"):
+    assert report[key] > 0, key
+  assert isinstance(report["loop_overhead_ms_per_step"], float)
+  assert isinstance(report["predict_overhead_ms"], float) and report["predict"]["compute_ms"] > 0
+  assert set(report["loop"]) == {"1", "4"}  # TINY's --feed-dispatch
+  stream = report["stream"]
+  assert stream["before"]["stream"] == "before" and stream["before"]["num_workers"] == 0
+  assert stream["no_cache"]["decode_cache"] is False
+  assert [r["decode_cache"] for r in stream["after"]] == [True]
+  assert "| before (decode every use, float32 on the host) | 0 |" in stdout and "loop overhead" in stdout
 
 
 def test_conv_mode_times_the_chosen_backwards(tmp_path):
@@ -64,3 +82,6 @@ def test_bad_mode_is_rejected(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--mode", "conv", "--conv-impls", "cudnn"],
                         cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2 and "--conv-impls" in proc.stderr.splitlines()[-1]
+  proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--mode", "train", "--dispatch", "0"],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and "--dispatch" in proc.stderr.splitlines()[-1]

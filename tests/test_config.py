@@ -75,7 +75,7 @@ def test_validate_names_the_bad_field(cls, assignment, field, requirement):
 
 @pytest.mark.parametrize("assignment", ["optim.b1=1", "optim.learning_rate=0", "optim.decay_factor=0",
                                         "train.batch_size=0", "train.checkpoint_every=0", "train.max_to_keep=0",
-                                        "data.num_workers=-1", "data.std=1,0,1"])
+                                        "data.num_workers=-2", "data.std=1,0,1"])
 def test_shared_sections_have_the_same_rules_in_every_method(assignment):
   field = assignment.split("=")[0]
   for cls in CLASSES:

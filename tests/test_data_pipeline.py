@@ -129,12 +129,33 @@ def test_train_element_jitters_the_full_resolution_image(tmp_path):
   Image.fromarray(rgb).save(tmp_path / "x.png")
   sample = records.Sample(image=str(tmp_path / "x.png"), id="train/good/x", label=0, defect="good")
   for seed in range(6):
-    out = pipeline.train_element(sample, np.random.default_rng(seed), 32, IMAGENET_MEAN, IMAGENET_STD,
-                                 (0.8, 1.2))
+    out = pipeline.train_element(sample, np.random.default_rng(seed), 32, (0.8, 1.2))
     kind, factor = preprocess.draw_jitter(np.random.default_rng(seed), 0.8, 1.2)
-    np.testing.assert_array_equal(out["image"], preprocess.model_input(rgb, 32, IMAGENET_MEAN, IMAGENET_STD))
-    np.testing.assert_array_equal(out["image_ae"], preprocess.autoencoder_input(
-        rgb, kind, factor, 32, IMAGENET_MEAN, IMAGENET_STD))
+    assert out["image"].dtype == out["image_ae"].dtype == np.uint8  # normalised in the jitted step
+    np.testing.assert_array_equal(out["image"], preprocess.resize(rgb, 32))
+    np.testing.assert_array_equal(out["image_ae"], preprocess.resize(preprocess.adjust_color(rgb, kind, factor), 32))
+    np.testing.assert_array_equal(  # the float input of the preprocessing fixtures, from the same bytes
+        preprocess.normalize(preprocess.to_float(out["image_ae"]), IMAGENET_MEAN, IMAGENET_STD),
+        preprocess.autoencoder_input(rgb, kind, factor, 32, IMAGENET_MEAN, IMAGENET_STD))
+
+
+def test_jitter_tables_are_pil_image_enhance_byte_for_byte():
+  """Brightness and contrast run as per-value tables (`Image.point`): the bytes of ImageEnhance's blend, on
+  random images (also low-contrast ones) and factors, including the ends of U(0.8, 1.2), 0, 1 and 2."""
+  from PIL import ImageEnhance  # pylint: disable=import-outside-toplevel
+  enhancers = {"brightness": ImageEnhance.Brightness, "contrast": ImageEnhance.Contrast,
+               "saturation": ImageEnhance.Color}
+  rng = np.random.default_rng(0)
+  for trial in range(60):
+    image = rng.integers(0, 256, (*rng.integers(1, 40, 2), 3), dtype=np.uint8)
+    if trial % 3 == 0:
+      image = (image // 4 + rng.integers(0, 190)).astype(np.uint8)
+    for kind in preprocess.JITTER_KINDS:
+      factor = float(rng.choice([0.8, 1.2, 0.0, 1.0, 2.0])) if trial % 4 == 0 else float(rng.uniform(0, 2.5))
+      expected = np.asarray(enhancers[kind](Image.fromarray(image)).enhance(factor))
+      np.testing.assert_array_equal(preprocess.adjust_color(image, kind, factor), expected, err_msg=f"{kind} {factor}")
+  with pytest.raises(ValueError, match="jitter kind"):
+    preprocess.adjust_color(image, "hue", 1.0)
 
 
 def test_penalty_image_shape_and_grayscale():
@@ -170,12 +191,12 @@ def test_train_batches_format_and_determinism(syn_root, tmp_path):
   batches = _take(api.make_datasets(cfg, 32, seed=0).train_iter(3), 4)
   assert set(batches[0]) == {"image", "image_ae", "penalty"}
   for v in batches[0].values():
-    assert v.shape == (3, 32, 32, 3) and v.dtype == np.float32
+    assert v.shape == (3, 32, 32, 3) and v.dtype == np.uint8  # normalised in the jitted step
   assert _equal(batches, _take(api.make_datasets(cfg, 32, seed=0).train_iter(3), 4))
   assert not _equal(batches, _take(api.make_datasets(cfg, 32, seed=1).train_iter(3), 4))
   # The autoencoder input is a jittered copy of the same image, not another image.
-  d = np.abs(batches[0]["image"] - batches[0]["image_ae"]).mean(axis=(1, 2, 3))
-  assert np.all(d < 0.5)
+  d = np.abs(batches[0]["image"].astype(float) - batches[0]["image_ae"]).mean(axis=(1, 2, 3))
+  assert np.all(d < 0.5 * 255 * 0.226)  # half a standard deviation of the normalised input
   no_pen = next(api.make_datasets(_cfg(syn_root), 32, seed=0).train_iter(2))
   assert set(no_pen) == {"image", "image_ae"}
 
@@ -201,9 +222,10 @@ def test_process_sharding_partitions_the_stream(syn_root):
 
 def test_epochs_cover_training_images_only(syn_root):
   ds = api.make_datasets(_cfg(syn_root), 32, seed=0)
+  to_input = lambda b: preprocess.normalize(preprocess.to_float(b["image"]), IMAGENET_MEAN, IMAGENET_STD)  # noqa: E731
   train = np.stack([r["image"] for r in ds.train_eval])
   val = np.stack([r["image"] for r in ds.validation])
-  seen = np.concatenate([b["image"] for b in _take(ds.train_iter(1), len(train))])
+  seen = np.concatenate([to_input(b) for b in _take(ds.train_iter(1), len(train))])
   # One epoch shows every training image once and never a validation image.
   assert sorted(map(bytes, seen)) == sorted(map(bytes, train))
   assert not {bytes(v) for v in val} & {bytes(s) for s in seen}
@@ -258,17 +280,19 @@ def test_loco_synthetic_make_datasets(tmp_path):
 
 
 def test_multiprocess_workers_match_in_process(syn_root):
+  # Reference: decoded from the files in this process. Workers: spawned processes that receive the decode
+  # cache pickled (its path) and map its file themselves (data/cache.py).
   cfg = _cfg(syn_root)
-  ref = _take(api.make_datasets(cfg, 32, seed=0).train_iter(2), 3)
-  mp = api.make_datasets(dataclasses.replace(cfg, num_workers=2), 32, seed=0).train_iter(2)
-  assert _equal(ref, _take(mp, 3))
+  ref = _take(api.make_datasets(dataclasses.replace(cfg, decode_cache=False), 32, seed=0).train_iter(2), 3)
+  ds = api.make_datasets(dataclasses.replace(cfg, num_workers=2), 32, seed=0, training=True)
+  assert ds.info["decoded_once"]
+  assert _equal(ref, _take(ds.train_iter(2), 3))
 
 
 def test_penalty_element_accepts_tfds_style_records():
   # tfds.data_source('imagenette') yields {'image': uint8 [H, W, 3], 'label': ...} dicts.
   image = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
   rng = np.random.default_rng(0)
-  out = pipeline.penalty_element({"image": image, "label": 3}, rng, image_size=16, resize_to=32,
-                                 gray_prob=0.0, mean=(0, 0, 0), std=(1, 1, 1))
+  out = pipeline.penalty_element({"image": image, "label": 3}, rng, image_size=16, resize_to=32, gray_prob=0.0)
   full = np.asarray(Image.fromarray(image).resize((32, 32), Image.BILINEAR))
-  np.testing.assert_allclose(out, full[8:24, 8:24] / 255.0, atol=1e-6)
+  np.testing.assert_array_equal(out, full[8:24, 8:24])

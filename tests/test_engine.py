@@ -3,6 +3,7 @@ progress travels with the checkpoints, a NaN stops before any save, early stoppi
 ended, and the run directory's config rule. The three real methods run on it in test_trainer, test_distill
 and test_ast_training."""
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -20,14 +21,18 @@ class Toy:
   def __init__(self, nan_at=None, stop_after=None, interrupt_at=None):
     self.nan_at, self.stop_after, self.interrupt_at = nan_at, stop_after, interrupt_at
     self.progress = {"seen": 0, "stopped": False}
+    self.calls = []  # (first unit, count) of every advance call
 
-  def advance(self, state, frozen, unit):
-    if unit == self.interrupt_at:
-      raise KeyboardInterrupt
-    x = 0.5 * state["x"] + unit + frozen["offset"]
-    if unit == self.nan_at:
-      x = x * jnp.nan
-    self.progress["seen"] += 1
+  def advance(self, state, frozen, first, count):
+    self.calls.append((first, count))
+    x = state["x"]
+    for unit in range(first, first + count):
+      if unit == self.interrupt_at:
+        raise KeyboardInterrupt
+      x = 0.5 * x + unit + frozen["offset"]
+      if unit == self.nan_at:
+        x = x * jnp.nan
+    self.progress["seen"] += count
     self.progress["stopped"] = self.stop_after is not None and self.progress["seen"] >= self.stop_after
     return {"x": x}, {"loss": x}
 
@@ -111,3 +116,22 @@ def test_a_failed_asynchronous_save_stops_the_run_at_the_next_boundary(tmp_path,
     run(tmp_path, toy)
   assert raised.value.errno == errno.ENOSPC and "checkpoints" in str(raised.value.filename)
   assert toy.progress["seen"] == 3  # unit 2 saved, unit 3 ran, its boundary raised
+
+
+def test_several_units_per_call_end_at_every_boundary_and_resume_with_another_count(tmp_path):
+  """per_dispatch units per call, cut at log / checkpoint boundaries and at the end; the same result as one
+  unit per call, also when a run resumes with another per_dispatch (train.steps_per_dispatch is resumable)."""
+  stage = dataclasses.replace(STAGE, total=10, log_every=4, checkpoint_every=6, per_dispatch=3)
+  toy = Toy()
+  state, _, history = run(tmp_path / "a", toy, stage)
+  assert toy.calls == [(0, 3), (3, 1), (4, 2), (6, 2), (8, 2)]
+  assert [u for u, _ in history] == [4, 6, 8, 10]
+  one, _, _ = run(tmp_path / "b", Toy(), dataclasses.replace(stage, per_dispatch=1))
+  assert float(one["x"]) == float(state["x"])
+
+  with pytest.raises(KeyboardInterrupt):
+    run(tmp_path / "c", Toy(interrupt_at=7), dataclasses.replace(stage, per_dispatch=1))
+  resumed_toy = Toy()
+  resumed, _, _ = run(tmp_path / "c", resumed_toy, dataclasses.replace(stage, per_dispatch=4))
+  assert resumed_toy.calls == [(6, 2), (8, 2)]  # from the checkpoint at 6, cut at the log boundary 8
+  assert float(resumed["x"]) == float(state["x"])

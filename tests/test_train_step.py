@@ -100,6 +100,53 @@ def test_step_makes_no_hidden_host_device_transfers(compiled):
   assert step._cache_size() == 1
 
 
+def test_k_steps_in_one_call_equal_k_single_steps(compiled):
+  """train.steps_per_dispatch: one call of the K-step program equals K one-step calls of it bit for bit on CPU
+  (its loop body compiles once, whatever K), and K calls of the straight-line step within float rounding (other
+  XLA kernels, other summation orders)."""
+  step, mesh, host, batch = compiled
+  nets, tx, _, _, _ = _tiny_setup()
+  steps = train_step.compile_train_steps(nets, TINY, tx, mesh)
+  rng = np.random.default_rng(1)
+  batches = [{k: v[:1] + rng.normal(size=v[:1].shape).astype(np.float32) for k, v in batch.items()}
+             for _ in range(2)]
+  key = jax.random.key(7)
+  stacked = lambda bs: parallel.shard_batch(parallel.stack_batches(bs), mesh, "s")  # noqa: E731
+  results = []
+  for calls in ([batches], [[b] for b in batches]):  # one call of K = 2, then two calls of K = 1
+    state, frozen = parallel.replicate(host, mesh)
+    for group in calls:
+      state, losses = steps(state, frozen, stacked(group), key)
+    results.append(jax.device_get((state, losses)))
+  assert int(results[0][0].step) == 2 and steps._cache_size() == 2  # one program per K
+  jax.tree_util.tree_map(np.testing.assert_array_equal, results[0], results[1])
+  state, frozen = parallel.replicate(host, mesh)
+  for b in batches:
+    state, losses = step(state, frozen, parallel.shard_batch(b, mesh), key)
+  (k_state, k_losses), lr = results[0], TINY.optim.learning_rate
+  for name in losses:
+    np.testing.assert_allclose(k_losses[name], float(losses[name]), rtol=1e-5, err_msg=name)
+  # Adam turns near-zero gradients into +-lr steps, so rounding may move an element by part of one update.
+  for a, b in zip(jax.tree_util.tree_leaves(k_state.params), jax.tree_util.tree_leaves(jax.device_get(state.params))):
+    np.testing.assert_allclose(a, b, rtol=0, atol=0.1 * lr)
+
+
+def test_uint8_images_are_normalised_in_the_step_as_on_the_host():
+  """The stream sends uint8; `normalize_images` under jit equals the host's normalize(to_float(x)) up to float32
+  rounding (XLA may divide through a reciprocal: observed 7e-7 on values up to 2.6), and float batches pass
+  through untouched."""
+  from efficientad_jax.config import IMAGENET_MEAN, IMAGENET_STD  # pylint: disable=import-outside-toplevel
+  from efficientad_jax.data import preprocess  # pylint: disable=import-outside-toplevel
+  x = np.random.default_rng(0).integers(0, 256, (2, 9, 11, 3), dtype=np.uint8)
+  floats = np.random.default_rng(1).normal(size=(2, 9, 11, 3)).astype(np.float32)
+  out = jax.jit(lambda b: train_step.normalize_images(b, IMAGENET_MEAN, IMAGENET_STD))({"image": x, "f": floats})
+  assert out["image"].dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(out["image"]),
+                             preprocess.normalize(preprocess.to_float(x), IMAGENET_MEAN, IMAGENET_STD),
+                             rtol=0, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(out["f"]), floats)
+
+
 def test_penalty_is_optional():
   nets, tx, state, frozen, batch = _tiny_setup()
   del batch["penalty"]
@@ -123,6 +170,8 @@ for devices in (jax.devices()[:1], jax.devices()):
   state, frozen = parallel.replicate((state, frozen), mesh)
   for i in range(2):
     state, out = step(state, frozen, parallel.shard_batch(batch, mesh), jax.random.key(0))
+  stacked = parallel.shard_batch(parallel.stack_batches([batch] * 3), mesh, "s")  # K steps per call: batch axis 1
+  assert {s.data.shape for s in stacked["image"].addressable_shards} == {(3, 8 // len(devices), 64, 64, 3)}
   results.append(jax.tree_util.tree_map(np.asarray, (state.params, out)))
 (p1, out1), (p8, out8) = results
 for k in out1:

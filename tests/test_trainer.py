@@ -3,6 +3,7 @@ divergence handling, and two real jax.distributed processes."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,6 +94,36 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, jax_cache):
 
   full, meta_full = _params(tmp_path / "full" / "model")
   resumed, meta_resumed = _params(tmp_path / "killed" / "model")
+  for a, b in zip(full, resumed):
+    np.testing.assert_array_equal(a, b)
+  assert meta_full["threshold"] == meta_resumed["threshold"]
+
+
+def test_k_steps_per_call_resumed_from_a_checkpoint_equals_uninterrupted(tmp_path):
+  """train.steps_per_dispatch = 2: a run directory holding only the uninterrupted run's config and its first
+  checkpoint (what a run killed after it leaves) resumes to the uninterrupted run's parameters and threshold,
+  bit for bit; every call is one K-step call."""
+  cfg = tiny(**{"train.steps": 4, "train.checkpoint_every": 2, "train.log_every": 2, "train.steps_per_dispatch": 2,
+                "train.max_to_keep": 2})
+  calls = []
+  make_advance = trainer.make_advance
+
+  def recorded(*args):
+    advance = make_advance(*args)
+    return lambda state, frozen, first, count: (calls.append((first, count)), advance(state, frozen, first, count))[1]
+
+  trainer.make_advance = recorded
+  try:
+    full, meta_full = _params(trainer.train(cfg, tmp_path / "full", progress=False))
+    assert calls == [(0, 2), (2, 2)]
+    stopped = tmp_path / "stopped"
+    (stopped / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "full" / "config.json", stopped / "config.json")
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "2", stopped / "checkpoints" / "2")
+    resumed, meta_resumed = _params(trainer.train(cfg, stopped, progress=False))
+  finally:
+    trainer.make_advance = make_advance
+  assert calls[2:] == [(2, 2)]  # resumed at the checkpoint, the data stream at its saved position
   for a, b in zip(full, resumed):
     np.testing.assert_array_equal(a, b)
   assert meta_full["threshold"] == meta_resumed["threshold"]

@@ -248,8 +248,10 @@ def cross_feed(out: pathlib.Path, reference: pathlib.Path, run: pathlib.Path, se
   sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(cfg.optim.decay_at_fraction * steps),
                                           gamma=cfg.optim.decay_factor)
   nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
+  # Our stream sends uint8 (the jitted step normalises): normalised here as the step does.
+  as_input = lambda a: nchw(preprocess.normalize(preprocess.to_float(a), cfg.data.mean, cfg.data.std))  # noqa: E731
   if stream == "ours":
-    batches = ((nchw(b["image"]), nchw(b["image_ae"]))
+    batches = ((as_input(b["image"]), as_input(b["image_ae"]))
                for b in make_datasets(cfg.data, cfg.model.image_size, cfg.train.seed).train_iter(1))
   else:
     import efficientad  # pylint: disable=import-outside-toplevel

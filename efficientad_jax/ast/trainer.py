@@ -76,7 +76,8 @@ def train_flow(cfg: AstConfig, nets: method.Nets, flow_params: dict, feats: np.n
   tx = optim.make_optimizer(cfg.optim, t.flow_epochs * (len(feats) // t.batch_size))
   step = parallel.compile_step(lambda s, b: train_step.flow_train_step(nets, tx, s, b), mesh, "rd", "rr", (0,))
 
-  def advance(state, frozen, epoch):
+  def advance(state, frozen, epoch, count):
+    del count  # one epoch per call (Stage.per_dispatch = 1)
     losses = []
     for idx in epoch_batches(len(feats), t.batch_size, t.seed, 1, epoch):
       state, out = step(state, parallel.shard_batch({"features": _local(feats[idx])}, mesh))
@@ -132,7 +133,8 @@ def train_student(cfg: AstConfig, nets: method.Nets, params: dict, train: dict, 
   patience = max(1, int(t.patience_fraction * t.student_epochs))
   early = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "bad_epochs": 0, "stopped": False}
 
-  def advance(state, frozen, epoch):
+  def advance(state, frozen, epoch, count):
+    del count  # one epoch per call (Stage.per_dispatch = 1)
     losses = []
     for i, idx in enumerate(epoch_batches(len(train["features"]), t.batch_size, t.seed, 2, epoch)):
       local = {k: _local(v[idx]) for k, v in train.items()}

@@ -2,13 +2,17 @@
 
 Entry point (what the trainer calls)::
 
-  ds = make_datasets(cfg.data, image_size=cfg.model.image_size, seed=cfg.train.seed)
+  ds = make_datasets(cfg.data, image_size=cfg.model.image_size, seed=cfg.train.seed, training=True)
   it = ds.train_iter(batch_size, process_index, process_count)   # grain DatasetIterator
   batch = next(it)     # {'image', 'image_ae'[, 'penalty']}: float32 [B, S, S, 3], normalised
   state = it.get_state(); ...; it.set_state(state)               # exact resume
   for rec in ds.validation: ...                                  # calibration (normal images)
   for rec in ds.test: ...                                        # eval records, in order
   ds.train_eval                                                  # train images, un-jittered
+
+`training=True` with `DataConfig.decode_cache` (the default) decodes every training image once into a
+memory-mapped file (`cache.decode_once`) that the stream, its worker processes and `train_eval` read;
+`info['decoded_once']` says so. `DataConfig.num_workers=-1` picks the worker processes (`worker_count`).
 
 Eval record (`pipeline.eval_element`): {'image': [S,S,3] float32 normalised, 'orig_size': int32
 [2] (H, W), 'label': 0|1, 'defect': str, 'loco_type': '' | 'good' | 'logical_anomalies' |
@@ -25,13 +29,14 @@ Validation never uses test images: LOCO's own validation/good; otherwise a seede
 """
 
 from efficientad_jax.data.api import Datasets, build_index, make_datasets
+from efficientad_jax.data.cache import DecodedImages, decode_once
 from efficientad_jax.data.indexes import index_folder, index_mvtec_ad, index_mvtec_loco, index_visa
-from efficientad_jax.data.pipeline import eval_batches, eval_dataset, train_dataset
+from efficientad_jax.data.pipeline import eval_batches, eval_dataset, train_dataset, worker_count
 from efficientad_jax.data.records import DataError, DefectSpec, Sample, Splits
 from efficientad_jax.data.synthetic import generate_synthetic
 
 __all__ = [
-    "DataError", "Datasets", "DefectSpec", "Sample", "Splits", "build_index", "eval_batches",
-    "eval_dataset", "generate_synthetic", "index_folder", "index_mvtec_ad", "index_mvtec_loco",
-    "index_visa", "make_datasets", "train_dataset",
+    "DataError", "Datasets", "DecodedImages", "DefectSpec", "Sample", "Splits", "build_index",
+    "decode_once", "eval_batches", "eval_dataset", "generate_synthetic", "index_folder", "index_mvtec_ad",
+    "index_mvtec_loco", "index_visa", "make_datasets", "train_dataset", "worker_count",
 ]

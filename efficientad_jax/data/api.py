@@ -1,4 +1,5 @@
-"""The one entry point of the trainer: `make_datasets(data_cfg, image_size, seed)` (docs/method.md §4)."""
+"""The one entry point of the trainer: `make_datasets(data_cfg, image_size, seed, training=True)` (docs/method.md
+§4)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 import grain
 
-from efficientad_jax.data import indexes, pipeline, records, synthetic
+from efficientad_jax.data import cache, indexes, pipeline, records, synthetic
 from efficientad_jax.data.records import DataError, Splits
 
 DATASETS = ("synthetic", "mvtec_ad", "mvtec_loco", "visa", "folder")
@@ -29,7 +30,9 @@ class Datasets:
     validation: normal images for map calibration (docs/method.md §7.2), eval records.
     test: test images, eval records (`pipeline.eval_element`).
     info: {'dataset','category','root','loco','num_train','num_validation','num_test',
-      'defects_config' (list of dicts, LOCO), 'image_size','penalty'}.
+      'defects_config' (list of dicts, LOCO), 'image_size','penalty','decoded_once'}; 'decoded_once':
+      every training image was decoded into the decode cache already, so it is known to be readable
+      (`check_images` need not read the training split again).
     listing: `listing()` -> {'train': [...], 'validation': [...]}, the images of both splits (file
       paths, or 'tfds:<id>' for TFDS records), for auditing a run's split (`split_names`).
   """
@@ -110,13 +113,16 @@ def _tfds_splits(data_cfg, seed: int) -> tuple[dict[str, Sequence[Any]], str]:
   return tfds_builders.load_splits(data_cfg, seed), data_cfg.root
 
 
-def make_datasets(data_cfg, image_size: int, seed: int) -> Datasets:
+def make_datasets(data_cfg, image_size: int, seed: int, *, training: bool = False) -> Datasets:
   """Index (or TFDS source), training stream and evaluation datasets for `data_cfg` (docs/method.md §4).
 
   Args:
     data_cfg: `config.DataConfig`.
     image_size: network input side S (`config.ModelConfig.image_size`).
     seed: the run seed: the validation hold-out, shuffling, jitter and penalty draws.
+    training: with `data_cfg.decode_cache`, decode every training image now, once, into the decode
+      cache (`cache.decode_once`; a corrupt image fails here), which `train_iter` and `train_eval`
+      then read. False (evaluation, prediction): no cache now; the first `train_iter` call builds it.
   """
   if data_cfg.source == "tfds" and data_cfg.dataset != "synthetic":
     splits, root = _tfds_splits(data_cfg, seed)
@@ -135,16 +141,23 @@ def make_datasets(data_cfg, image_size: int, seed: int) -> Datasets:
     if not len(splits[split]):
       raise DataError(f"{root}: empty split ({split})")
   penalty = pipeline.penalty_source(data_cfg.penalty, data_cfg.tfds_data_dir)
+  # One cache per Datasets, shared by every train_iter and by train_eval; its file goes with them.
+  decoded = [cache.decode_once(splits["train"], image_size) if training and data_cfg.decode_cache else None]
 
   def train_iter(batch_size: int, process_index: int = 0, process_count: int = 1
                  ) -> grain.DatasetIterator:
+    if data_cfg.decode_cache and decoded[0] is None:
+      decoded[0] = cache.decode_once(splits["train"], image_size)
     ds = pipeline.train_dataset(splits["train"], penalty, image_size=image_size,
                                 batch_size=batch_size, seed=seed, data_cfg=data_cfg,
-                                process_index=process_index, process_count=process_count)
+                                process_index=process_index, process_count=process_count,
+                                cache=decoded[0])
     return iter(ds)
 
   make_eval = lambda s: pipeline.eval_dataset(s, image_size=image_size, data_cfg=data_cfg,  # noqa: E731
                                               specs=specs)
+  train_eval = make_eval(splits["train"]) if decoded[0] is None else pipeline.cached_eval_dataset(
+      splits["train"], decoded[0], data_cfg=data_cfg, specs=specs)
   loco = data_cfg.dataset == "mvtec_loco" or (
       data_cfg.dataset == "synthetic" and data_cfg.synthetic_layout == "mvtec_loco")
   category = data_cfg.category or ("widget" if data_cfg.dataset == "synthetic" else "")
@@ -152,8 +165,8 @@ def make_datasets(data_cfg, image_size: int, seed: int) -> Datasets:
           "loco": loco, "num_train": len(splits["train"]),
           "num_validation": len(splits["validation"]), "num_test": len(splits["test"]),
           "defects_config": [dataclasses.asdict(s) for s in specs], "image_size": image_size,
-          "penalty": data_cfg.penalty}
-  return Datasets(train_iter=train_iter, train_eval=make_eval(splits["train"]),
+          "penalty": data_cfg.penalty, "decoded_once": decoded[0] is not None}
+  return Datasets(train_iter=train_iter, train_eval=train_eval,
                   validation=make_eval(splits["validation"]), test=make_eval(splits["test"]),
                   info=info, listing=lambda: {k: split_names(splits[k]) for k in ("train", "validation")})
 

@@ -19,7 +19,7 @@ import pathlib
 from typing import Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageStat
 
 from efficientad_jax.data.records import DataError
 
@@ -121,10 +121,30 @@ def normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.
   return ((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
 
 
-# torchvision's ColorJitter kinds and the PIL enhancers its functional ops call on PIL images.
+# torchvision's ColorJitter kinds (it calls PIL.ImageEnhance's Brightness, Contrast and Color on PIL images).
 JITTER_KINDS = ("brightness", "contrast", "saturation")
-_ENHANCERS = {"brightness": ImageEnhance.Brightness, "contrast": ImageEnhance.Contrast,
-              "saturation": ImageEnhance.Color}
+
+
+def _blend_table(degenerate: int, factor: float) -> list[int]:
+  """PIL's blend of every 8-bit value v with a constant `degenerate`, as a table indexed by v (the blend is
+  computed per byte, so a constant degenerate image makes it a function of the value alone)."""
+  values = Image.frombytes("L", (256, 1), bytes(range(256)))
+  return list(Image.blend(Image.new("L", (256, 1), degenerate), values, factor).tobytes())
+
+
+def _jitter_pil(image: Image.Image, kind: str, factor: float) -> Image.Image:
+  """`adjust_color` on a PIL RGB image. Brightness (degenerate 0) and contrast (degenerate: the rounded mean
+  luma, computed as ImageEnhance.Contrast does) blend with a constant, so they run as a per-value table
+  (`Image.point`: the same bytes, without a full-size degenerate image); saturation blends with the image's own
+  luma and runs through ImageEnhance.Color."""
+  if kind == "brightness":
+    return image.point(_blend_table(0, factor) * 3)
+  if kind == "contrast":
+    mean = int(ImageStat.Stat(image.convert("L")).mean[0] + 0.5)
+    return image.point(_blend_table(mean, factor) * 3)
+  if kind == "saturation":
+    return ImageEnhance.Color(image).enhance(factor)
+  raise ValueError(f"colour jitter kind must be one of {JITTER_KINDS}, got {kind!r}")
 
 
 def adjust_color(image: np.ndarray, kind: str, factor: float) -> np.ndarray:
@@ -138,9 +158,16 @@ def adjust_color(image: np.ndarray, kind: str, factor: float) -> np.ndarray:
   Done on the decoded full-resolution image, before any resize, as the reference does (docs/method.md
   §4.1; paper section 3.3 names the augmentation but not its order).
   """
-  if kind not in _ENHANCERS:
-    raise ValueError(f"colour jitter kind must be one of {JITTER_KINDS}, got {kind!r}")
-  return np.asarray(_ENHANCERS[kind](Image.fromarray(image)).enhance(factor))
+  return np.asarray(_jitter_pil(Image.fromarray(image), kind, factor))
+
+
+def jittered_resized(image: np.ndarray, kind: str, factor: float, size: int) -> np.ndarray:
+  """`resize(adjust_color(image, kind, factor), size)`, [H, W, 3] uint8 -> [size, size, 3] uint8, with the
+  full-resolution image kept in PIL between the two (the same bytes, two full-size copies fewer)."""
+  jittered = _jitter_pil(Image.fromarray(image), kind, factor)
+  if jittered.size != (size, size):
+    jittered = jittered.resize((size, size), Image.BILINEAR)
+  return np.asarray(jittered)
 
 
 def draw_jitter(rng: np.random.Generator, low: float, high: float) -> tuple[str, float]:
@@ -166,20 +193,15 @@ def autoencoder_input(image: np.ndarray, kind: str, factor: float, size: int, me
   Returns:
     [size, size, 3] float32, normalised.
   """
-  return model_input(adjust_color(image, kind, factor), size, mean, std)
+  return normalize(to_float(jittered_resized(image, kind, factor, size)), mean, std)
 
 
-def penalty_transform(image: np.ndarray, gray: bool, resize_to: int, size: int, mean: Sequence[float],
-                      std: Sequence[float]) -> np.ndarray:
-  """Penalty input, its random decision made: resize to resize_to^2, grayscale if `gray`, centre crop.
+def penalty_crop(image: np.ndarray, gray: bool, resize_to: int, size: int) -> np.ndarray:
+  """Penalty input before normalisation, its random decision made: resize to resize_to^2, grayscale if `gray`,
+  centre crop. [H, W, 3] uint8 -> [size, size, 3] uint8 (grayscale: 3 equal channels).
 
   torchvision `Resize((2S, 2S))`, `RandomGrayscale` (when it fires: `convert('L')`, 3 channels),
-  `CenterCrop(S)`, `ToTensor`, `Normalize` (paper section 3.2, the ImageNet penalty; docs/method.md §4.1).
-
-  Args:
-    image: [H, W, 3] uint8.
-  Returns:
-    [size, size, 3] float32, normalised; grayscale images have 3 equal channels.
+  `CenterCrop(S)` (paper section 3.2, the ImageNet penalty; docs/method.md §4.1).
   """
   if size > resize_to:
     raise ValueError(f"penalty crop {size} is larger than penalty_resize {resize_to}")
@@ -187,11 +209,21 @@ def penalty_transform(image: np.ndarray, gray: bool, resize_to: int, size: int, 
   if gray:
     pil = pil.convert("L").convert("RGB")  # torchvision rgb_to_grayscale on PIL: the same luma
   top = int(round((resize_to - size) / 2.0))  # torchvision CenterCrop's offset
-  crop = np.asarray(pil)[top:top + size, top:top + size]
-  return normalize(to_float(crop), mean, std)
+  return np.asarray(pil)[top:top + size, top:top + size]
+
+
+def draw_gray(rng: np.random.Generator, gray_prob: float) -> bool:
+  """The penalty's `RandomGrayscale(gray_prob)` decision."""
+  return bool(rng.uniform() < gray_prob)
+
+
+def penalty_transform(image: np.ndarray, gray: bool, resize_to: int, size: int, mean: Sequence[float],
+                      std: Sequence[float]) -> np.ndarray:
+  """`penalty_crop`, then `ToTensor`, `Normalize`: [H, W, 3] uint8 -> [size, size, 3] float32, normalised."""
+  return normalize(to_float(penalty_crop(image, gray, resize_to, size)), mean, std)
 
 
 def penalty_image(image: np.ndarray, rng: np.random.Generator, resize_to: int, size: int,
                   gray_prob: float, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
   """`penalty_transform` with the grayscale decision drawn: gray with probability `gray_prob`."""
-  return penalty_transform(image, bool(rng.uniform() < gray_prob), resize_to, size, mean, std)
+  return penalty_transform(image, draw_gray(rng, gray_prob), resize_to, size, mean, std)
