@@ -4,7 +4,7 @@ Entry point (what the trainer calls)::
 
   ds = make_datasets(cfg.data, image_size=cfg.model.image_size, seed=cfg.train.seed, training=True)
   it = ds.train_iter(batch_size, process_index, process_count)   # grain DatasetIterator
-  batch = next(it)     # {'image', 'image_ae'[, 'penalty']}: float32 [B, S, S, 3], normalised
+  batch = next(it)     # {'image', 'image_ae'[, 'penalty']}: uint8 [B, S, S, 3]; the jitted step normalises
   state = it.get_state(); ...; it.set_state(state)               # exact resume
   for rec in ds.validation: ...                                  # calibration (normal images)
   for rec in ds.test: ...                                        # eval records, in order
