@@ -287,7 +287,7 @@ def main(argv=None) -> dict:
   elif args.mode == "feed":
     stream = benchmark_feed.bench_stream(args)
     loop = benchmark_feed.bench_loop(args)
-    predict = predict_overhead(args)
+    predict = predict_overhead(args, n=4 if args.tiny else 32)
     report.update(feed_steps_per_s=stream["feed_steps_per_s"],
                   feed_steps_per_s_before=stream["feed_steps_per_s_before"],
                   loop_overhead_ms_per_step=loop[str(max(args.feed_dispatch))]["ms_per_step"],
