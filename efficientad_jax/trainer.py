@@ -168,7 +168,10 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) ->
       teacher, cfg.model.teacher_channels, mesh)), progress=it.get_state, resume=it.set_state)
   stage = engine.Stage.of_schedule(cfg.train, per_dispatch=cfg.train.steps_per_dispatch)
   writer = engine.log_writer(workdir)
-  state, frozen, _ = engine.run_stage(stage, workdir, advance, hooks, writer=writer, show_progress=progress)
+  try:
+    state, frozen, _ = engine.run_stage(stage, workdir, advance, hooks, writer=writer, show_progress=progress)
+  finally:  # stops grain's worker processes now: left to exit, they leak their shared memory (and say so)
+    it.close()
 
   # --- Calibration on validation normals, then the complete model.
   detector, threshold = calibration.calibrate_efficientad(cfg, {"teacher": frozen.teacher, **state.params},
