@@ -201,10 +201,10 @@ def run_ours(out: pathlib.Path, seed: int, steps: int, overrides: list[str], tag
 
 
 def _our_raw_maps(run: pathlib.Path) -> tuple[list[dict], list[float]]:
-  from efficientad_jax import inference, predict  # pylint: disable=import-outside-toplevel
+  from efficientad_jax import inference, models, predict  # pylint: disable=import-outside-toplevel
   from efficientad_jax.data import make_datasets  # pylint: disable=import-outside-toplevel
   model = predict.load(run)
-  raw = inference.make_raw_maps_fn(model.nets)
+  raw = inference.make_raw_maps_fn(models.build(model.cfg.model))
   ds = make_datasets(model.cfg.data, model.image_size, model.cfg.train.seed)
   rows = []
   for i in range(len(ds.test)):
