@@ -69,7 +69,7 @@ def compute_losses(nets: Models, cfg: Config, trainable: dict, frozen: Frozen, b
 
 def normalize_images(batch: dict[str, jnp.ndarray], mean, std) -> dict[str, jnp.ndarray]:
   """uint8 images of the training stream -> float32 network input: x / 255, minus mean, over std per channel
-  (docs/method.md §4.1), the host's `preprocess.normalize(to_float(x))` in float32 (equal up to float32
+  (docs/method.md §4.1), the host's `preprocess.network_input(x)` in float32 (equal up to float32
   rounding, |diff| <= 1e-6: XLA may divide through a reciprocal). The stream sends uint8, a quarter of the bytes
   to copy and move; float inputs pass as they are."""
   m, s = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)

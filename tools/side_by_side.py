@@ -249,7 +249,7 @@ def cross_feed(out: pathlib.Path, reference: pathlib.Path, run: pathlib.Path, se
                                           gamma=cfg.optim.decay_factor)
   nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
   # Our stream sends uint8 (the jitted step normalises): normalised here as the step does.
-  as_input = lambda a: nchw(preprocess.normalize(preprocess.to_float(a), cfg.data.mean, cfg.data.std))  # noqa: E731
+  as_input = lambda a: nchw(preprocess.network_input(a, cfg.data.mean, cfg.data.std))  # noqa: E731
   if stream == "ours":
     batches = ((as_input(b["image"]), as_input(b["image_ae"]))
                for b in make_datasets(cfg.data, cfg.model.image_size, cfg.train.seed).train_iter(1))

@@ -174,12 +174,8 @@ def penalty_batches(penalty: Sequence[Any], *, image_size: int, batch_size: int,
   function of (k, seed), so a resumed run needs no iterator state. B = batch_size (this process's share); the
   same stream, seeds and process slicing as the penalty images of `train_dataset`."""
   pen = _penalty_images(penalty, image_size, seed, data_cfg)
-  normalise = functools.partial(_normalized, mean=data_cfg.mean, std=data_cfg.std)
+  normalise = functools.partial(preprocess.network_input, mean=data_cfg.mean, std=data_cfg.std)
   return pen[process_index::process_count].batch(batch_size, drop_remainder=True).map(normalise)
-
-
-def _normalized(images: np.ndarray, mean, std) -> np.ndarray:
-  return preprocess.normalize(preprocess.to_float(images), mean, std)
 
 
 def eval_element(record: Any, image_size: int, mean, std,
@@ -200,7 +196,7 @@ def eval_element(record: Any, image_size: int, mean, std,
 def cached_eval_element(index: int, samples: Sequence[Any], cache: Any, mean, std,
                         specs: Sequence[records.DefectSpec] = ()) -> dict:
   """`eval_element` of training record `index`, its image read from a decode cache (the same record)."""
-  x = preprocess.normalize(preprocess.to_float(cache.small(index)), mean, std)
+  x = preprocess.network_input(cache.small(index), mean, std)
   return _eval_record(_parts(samples[index], specs), cache.shapes[index], x)
 
 

@@ -121,6 +121,12 @@ def normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.
   return ((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
 
 
+def network_input(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """uint8 [..., 3] (an image or a batch) -> float32, scaled to [0, 1], then normalised (torchvision `ToTensor`,
+  `Normalize`)."""
+  return normalize(to_float(image), mean, std)
+
+
 # torchvision's ColorJitter kinds (it calls PIL.ImageEnhance's Brightness, Contrast and Color on PIL images).
 JITTER_KINDS = ("brightness", "contrast", "saturation")
 
@@ -181,7 +187,7 @@ def model_input(image: np.ndarray, size: int, mean: Sequence[float], std: Sequen
 
   torchvision `Resize((S, S))`, `ToTensor`, `Normalize(mean, std)` (paper section 4; docs/method.md §4.1).
   """
-  return normalize(to_float(resize(image, size)), mean, std)
+  return network_input(resize(image, size), mean, std)
 
 
 def autoencoder_input(image: np.ndarray, kind: str, factor: float, size: int, mean: Sequence[float],
@@ -193,7 +199,7 @@ def autoencoder_input(image: np.ndarray, kind: str, factor: float, size: int, me
   Returns:
     [size, size, 3] float32, normalised.
   """
-  return normalize(to_float(jittered_resized(image, kind, factor, size)), mean, std)
+  return network_input(jittered_resized(image, kind, factor, size), mean, std)
 
 
 def penalty_crop(image: np.ndarray, gray: bool, resize_to: int, size: int) -> np.ndarray:
@@ -220,7 +226,7 @@ def draw_gray(rng: np.random.Generator, gray_prob: float) -> bool:
 def penalty_transform(image: np.ndarray, gray: bool, resize_to: int, size: int, mean: Sequence[float],
                       std: Sequence[float]) -> np.ndarray:
   """`penalty_crop`, then `ToTensor`, `Normalize`: [H, W, 3] uint8 -> [size, size, 3] float32, normalised."""
-  return normalize(to_float(penalty_crop(image, gray, resize_to, size)), mean, std)
+  return network_input(penalty_crop(image, gray, resize_to, size), mean, std)
 
 
 def penalty_image(image: np.ndarray, rng: np.random.Generator, resize_to: int, size: int,
