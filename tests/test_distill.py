@@ -92,7 +92,7 @@ def test_stream_is_seeded_and_grayscale_is_shared(tmp_path):
   batches = [next(iter(distill_data.train_dataset(source, cfg, 8))) for _ in range(2)]
   np.testing.assert_array_equal(batches[0]["backbone"], batches[1]["backbone"])
   b = batches[0]
-  assert b["image"].shape == (8, 64, 64, 3) and b["backbone"].shape == (8, 128, 128, 3)
+  assert b["image"].shape == (8, 32, 32, 3) and b["backbone"].shape == (8, 64, 64, 3)
   # Undo the normalisation: a gray element has equal channels at BOTH sizes (one decision per image).
   raw = lambda x: x * np.asarray(cfg.data.std) + np.asarray(cfg.data.mean)
   gray = lambda x: np.abs(np.diff(raw(x), axis=-1)).max(axis=(1, 2, 3)) < 1e-5

@@ -24,10 +24,10 @@ def get_config(arg: str = "small") -> DistillConfig:
   size = parse_size(next((a for a in parts if a != "tiny"), "small"))
   cfg = DistillConfig(model=DistillModelConfig(size=size))
   if "tiny" in parts:
-    # Same code, shrunk: WideResNet [1, 1, 2] blocks with narrow planes, 64^2 student / 128^2 backbone.
+    # Same code, shrunk: WideResNet [1, 1, 2] blocks with narrow planes, 32^2 student / 64^2 backbone.
     cfg = dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, image_size=64),
-        backbone=dataclasses.replace(cfg.backbone, blocks=(1, 1, 2), planes=(4, 8, 16), stem=8, image_size=128),
+        cfg, model=dataclasses.replace(cfg.model, image_size=32),
+        backbone=dataclasses.replace(cfg.backbone, blocks=(1, 1, 2), planes=(4, 8, 16), stem=8, image_size=64),
         target=TargetConfig(layer_dim=256, num_stat_images=4),
         optim=dataclasses.replace(cfg.optim, learning_rate=1e-3),
         train=dataclasses.replace(cfg.train, steps=20, batch_size=2, checkpoint_every=10, log_every=1))
