@@ -16,8 +16,18 @@ import json
 from typing import Any
 
 # The generic tree operations, re-exported: configs are used through this module.
-from efficientad_jax.config_tree import (ConfigError, Rule, changed_fields, flat_fields, from_dict,  # noqa: F401
-                                         override, rules, to_dict, to_json, validate)
+from efficientad_jax.config_tree import (  # noqa: F401
+  ConfigError,
+  Rule,
+  changed_fields,
+  flat_fields,
+  from_dict,
+  override,
+  rules,
+  to_dict,
+  to_json,
+  validate,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,6 +36,7 @@ MODEL_SIZES = ("small", "medium")
 DTYPES = ("float32", "bfloat16", "float16")
 CONV_IMPLS = ("auto", "xla", "im2col", "shifted", "mixed")  # models/conv.py IMPLS
 DATASETS = ("synthetic", "mvtec_ad", "mvtec_loco", "visa", "folder")  # data/api.py DATASETS
+
 
 def unit(v: float) -> bool:
   return 0 <= v <= 1
@@ -46,12 +57,14 @@ class ModelConfig:
   conv_impl: str = "auto"
 
   def range_rules(self) -> list[Rule]:
-    return [("size", self.size in MODEL_SIZES, f"one of {MODEL_SIZES}"),
-            ("teacher_channels", self.teacher_channels >= 1, ">= 1"),
-            ("image_size", self.image_size >= 40, ">= 40 (smaller inputs leave the PDN an empty map)"),
-            ("dtype", self.dtype in DTYPES, f"one of {DTYPES}"),
-            ("ae_dropout", 0 <= self.ae_dropout < 1, "in [0, 1)"),
-            ("conv_impl", self.conv_impl in CONV_IMPLS, f"one of {CONV_IMPLS}")]
+    return [
+      ("size", self.size in MODEL_SIZES, f"one of {MODEL_SIZES}"),
+      ("teacher_channels", self.teacher_channels >= 1, ">= 1"),
+      ("image_size", self.image_size >= 40, ">= 40 (smaller inputs leave the PDN an empty map)"),
+      ("dtype", self.dtype in DTYPES, f"one of {DTYPES}"),
+      ("ae_dropout", 0 <= self.ae_dropout < 1, "in [0, 1)"),
+      ("conv_impl", self.conv_impl in CONV_IMPLS, f"one of {CONV_IMPLS}"),
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,13 +91,15 @@ class OptimConfig:
   decay_factor: float = 0.1
 
   def range_rules(self) -> list[Rule]:
-    return [("learning_rate", self.learning_rate > 0, "> 0"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("b1", 0 <= self.b1 < 1, "in [0, 1)"),
-            ("b2", 0 <= self.b2 < 1, "in [0, 1)"),
-            ("eps", self.eps > 0, "> 0"),
-            ("decay_at_fraction", unit(self.decay_at_fraction), "in [0, 1]"),
-            ("decay_factor", self.decay_factor > 0, "> 0")]
+    return [
+      ("learning_rate", self.learning_rate > 0, "> 0"),
+      ("weight_decay", self.weight_decay >= 0, ">= 0"),
+      ("b1", 0 <= self.b1 < 1, "in [0, 1)"),
+      ("b2", 0 <= self.b2 < 1, "in [0, 1)"),
+      ("eps", self.eps > 0, "> 0"),
+      ("decay_at_fraction", unit(self.decay_at_fraction), "in [0, 1]"),
+      ("decay_factor", self.decay_factor > 0, "> 0"),
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +112,11 @@ class ScoreConfig:
   threshold_quantile: float = 0.99
 
   def range_rules(self) -> list[Rule]:
-    return [("st_weight", self.st_weight >= 0, ">= 0"),
-            ("ae_weight", self.ae_weight >= 0, ">= 0"),
-            ("threshold_quantile", unit(self.threshold_quantile), "in [0, 1]")]
+    return [
+      ("st_weight", self.st_weight >= 0, ">= 0"),
+      ("ae_weight", self.ae_weight >= 0, ">= 0"),
+      ("threshold_quantile", unit(self.threshold_quantile), "in [0, 1]"),
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +131,11 @@ class MapConfig(ScoreConfig):
 
   def range_rules(self) -> list[Rule]:
     return super().range_rules() + [
-        ("q_start", unit(self.q_start), "in [0, 1]"),
-        ("q_end", unit(self.q_end) and self.q_end > self.q_start, "in [0, 1] and > maps.q_start"),
-        ("scale", self.scale > 0, "> 0"),
-        ("pad", self.pad >= 0, ">= 0")]
+      ("q_start", unit(self.q_start), "in [0, 1]"),
+      ("q_end", unit(self.q_end) and self.q_end > self.q_start, "in [0, 1] and > maps.q_start"),
+      ("scale", self.scale > 0, "> 0"),
+      ("pad", self.pad >= 0, ">= 0"),
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,10 +152,12 @@ class InputConfig:
   prefetch: int = 2  # batches read ahead (per worker)
 
   def range_rules(self) -> list[Rule]:
-    return [("mean", len(self.mean) == 3, "three values"),
-            ("std", all(s > 0 for s in self.std) and len(self.std) == 3, "three values > 0"),
-            ("num_workers", self.num_workers >= -1, ">= 0, or -1 (auto)"),
-            ("prefetch", self.prefetch >= 0, ">= 0")]
+    return [
+      ("mean", len(self.mean) == 3, "three values"),
+      ("std", all(s > 0 for s in self.std) and len(self.std) == 3, "three values > 0"),
+      ("num_workers", self.num_workers >= -1, ">= 0, or -1 (auto)"),
+      ("prefetch", self.prefetch >= 0, ">= 0"),
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,17 +187,21 @@ class DataConfig(InputConfig):
 
   def range_rules(self) -> list[Rule]:
     return super().range_rules() + [
-        ("dataset", self.dataset in DATASETS, f"one of {DATASETS}"),
-        ("validation_fraction", 0 < self.validation_fraction < 1,
-         "in (0, 1): calibration needs held-out validation images"),
-        ("jitter_low", 0 <= self.jitter_low <= self.jitter_high, "in [0, data.jitter_high]"),
-        ("penalty_grayscale_prob", unit(self.penalty_grayscale_prob), "in [0, 1]"),
-        ("synthetic_size", self.synthetic_size >= 16, ">= 16"),
-        ("synthetic_train", self.synthetic_train >= 2, ">= 2 (training and validation images)"),
-        ("synthetic_layout", self.synthetic_layout in ("mvtec_ad", "mvtec_loco"), "mvtec_ad or mvtec_loco"),
-        ("synthetic_test", self.synthetic_test >= 1, ">= 1"),
-        ("synthetic_validation", self.synthetic_validation >= 1, ">= 1"),
-        ("source", self.source in ("files", "tfds"), "files or tfds")]
+      ("dataset", self.dataset in DATASETS, f"one of {DATASETS}"),
+      (
+        "validation_fraction",
+        0 < self.validation_fraction < 1,
+        "in (0, 1): calibration needs held-out validation images",
+      ),
+      ("jitter_low", 0 <= self.jitter_low <= self.jitter_high, "in [0, data.jitter_high]"),
+      ("penalty_grayscale_prob", unit(self.penalty_grayscale_prob), "in [0, 1]"),
+      ("synthetic_size", self.synthetic_size >= 16, ">= 16"),
+      ("synthetic_train", self.synthetic_train >= 2, ">= 2 (training and validation images)"),
+      ("synthetic_layout", self.synthetic_layout in ("mvtec_ad", "mvtec_loco"), "mvtec_ad or mvtec_loco"),
+      ("synthetic_test", self.synthetic_test >= 1, ">= 1"),
+      ("synthetic_validation", self.synthetic_validation >= 1, ">= 1"),
+      ("source", self.source in ("files", "tfds"), "files or tfds"),
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,9 +216,11 @@ class RunConfig:
   max_to_keep: int = 2
 
   def range_rules(self) -> list[Rule]:
-    return [("batch_size", self.batch_size >= 1, ">= 1"),
-            ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
-            ("max_to_keep", self.max_to_keep >= 1, ">= 1")]
+    return [
+      ("batch_size", self.batch_size >= 1, ">= 1"),
+      ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
+      ("max_to_keep", self.max_to_keep >= 1, ">= 1"),
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,8 +231,7 @@ class ScheduleConfig(RunConfig):
   log_every: int = 100
 
   def range_rules(self) -> list[Rule]:
-    return super().range_rules() + [("steps", self.steps >= 1, ">= 1"),
-                                    ("log_every", self.log_every >= 1, ">= 1")]
+    return super().range_rules() + [("steps", self.steps >= 1, ">= 1"), ("log_every", self.log_every >= 1, ">= 1")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,16 +264,25 @@ class Config:
     return [("data.penalty_resize", self.data.penalty_resize >= self.model.image_size, ">= model.image_size")]
 
 
-# Fields a resumed run may change (docs: BUILD_NOTES.md "Resuming with other settings"): none changes the
+# Fields a resumed run may change (docs: BUILD_NOTES.md "Errors and resuming with other settings"): none changes the
 # networks, the checkpointed state's shapes, or which images the data stream draws in which order.
-RESUMABLE = frozenset({
+RESUMABLE = frozenset(
+  {
     "optim.learning_rate",  # the divergence advice; Adam's moments do not depend on it
     "train.steps",  # extend or shorten a run (the decay point, decay_at_fraction * steps, moves with it)
-    "train.log_every", "train.checkpoint_every", "train.max_to_keep",
-    "data.root", "data.download", "data.tfds_data_dir", "data.num_workers", "data.prefetch", "data.decode_cache",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.max_to_keep",
+    "data.root",
+    "data.download",
+    "data.tfds_data_dir",
+    "data.num_workers",
+    "data.prefetch",
+    "data.decode_cache",
     "train.steps_per_dispatch",  # how many steps one jitted call runs: the same steps, bit for bit
     "model.conv_impl",  # same parameters and forward numbers, another backward implementation
-})
+  }
+)
 
 
 def from_json(text: str, cls: type = Config) -> Any:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 Rule = tuple[str, bool, str]  # (field, holds, requirement), e.g. ("steps", steps >= 1, ">= 1")
 
@@ -73,8 +74,7 @@ def override(cfg: Any, assignments: Sequence[str]) -> Any:
 def _set(node: Any, keys: list[str], text: str, path: str) -> Any:
   names = {f.name for f in dataclasses.fields(node)}
   if keys[0] not in names:
-    raise ConfigError(f"override {path!r}: {type(node).__name__} has no field {keys[0]!r}; "
-                     f"fields: {sorted(names)}")
+    raise ConfigError(f"override {path!r}: {type(node).__name__} has no field {keys[0]!r}; fields: {sorted(names)}")
   child = getattr(node, keys[0])
   if len(keys) == 1:
     if dataclasses.is_dataclass(child):
@@ -91,8 +91,11 @@ def rules(cfg: Any) -> list[Rule]:
   """Every range rule of a sectioned config (`Config`, `AstConfig`, `DistillConfig`): each section's own,
   named 'section.field', then the config's rules across sections. A shared section type brings the same
   rules to every method."""
-  out = [(f"{f.name}.{name}", holds, requirement) for f in dataclasses.fields(cfg)
-         for name, holds, requirement in getattr(cfg, f.name).range_rules()]
+  out = [
+    (f"{f.name}.{name}", holds, requirement)
+    for f in dataclasses.fields(cfg)
+    for name, holds, requirement in getattr(cfg, f.name).range_rules()
+  ]
   return out + cfg.range_rules()
 
 

@@ -1,6 +1,6 @@
-"""Latency, throughput and training speed of EfficientAD-JAX, next to the paper's numbers (paper §4; docs/method.md §10).
+"""Latency, throughput and training speed of EfficientAD-JAX beside the paper's numbers (paper §4; docs/method.md §10).
 
-Inference times THE predict path (`inference.make_predict_fn`, no copy of the models; for a saved model of
+Inference times the library's predict path (`inference.make_predict_fn`, no copy of the models; for a saved model of
 any method, the `predict_fn` that `saved_model.load` gives it) from host image to host map, as in the paper's
 protocol: host->device copy, teacher, student, autoencoder, both maps and their normalisation, resize to the
 image size, device->host copy of the anomaly map and score.
@@ -27,40 +27,88 @@ import pathlib
 import platform
 import sys
 import time
-from typing import Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficientad_jax import backend, calibration, inference, models, normalization, saved_model
+from efficientad_jax import models
 from efficientad_jax.config import Config, MapConfig, ModelConfig
-from efficientad_jax.inference import Detector
+from efficientad_jax.efficientad import inference, normalization
+from efficientad_jax.efficientad.inference import Detector
+from efficientad_jax.serving import saved_model
+from efficientad_jax.training import compiler
 from experiments import benchmark_feed, benchmark_train, cli
 
 # docs/method.md §10 (paper §4): the paper's latency (batch 1, half precision) and throughput on an RTX A6000.
-PAPER = {"small": {"latency_ms": 2.2, "throughput_img_s": 614},
-         "medium": {"latency_ms": 4.5, "throughput_img_s": 269}}
-DEFAULTS = {"sizes": "small,medium", "dtypes": "float32,bfloat16,float16", "batch_sizes": "1,8,16,32,64",
-            "image_size": 256, "warmup": 1000, "runs": 1000, "throughput_warmup": 10, "throughput_runs": 100,
-            "train_steps": 20, "train_warmup": 2, "conv_runs": 5, "dispatch": "1",
-            "feed_workers": "0,1,2", "feed_dispatch": "1,64", "feed_images": 16, "feed_penalty_images": 32,
-            "feed_steps": 600, "feed_steps_before": 150, "feed_warmup": 20, "feed_loop_logs": 40,
-            "feed_loop_repeats": 3, "feed_predict_rounds": 30}
-TINY = dict(DEFAULTS, sizes="small", dtypes="float32", batch_sizes="1,2", image_size=64, warmup=1, runs=3,
-            throughput_warmup=1, throughput_runs=2, train_steps=3, train_warmup=1, conv_runs=1,
-            feed_workers="0", feed_dispatch="1,4", feed_images=2, feed_penalty_images=2, feed_steps=6,
-            feed_steps_before=3, feed_warmup=1, feed_loop_logs=3, feed_loop_repeats=1, feed_predict_rounds=1)
+PAPER = {"small": {"latency_ms": 2.2, "throughput_img_s": 614}, "medium": {"latency_ms": 4.5, "throughput_img_s": 269}}
+DEFAULTS = {
+  "sizes": "small,medium",
+  "dtypes": "float32,bfloat16,float16",
+  "batch_sizes": "1,8,16,32,64",
+  "image_size": 256,
+  "warmup": 1000,
+  "runs": 1000,
+  "throughput_warmup": 10,
+  "throughput_runs": 100,
+  "train_steps": 20,
+  "train_warmup": 2,
+  "conv_runs": 5,
+  "dispatch": "1",
+  "feed_workers": "0,1,2",
+  "feed_dispatch": "1,64",
+  "feed_images": 16,
+  "feed_penalty_images": 32,
+  "feed_steps": 600,
+  "feed_steps_before": 150,
+  "feed_warmup": 20,
+  "feed_loop_logs": 40,
+  "feed_loop_repeats": 3,
+  "feed_predict_rounds": 30,
+}
+TINY = dict(
+  DEFAULTS,
+  sizes="small",
+  dtypes="float32",
+  batch_sizes="1,2",
+  image_size=64,
+  warmup=1,
+  runs=3,
+  throughput_warmup=1,
+  throughput_runs=2,
+  train_steps=3,
+  train_warmup=1,
+  conv_runs=1,
+  feed_workers="0",
+  feed_dispatch="1,4",
+  feed_images=2,
+  feed_penalty_images=2,
+  feed_steps=6,
+  feed_steps_before=3,
+  feed_warmup=1,
+  feed_loop_logs=3,
+  feed_loop_repeats=1,
+  feed_predict_rounds=1,
+)
 
 
 def environment() -> dict:
   """Device, versions and date: a timing means nothing without them."""
   dev = jax.devices()[0]
-  return {"device": dev.device_kind, "platform": dev.platform, "device_count": jax.device_count(),
-          "cpu_count": os.cpu_count(), "host": platform.machine(), "jax_version": jax.__version__,
-          "flax_version": flax.__version__, "date": datetime.date.today().isoformat(),
-          "compiler_options": backend.compiler_options()}
+  return {
+    "device": dev.device_kind,
+    "platform": dev.platform,
+    "device_count": jax.device_count(),
+    "cpu_count": os.cpu_count(),
+    "host": platform.machine(),
+    "jax_version": jax.__version__,
+    "flax_version": flax.__version__,
+    "date": datetime.date.today().isoformat(),
+    "compiler_options": compiler.compiler_options(),
+  }
 
 
 def pdn_out(image_size: int, size: str) -> int:
@@ -81,23 +129,27 @@ def time_calls(fn: Callable[[], object], warmup: int, runs: int) -> list[float]:
 
 # --- Inference.
 
+
 def plausible_detector(cfg: ModelConfig, key: jax.Array) -> Detector:
   """Random params with teacher statistics and map quantiles fitted on two random images (the calibration of
-  training, `calibration.calibrate_efficientad`), so the maps and their normalisation run on realistic
+  training, `inference.calibrate`), so the maps and their normalisation run on realistic
   magnitudes (no zeros or infinities)."""
   config = Config(model=cfg)
   nets = models.build(cfg)
   params = models.init_params(nets, key, cfg.image_size)
   images = np.asarray(jax.random.normal(jax.random.fold_in(key, 1), (2, cfg.image_size, cfg.image_size, 3)))
   feats = np.asarray(nets.teacher.apply({"params": params["teacher"]}, images), np.float64)
-  stats = normalization.TeacherStats(mean=jnp.asarray(feats.mean(axis=(0, 1, 2)), jnp.float32),
-                                     std=jnp.asarray(feats.std(axis=(0, 1, 2)) + 1e-6, jnp.float32))
+  stats = normalization.TeacherStats(
+    mean=jnp.asarray(feats.mean(axis=(0, 1, 2)), jnp.float32),
+    std=jnp.asarray(feats.std(axis=(0, 1, 2)) + 1e-6, jnp.float32),
+  )
   records = [{"image": image, "orig_size": np.array(image.shape[:2])} for image in images]
-  return calibration.calibrate_efficientad(config, params, stats, records, batch_size=2)[0]
+  return inference.calibrate(config, params, stats, records, batch_size=2)[0]
 
 
-def host_run(predict_fn: Callable[..., dict], detector: object,
-             out_size: tuple[int, int]) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def host_run(
+  predict_fn: Callable[..., dict], detector: object, out_size: tuple[int, int]
+) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
   """fn(host images [B, S, S, 3]) -> (host maps [B, *out_size], host scores [B]) through `predict_fn`."""
   device = jax.devices()[0]
 
@@ -131,17 +183,25 @@ def bench_inference(timed: Timed, args: argparse.Namespace) -> dict:
   s, run = timed.image_size, timed.run
   rng = np.random.default_rng(args.seed)
   one = rng.normal(size=(1, s, s, 3)).astype(np.float32)
-  result = {"method": timed.method, "size": timed.size, "dtype": timed.dtype, "image_size": s,
-            "latency": benchmark_train.summarize(time_calls(lambda: run(one), args.warmup, args.runs))}
+  result = {
+    "method": timed.method,
+    "size": timed.size,
+    "dtype": timed.dtype,
+    "image_size": s,
+    "latency": benchmark_train.summarize(time_calls(lambda: run(one), args.warmup, args.runs)),
+  }
   per_batch = {}
   for b in args.batch_sizes:
     images = rng.normal(size=(b, s, s, 3)).astype(np.float32)
-    seconds = time_calls(lambda: run(images), args.throughput_warmup, args.throughput_runs)
+    seconds = time_calls(lambda images=images: run(images), args.throughput_warmup, args.throughput_runs)
     median = float(np.median(seconds))
     per_batch[str(b)] = {"images_per_s": b / median, "median_batch_ms": 1e3 * median}
   best = max(per_batch, key=lambda k: per_batch[k]["images_per_s"])
-  result["throughput"] = {"per_batch": per_batch, "best_batch_size": int(best),
-                          "images_per_s": per_batch[best]["images_per_s"]}
+  result["throughput"] = {
+    "per_batch": per_batch,
+    "best_batch_size": int(best),
+    "images_per_s": per_batch[best]["images_per_s"],
+  }
   result["paper"] = PAPER.get(timed.size) if timed.method == "efficientad" else None
   return result
 
@@ -152,13 +212,17 @@ def inference_targets(args: argparse.Namespace) -> Iterator[Timed]:
   if args.model:
     model = saved_model.load(args.model)
     s = model.image_size
-    yield Timed(model.method.name, str(model.meta.get("model_size", model.method.name)), model.inputs.dtype, s,
-                host_run(model.predict_fn, model.detector, (s, s)))
+    yield Timed(
+      model.method.name,
+      str(model.meta.get("model_size", model.method.name)),
+      model.inputs.dtype,
+      s,
+      host_run(model.predict_fn, model.detector, (s, s)),
+    )
     return
   for size in args.sizes:
     for dtype in args.dtypes:
-      yield Timed("efficientad", size, dtype, args.image_size,
-                  host_predict_fn(size, dtype, args.image_size, args.seed))
+      yield Timed("efficientad", size, dtype, args.image_size, host_predict_fn(size, dtype, args.image_size, args.seed))
 
 
 def predict_overhead(args: argparse.Namespace, n: int = 32) -> dict:
@@ -172,8 +236,9 @@ def predict_overhead(args: argparse.Namespace, n: int = 32) -> dict:
   detector = plausible_detector(cfg, jax.random.key(args.seed))
   nets, jitted = inference.compiled_predict(cfg, maps)
   one_call = host_run(jitted, detector, (size, size))
-  mapped = backend.jit(lambda det, xs: jax.lax.map(
-      lambda x: inference.predict(nets, maps, det, x, (size, size))["score"], xs))
+  mapped = compiler.jit(
+    lambda det, xs: jax.lax.map(lambda x: inference.predict(nets, maps, det, x, (size, size))["score"], xs)
+  )
   rng = np.random.default_rng(args.seed)
   one = rng.normal(size=(1, size, size, 3)).astype(np.float32)
   many = jax.device_put(rng.normal(size=(n, 1, size, size, 3)).astype(np.float32))
@@ -192,25 +257,37 @@ def predict_overhead(args: argparse.Namespace, n: int = 32) -> dict:
     ready = time.perf_counter()
     np.asarray(out["anomaly_map"]), np.asarray(out["score"])
     host.append(returned - start + time.perf_counter() - ready)
-  ms = lambda v: 1e3 * float(np.median(v))  # noqa: E731
-  return {"image_size": size, "call_ms": ms(calls), "compute_ms": ms(per_image), "overhead_ms": ms(differences),
-          "overhead_iqr_ms": [1e3 * float(q) for q in np.percentile(differences, [25, 75])],
-          "host_share_ms": ms(host), "rounds": len(differences), "mapped_images": n}
+  ms = lambda v: 1e3 * float(np.median(v))
+  return {
+    "image_size": size,
+    "call_ms": ms(calls),
+    "compute_ms": ms(per_image),
+    "overhead_ms": ms(differences),
+    "overhead_iqr_ms": [1e3 * float(q) for q in np.percentile(differences, [25, 75])],
+    "host_share_ms": ms(host),
+    "rounds": len(differences),
+    "mapped_images": n,
+  }
 
 
 # --- Report.
 
+
 def print_inference(results: list[dict], env: dict) -> None:
   print(f"\nInference, host image -> host map ({env['device']}, jax {env['jax_version']}, {env['date']})")
-  print("| model | dtype | latency mean ms | p50 | p90 | p99 | throughput img/s (batch) | "
-        "paper latency ms | paper img/s (RTX A6000) |")
+  print(
+    "| model | dtype | latency mean ms | p50 | p90 | p99 | throughput img/s (batch) | "
+    "paper latency ms | paper img/s (RTX A6000) |"
+  )
   print("|---|---|---|---|---|---|---|---|---|")
   for r in results:
     lat, thr, paper = r["latency"], r["throughput"], r["paper"] or {}
-    print(f"| {r['size']} | {r['dtype']} | {lat['mean_ms']:.2f} | {lat['p50_ms']:.2f} | "
-          f"{lat['p90_ms']:.2f} | "
-          f"{lat['p99_ms']:.2f} | {thr['images_per_s']:.1f} ({thr['best_batch_size']}) | "
-          f"{paper.get('latency_ms', '-')} | {paper.get('throughput_img_s', '-')} |")
+    print(
+      f"| {r['size']} | {r['dtype']} | {lat['mean_ms']:.2f} | {lat['p50_ms']:.2f} | "
+      f"{lat['p90_ms']:.2f} | "
+      f"{lat['p99_ms']:.2f} | {thr['images_per_s']:.1f} ({thr['best_batch_size']}) | "
+      f"{paper.get('latency_ms', '-')} | {paper.get('throughput_img_s', '-')} |"
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -238,18 +315,24 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--feed-loop-logs", type=int, help="--mode feed: log intervals of the long loop (default 40)")
   p.add_argument("--feed-loop-repeats", type=int, help="--mode feed: loop timings, median (default 3)")
   p.add_argument("--feed-predict-rounds", type=int, help="--mode feed: predict timing rounds (default 30)")
-  p.add_argument("--conv-impls", default=",".join(benchmark_train.CONV_IMPLS),
-                 help="--mode conv: the backward implementations to time (default: all)")
-  p.add_argument("--model", default="", help="time a saved model (RUN or RUN/model, either method, in the "
-                 "dtype it was trained with) instead of random params")
+  p.add_argument(
+    "--conv-impls",
+    default=",".join(benchmark_train.CONV_IMPLS),
+    help="--mode conv: the backward implementations to time (default: all)",
+  )
+  p.add_argument(
+    "--model",
+    default="",
+    help="time a saved model (RUN or RUN/model, either method, in the "
+    "dtype it was trained with) instead of random params",
+  )
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--tiny", action="store_true", help="64x64 images, few runs, small model, float32 (CI)")
   p.add_argument("--out", default="", help="write the results as JSON here")
   cli.add_debug_flag(p)
   args = p.parse_args(argv)
   if args.model and args.dtypes is not None:
-    p.error("--dtypes applies to random parameters: a saved model (--model) is timed in the dtype it was "
-            "trained with")
+    p.error("--dtypes applies to random parameters: a saved model (--model) is timed in the dtype it was trained with")
   for key, value in (TINY if args.tiny else DEFAULTS).items():  # what the command line left unset
     if getattr(args, key) is None:
       setattr(args, key, value)
@@ -266,8 +349,9 @@ def parse_args(argv=None) -> argparse.Namespace:
       p.error(f"--{name.replace('_', '-')}: at least one value, each >= {0 if name == 'feed_workers' else 1}")
   unknown = set(args.conv_impls) - set(benchmark_train.CONV_IMPLS)
   if unknown or not args.conv_impls:
-    p.error(f"--conv-impls: choose from {','.join(benchmark_train.CONV_IMPLS)}, "
-            f"got {','.join(sorted(unknown)) or 'none'}")
+    p.error(
+      f"--conv-impls: choose from {','.join(benchmark_train.CONV_IMPLS)}, got {','.join(sorted(unknown)) or 'none'}"
+    )
   return args
 
 
@@ -276,22 +360,36 @@ def main(argv=None) -> dict:
   env = environment()
   report = {"environment": env, "mode": args.mode, "tiny": args.tiny}
   if args.mode == "inference":
-    report["protocol"] = {"warmup": args.warmup, "runs": args.runs, "batch_sizes": args.batch_sizes,
-                          "throughput_runs": args.throughput_runs, "model": args.model or "random params"}
+    report["protocol"] = {
+      "warmup": args.warmup,
+      "runs": args.runs,
+      "batch_sizes": args.batch_sizes,
+      "throughput_runs": args.throughput_runs,
+      "model": args.model or "random params",
+    }
     report["results"] = [bench_inference(timed, args) for timed in inference_targets(args)]
     print_inference(report["results"], env)
   elif args.mode == "train":
-    report["results"] = [benchmark_train.bench_train(ModelConfig(size=s, dtype=d, image_size=args.image_size), k, args)
-                         for s in args.sizes for d in args.dtypes for k in args.dispatch]
+    report["results"] = [
+      benchmark_train.bench_train(ModelConfig(size=s, dtype=d, image_size=args.image_size), k, args)
+      for s in args.sizes
+      for d in args.dtypes
+      for k in args.dispatch
+    ]
     benchmark_train.print_train(report["results"], env)
   elif args.mode == "feed":
     stream = benchmark_feed.bench_stream(args)
     loop = benchmark_feed.bench_loop(args)
     predict = predict_overhead(args, n=4 if args.tiny else 32)
-    report.update(feed_steps_per_s=stream["feed_steps_per_s"],
-                  feed_steps_per_s_before=stream["feed_steps_per_s_before"],
-                  loop_overhead_ms_per_step=loop[str(max(args.feed_dispatch))]["ms_per_step"],
-                  predict_overhead_ms=predict["overhead_ms"], stream=stream, loop=loop, predict=predict)
+    report.update(
+      feed_steps_per_s=stream["feed_steps_per_s"],
+      feed_steps_per_s_before=stream["feed_steps_per_s_before"],
+      loop_overhead_ms_per_step=loop[str(max(args.feed_dispatch))]["ms_per_step"],
+      predict_overhead_ms=predict["overhead_ms"],
+      stream=stream,
+      loop=loop,
+      predict=predict,
+    )
     benchmark_feed.print_feed(report, env)
   else:
     report["results"] = [benchmark_train.bench_conv(s, args.image_size, args) for s in args.sizes]

@@ -9,15 +9,17 @@ import dataclasses
 import pathlib
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
 
-from efficientad_jax import models, normalization, parallel, trainer, train_step
+from efficientad_jax import models
 from efficientad_jax.config import Config, DataConfig, ModelConfig, TrainConfig
 from efficientad_jax.data import make_datasets
+from efficientad_jax.efficientad import normalization, train_step, trainer
 from efficientad_jax.models import conv as conv_lib
+from efficientad_jax.training import parallel
 
 CONV_IMPLS = ("xla", "im2col", "shifted", "mixed")  # every backward a model can train with ("auto" picks one)
 
@@ -25,9 +27,14 @@ CONV_IMPLS = ("xla", "im2col", "shifted", "mixed")  # every backward a model can
 def summarize(seconds: list[float]) -> dict:
   """Mean and percentiles in milliseconds."""
   ms = 1e3 * np.asarray(seconds)
-  return {"mean_ms": float(ms.mean()), "p50_ms": float(np.percentile(ms, 50)),
-          "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)),
-          "min_ms": float(ms.min()), "runs": int(ms.size)}
+  return {
+    "mean_ms": float(ms.mean()),
+    "p50_ms": float(np.percentile(ms, 50)),
+    "p90_ms": float(np.percentile(ms, 90)),
+    "p99_ms": float(np.percentile(ms, 99)),
+    "min_ms": float(ms.min()),
+    "runs": int(ms.size),
+  }
 
 
 def synthetic_data_config(image_size: int, root: str) -> DataConfig:
@@ -59,15 +66,16 @@ def bench_train(cfg: ModelConfig, per_dispatch: int, args: argparse.Namespace) -
   """
   dispatches = max(1, -(-args.train_steps // per_dispatch))
   with tempfile.TemporaryDirectory(prefix="efficientad_bench_") as root:
-    full = Config(model=cfg, data=synthetic_data_config(cfg.image_size, root),
-                  train=TrainConfig(steps=(dispatches + args.train_warmup) * per_dispatch,
-                                    steps_per_dispatch=per_dispatch))
+    full = Config(
+      model=cfg,
+      data=synthetic_data_config(cfg.image_size, root),
+      train=TrainConfig(steps=(dispatches + args.train_warmup) * per_dispatch, steps_per_dispatch=per_dispatch),
+    )
     generate = time.perf_counter()
     ds = make_datasets(full.data, image_size=cfg.image_size, seed=0, training=True)
     setup_s = time.perf_counter() - generate
     method, holder, mesh = engine_step(full, args.seed)
-    advance = trainer.make_advance(method, iter(ds.train_iter(full.train.batch_size)), mesh,
-                                   jax.random.key(args.seed))
+    advance = trainer.make_advance(method, iter(ds.train_iter(full.train.batch_size)), mesh, jax.random.key(args.seed))
     start = time.perf_counter()
     for _ in range(args.train_warmup):
       holder[0], _ = advance(holder[0], holder[1], 0, per_dispatch)
@@ -82,15 +90,25 @@ def bench_train(cfg: ModelConfig, per_dispatch: int, args: argparse.Namespace) -
     final_loss = float(losses["loss"])
     wall_s = time.perf_counter() - start
   steps = dispatches * per_dispatch
-  return {"size": cfg.size, "dtype": cfg.dtype, "image_size": cfg.image_size, "batch_size": full.train.batch_size,
-          "steps_per_dispatch": per_dispatch, "conv_impl": conv_lib.resolve_impl(cfg.conv_impl), "steps": steps,
-          "steps_per_s": steps / wall_s, "ms_per_step": 1e3 * wall_s / steps, "host_ms_per_step": 1e3 * host_s / steps,
-          "warmup_and_compile_s": compile_s, "dataset_setup_s": setup_s, "final_loss": final_loss,
-          "penalty": bool(ds.info["penalty"])}
+  return {
+    "size": cfg.size,
+    "dtype": cfg.dtype,
+    "image_size": cfg.image_size,
+    "batch_size": full.train.batch_size,
+    "steps_per_dispatch": per_dispatch,
+    "conv_impl": conv_lib.resolve_impl(cfg.conv_impl),
+    "steps": steps,
+    "steps_per_s": steps / wall_s,
+    "ms_per_step": 1e3 * wall_s / steps,
+    "host_ms_per_step": 1e3 * host_s / steps,
+    "warmup_and_compile_s": compile_s,
+    "dataset_setup_s": setup_s,
+    "final_loss": final_loss,
+    "penalty": bool(ds.info["penalty"]),
+  }
 
 
-def random_train_step_fn(size: str, image_size: int, seed: int = 0, impl: str = "auto"
-                         ) -> Callable[[dict], float]:
+def random_train_step_fn(size: str, image_size: int, seed: int = 0, impl: str = "auto") -> Callable[[dict], float]:
   """fn(host batch {'image','image_ae','penalty'} [B, S, S, 3]) -> loss, one real compiled step per call,
   with the conv backward `impl` (ModelConfig.conv_impl)."""
   cfg = Config(model=ModelConfig(size=size, image_size=image_size, conv_impl=impl), train=TrainConfig(steps=10))
@@ -108,8 +126,9 @@ def bench_conv(size: str, image_size: int, args: argparse.Namespace) -> dict:
   """Train-step seconds (batch 1, random data) per conv backward implementation, interleaved run by run so
   that a shared machine's load hits all of them alike. "xla" is the plain path (before)."""
   rng = np.random.default_rng(args.seed)
-  batch = {k: rng.normal(size=(1, image_size, image_size, 3)).astype(np.float32)
-           for k in ("image", "image_ae", "penalty")}
+  batch = {
+    k: rng.normal(size=(1, image_size, image_size, 3)).astype(np.float32) for k in ("image", "image_ae", "penalty")
+  }
   impls = args.conv_impls
   steps = {impl: random_train_step_fn(size, image_size, args.seed, impl) for impl in impls}
   first = {}
@@ -123,20 +142,25 @@ def bench_conv(size: str, image_size: int, args: argparse.Namespace) -> dict:
       start = time.perf_counter()
       steps[impl](batch)
       seconds[impl].append(time.perf_counter() - start)
-  return {"size": size, "image_size": image_size, "auto": conv_lib.resolve_impl("auto"),
-          "compile_and_first_s": first,
-          "median_step_s": {impl: float(np.median(s)) for impl, s in seconds.items()},
-          "step_s": seconds}
+  return {
+    "size": size,
+    "image_size": image_size,
+    "auto": conv_lib.resolve_impl("auto"),
+    "compile_and_first_s": first,
+    "median_step_s": {impl: float(np.median(s)) for impl, s in seconds.items()},
+    "step_s": seconds,
+  }
 
 
 def print_train(results: list[dict], env: dict) -> None:
-  print(f"\nTraining, compiled step + data pipeline ({env['device']}, jax {env['jax_version']}, "
-        f"{env['date']})")
+  print(f"\nTraining, compiled step + data pipeline ({env['device']}, jax {env['jax_version']}, {env['date']})")
   print("| model | dtype | image | conv | steps per call | steps/s | ms per step | host ms per step |")
   print("|---|---|---|---|---|---|---|---|")
   for r in results:
-    print(f"| {r['size']} | {r['dtype']} | {r['image_size']} | {r['conv_impl']} | {r['steps_per_dispatch']} | "
-          f"{r['steps_per_s']:.3f} | {r['ms_per_step']:.2f} | {r['host_ms_per_step']:.3f} |")
+    print(
+      f"| {r['size']} | {r['dtype']} | {r['image_size']} | {r['conv_impl']} | {r['steps_per_dispatch']} | "
+      f"{r['steps_per_s']:.3f} | {r['ms_per_step']:.2f} | {r['host_ms_per_step']:.3f} |"
+    )
 
 
 def print_conv(results: list[dict], env: dict) -> None:
@@ -147,5 +171,3 @@ def print_conv(results: list[dict], env: dict) -> None:
   for r in results:
     m = r["median_step_s"]
     print(f"| {r['size']} | {r['image_size']} | " + " | ".join(f"{m[i]:.3f}" for i in impls) + f" | {r['auto']} |")
-
-

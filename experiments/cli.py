@@ -23,6 +23,7 @@ def init_distributed(enabled: bool) -> None:
   """Multi-host runs: `jax.distributed.initialize()` (reads the cluster's environment) before any jax work."""
   if enabled:
     import jax  # imported here so that --help stays fast
+
     jax.distributed.initialize()
 
 
@@ -46,8 +47,7 @@ def writable_folder(path: str, flag: str) -> None:
     probe.write_bytes(b"")
     probe.unlink()
   except OSError as e:
-    raise UsageError(f"cannot write to {path} ({flag}: {e.strerror or e}): choose a folder you can write to"
-                     ) from None
+    raise UsageError(f"cannot write to {path} ({flag}: {e.strerror or e}): choose a folder you can write to") from None
 
 
 def new_file(path: str, flag: str) -> None:
@@ -66,13 +66,15 @@ def add_debug_flag(parser) -> None:
 def error_line(e: BaseException) -> tuple[str, int]:
   """(`error: <what> (<file or flag>): <what to do>`, exit status) for an error a user can cause, or
   ("", 0) for anything else (a bug: its traceback is shown)."""
-  first = lambda text: " ".join(str(text).split())  # noqa: E731  (one line, whatever the library wrote)
+  first = lambda text: " ".join(str(text).split())
   where = getattr(e, "filename", None)
   if isinstance(e, (ConfigError, UsageError)):
     return f"error: {first(e)}", 2
   if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-    return (f"error: no space left on the device ({where or 'while writing'}): free some space and run the "
-            "same command again (training resumes from its last complete checkpoint)"), 1
+    return (
+      f"error: no space left on the device ({where or 'while writing'}): free some space and run the "
+      "same command again (training resumes from its last complete checkpoint)"
+    ), 1
   if isinstance(e, PermissionError):
     return f"error: permission denied ({where or first(e)}): choose a folder you can write to", 1
   if isinstance(e, IsADirectoryError):
@@ -94,7 +96,8 @@ def _is_ours(e: BaseException) -> bool:
     tb = tb.tb_next
   module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
   return module.startswith(("efficientad_jax", "experiments", "__main__")) or type(e).__module__.startswith(
-      ("efficientad_jax", "experiments"))
+    ("efficientad_jax", "experiments")
+  )
 
 
 def run(main, argv=None) -> int:
@@ -113,7 +116,7 @@ def run(main, argv=None) -> int:
       raise
     print("error: interrupted (Ctrl-C): run the same command again to resume", file=sys.stderr)
     return 130
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     line, status = error_line(e)
     if debug or not status:
       raise
@@ -130,8 +133,13 @@ def _filter_stderr() -> None:
   try:
     read_end, write_end = os.pipe()
     terminal = os.dup(2)
-    subprocess.Popen([sys.executable, "-S", "-u", str(pathlib.Path(__file__).with_name("stderr_filter.py"))],
-                     stdin=read_end, stdout=terminal, stderr=subprocess.DEVNULL, close_fds=True)
+    subprocess.Popen(
+      [sys.executable, "-S", "-u", str(pathlib.Path(__file__).with_name("stderr_filter.py"))],
+      stdin=read_end,
+      stdout=terminal,
+      stderr=subprocess.DEVNULL,
+      close_fds=True,
+    )
   except OSError:
     return
   os.close(read_end)

@@ -15,13 +15,14 @@ import argparse
 import dataclasses
 import sys
 
-from efficientad_jax import download
+from efficientad_jax.files import download
 from experiments import cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m experiments.download", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog="python -m experiments.download", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("dataset", choices=sorted(download.DATASETS))
   p.add_argument("--to", required=True, help="dataset folder to create (the training config's data.root)")
   p.add_argument("--url", help="download from here instead of the published location (a mirror)")
@@ -41,8 +42,14 @@ def main(argv: list[str] | None = None) -> int:
   if args.sha256:
     source = dataclasses.replace(source, sha256=args.sha256)
   try:
-    path = download.download_dataset(args.dataset, args.to, source=source, keep_archive=args.keep_archive,
-                                     retries=args.retries, progress=not args.no_progress)
+    path = download.download_dataset(
+      args.dataset,
+      args.to,
+      source=source,
+      keep_archive=args.keep_archive,
+      retries=args.retries,
+      progress=not args.no_progress,
+    )
   except download.DownloadError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

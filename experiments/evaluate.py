@@ -19,8 +19,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="run directory (holding model/) or a model folder")
   p.add_argument("--out", help="output folder (default: RUN/eval)")
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="override the saved config's data section, e.g. --set data.root=/data (repeatable)")
+  p.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="override the saved config's data section, e.g. --set data.root=/data (repeatable)",
+  )
   p.add_argument("--overlays", type=int, default=8, help="number of overlay pictures")
   p.add_argument("--batch-size", type=cli.positive_int, default=8, help="images per predict call")
   cli.add_debug_flag(p)
@@ -32,18 +37,24 @@ def main(argv=None) -> int:
   for assignment in args.set:
     if not assignment.startswith("data."):
       raise config_lib.ConfigError(
-          f"--set {assignment}: evaluate may override only data.* fields (the networks, maps and threshold "
-          "come from the saved model): drop it, or train a model with that setting")
+        f"--set {assignment}: evaluate may override only data.* fields (the networks, maps and threshold "
+        "come from the saved model): drop it, or train a model with that setting"
+      )
   cli.setup_logging()
-  from efficientad_jax import evaluate, predict  # after argument parsing: --help stays fast
+  from efficientad_jax.evaluation import evaluate
+  from efficientad_jax.serving import (
+    predict,  # after argument parsing: --help stays fast
+  )
+
   cfg = None
   if args.set:
     try:
       cfg = config_lib.override(predict.load(args.workdir).cfg, args.set)
     except FileNotFoundError as e:
       raise SystemExit(f"error: {e}") from None
-  metrics = evaluate.evaluate(args.workdir, cfg=cfg, out_dir=args.out, max_overlays=args.overlays,
-                              batch_size=args.batch_size)
+  metrics = evaluate.evaluate(
+    args.workdir, cfg=cfg, out_dir=args.out, max_overlays=args.overlays, batch_size=args.batch_size
+  )
   print(evaluate.results_table(metrics))
   return 0
 

@@ -5,7 +5,7 @@
 
 Reads nelson1425/EfficientAD (`teacher_small.pth`, keys `0.weight`, ...) or anomalib
 (`pretrained_teacher_small.pth`, keys `conv1.weight`, ...) files, checks every key and shape against PDN-S/M,
-and writes {'params', 'meta'} that `efficientad_jax.weights.load_teacher` reads back. `--download` fetches the
+and writes {'params', 'meta'} that `efficientad_jax.models.weights.load_teacher` reads back. `--download` fetches the
 published file first (nelson1425's, git blob id checked; or `--origin anomalib`, SHA-256 checked) into --cache.
 """
 
@@ -17,7 +17,8 @@ import os
 import pathlib
 import sys
 
-from efficientad_jax import download, pth, weights
+from efficientad_jax.files import download, pth
+from efficientad_jax.models import weights
 from experiments import cli
 
 DEFAULT_CACHE = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "efficientad_jax"
@@ -28,8 +29,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("path", nargs="?", help="PyTorch .pth holding the teacher's state_dict")
   parser.add_argument("--size", choices=("small", "medium"), help="PDN size of the teacher (with a path)")
   parser.add_argument("--download", choices=("small", "medium"), help="fetch the published PDN teacher instead")
-  parser.add_argument("--origin", choices=("nelson", "anomalib"), default="nelson",
-                      help="with --download: nelson1425/EfficientAD's file or anomalib's archive")
+  parser.add_argument(
+    "--origin",
+    choices=("nelson", "anomalib"),
+    default="nelson",
+    help="with --download: nelson1425/EfficientAD's file or anomalib's archive",
+  )
   parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="with --download: where the .pth is kept")
   parser.add_argument("--url", help="with --download: a mirror of the published file")
   parser.add_argument("--sha256", help="with --download: expected SHA-256 (replaces the published check)")
@@ -47,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def fetch_teacher(args: argparse.Namespace) -> pathlib.Path:
-  """The published teacher `.pth` (efficientad_jax.download), --url / --sha256 applied."""
+  """The published teacher `.pth` (efficientad_jax.files.download), --url / --sha256 applied."""
   source = download.TEACHERS[(args.origin, args.download)].mirrored()
   if args.url:
     source = dataclasses.replace(source, url=args.url)
@@ -64,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
   except (pth.PthError, weights.WeightsError, FileExistsError, FileNotFoundError, download.DownloadError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(f"wrote PDN-{meta['size']} teacher ({meta['channels']} channels, {meta['layout']} layout) "
-        f"from {meta['source']} to {args.out}")
+  print(
+    f"wrote PDN-{meta['size']} teacher ({meta['channels']} channels, {meta['layout']} layout) "
+    f"from {meta['source']} to {args.out}"
+  )
   return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+
 from experiments import cli
 
 
@@ -31,15 +32,17 @@ def main(argv=None) -> int:
   if args.out:
     cli.writable_folder(args.out, "--out")
   cli.setup_logging(logging.WARNING)
-  from efficientad_jax import predict  # after argument parsing: --help stays fast
+  from efficientad_jax.serving import (
+    predict,  # after argument parsing: --help stays fast
+  )
+
   try:
     paths = predict.list_images(args.images)
     model = predict.load(args.model)
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}") from None
   print(f"# threshold {model.threshold:.6g} (score > threshold: anomalous)", flush=True)
-  show = lambda r: print(f"{r.name}\t{r.score:.6g}\t{'anomalous' if r.anomalous else 'normal'}",  # noqa: E731
-                         flush=True)
+  show = lambda r: print(f"{r.name}\t{r.score:.6g}\t{'anomalous' if r.anomalous else 'normal'}", flush=True)
   results, failures = predict.predict_paths(model, paths, args.out, on_result=show)
   for path, reason in failures:
     print(f"error: {path}: {reason}", file=sys.stderr)

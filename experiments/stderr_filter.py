@@ -33,7 +33,7 @@ def block_end(buf: bytes) -> int:
     end = buf.find(b"\n", start)
     if end < 0:
       return -1
-    if not buf[start:start + 1].isspace():
+    if not buf[start : start + 1].isspace():
       return end + 1
     start = end + 1
   return -1
@@ -68,8 +68,8 @@ def filter_stream(read, write) -> int:
         continue
       keep = next((k for k in range(min(len(HEADER) - 1, len(buf)), 0, -1) if HEADER.startswith(buf[-k:])), 0)
       keep = 0 if eof else keep
-      write(buf[:len(buf) - keep])
-      buf = buf[len(buf) - keep:]
+      write(buf[: len(buf) - keep])
+      buf = buf[len(buf) - keep :]
       break
     if eof:
       if buf:
@@ -82,7 +82,7 @@ def main() -> None:
 
   def write(data: bytes) -> None:
     while data:
-      data = data[os.write(out, data):]
+      data = data[os.write(out, data) :]
 
   filter_stream(lambda: os.read(0, 65536), write)
 

@@ -20,15 +20,16 @@ import argparse
 import sys
 
 from efficientad_jax import config as config_lib
-from efficientad_jax import sweep, sweep_report
-from experiments.train import load_config
+from efficientad_jax.evaluation import sweep, tables
 from experiments import cli
+from experiments.train import load_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--collections", default="mvtec_ad,visa,mvtec_loco",
-                 help=f"comma-separated, of: {', '.join(sweep.COLLECTIONS)}")
+  p.add_argument(
+    "--collections", default="mvtec_ad,visa,mvtec_loco", help=f"comma-separated, of: {', '.join(sweep.COLLECTIONS)}"
+  )
   p.add_argument("--categories", help="comma-separated subset (synthetic: object names to generate)")
   p.add_argument("--sizes", default="S,M", help="S,M (or small,medium)")
   p.add_argument("--seeds", default="0..4", help="'0..4' (inclusive), '0,1,2' or a mix")
@@ -38,15 +39,23 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--teacher-small", default="", help="teacher checkpoint of the S runs (train.teacher_checkpoint)")
   p.add_argument("--teacher-medium", default="", help="teacher checkpoint of the M runs")
   p.add_argument("--variant", default="", help="config variant appended to the size, e.g. 'tiny' (synthetic)")
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="config override for every run, e.g. --set data.penalty=/data/imagenette/train")
+  p.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="config override for every run, e.g. --set data.penalty=/data/imagenette/train",
+  )
   p.add_argument("--out", required=True, help="sweep folder (runs/, results.md, results.csv)")
   p.add_argument("--task-index", type=int, default=0)
   p.add_argument("--num-tasks", type=int, default=1)
   p.add_argument("--aggregate-only", action="store_true", help="only write the tables from finished runs")
-  p.add_argument("--compilation-cache", default=None,
-                 help="XLA persistent compilation cache folder shared by the runs (default OUT/jax_cache; '' = off)")
-  p.add_argument("--benchmark", help="benchmark JSON with latency/throughput per size (sweep_report.load_benchmark)")
+  p.add_argument(
+    "--compilation-cache",
+    default=None,
+    help="XLA persistent compilation cache folder shared by the runs (default OUT/jax_cache; '' = off)",
+  )
+  p.add_argument("--benchmark", help="benchmark JSON with latency/throughput per size (tables.load_benchmark)")
   cli.add_debug_flag(p)
   return p.parse_args(argv)
 
@@ -69,7 +78,8 @@ def config_maker(args: argparse.Namespace):
 def enable_compilation_cache(path: str) -> None:
   """Every run of one size compiles the same programs (only data and seeds differ), so XLA's persistent cache
   compiles them once per sweep, and once for all tasks that share the folder (the key holds the device kind)."""
-  import jax  # pylint: disable=g-import-not-at-top  (aggregation alone needs no jax)
+  import jax
+
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -80,13 +90,14 @@ def main(argv=None) -> int:
   cli.setup_logging()
   try:
     categories = args.categories.split(",") if args.categories else None
-    jobs = sweep.enumerate_jobs(args.collections.split(","), sweep.parse_sizes(args.sizes),
-                                sweep.parse_seeds(args.seeds), categories)
+    jobs = sweep.enumerate_jobs(
+      args.collections.split(","), sweep.parse_sizes(args.sizes), sweep.parse_seeds(args.seeds), categories
+    )
     mine = sweep.task_jobs(jobs, args.task_index, args.num_tasks)
     make_config = config_maker(args)
     for job in mine:  # a bad --set or root fails here, at once, not once per run hours later
       make_config(job)
-    bench = sweep_report.load_benchmark(args.benchmark) if args.benchmark else None
+    bench = tables.load_benchmark(args.benchmark) if args.benchmark else None
   except (ValueError, OSError) as e:
     raise SystemExit(f"error: {e}") from None
   failed = []
@@ -98,7 +109,7 @@ def main(argv=None) -> int:
     statuses = sweep.run_jobs(mine, args.out, make_config)
     failed = [job for job, status in statuses.items() if status == "failed"]
   rows, problems = sweep.aggregate(jobs, args.out)
-  md, csv = sweep_report.write_report(args.out, rows, problems, len(jobs), bench)
+  md, csv = tables.write_report(args.out, rows, problems, len(jobs), bench)
   print(f"{len(jobs) - len(problems)} of {len(jobs)} runs finished; tables: {md}, {csv}")
   for job, status, reason in problems:
     print(f"  {status}: {job}" + (f": {reason}" if reason else ""))

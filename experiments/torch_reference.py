@@ -17,7 +17,7 @@ import argparse
 import json
 import platform
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -28,9 +28,9 @@ PAUSE_S = 0.5  # idle time before each timed call (see _interleaved_medians)
 
 def _torch():
   try:
-    import torch  # pylint: disable=import-outside-toplevel
+    import torch
   except ImportError:
-    raise SystemExit("torch_reference needs PyTorch (pip install torch); it is optional for the project")
+    raise SystemExit("torch_reference needs PyTorch (pip install torch); it is optional for the project") from None
   return torch
 
 
@@ -41,12 +41,33 @@ def build_torch_models(size: str, image_size: int, channels: int = 384):
 
   def pdn(out: int) -> nn.Module:
     if size == "small":
-      layers = [nn.Conv2d(3, 128, 4), nn.ReLU(), nn.AvgPool2d(2, 2), nn.Conv2d(128, 256, 4), nn.ReLU(),
-                nn.AvgPool2d(2, 2), nn.Conv2d(256, 256, 3), nn.ReLU(), nn.Conv2d(256, out, 4)]
+      layers = [
+        nn.Conv2d(3, 128, 4),
+        nn.ReLU(),
+        nn.AvgPool2d(2, 2),
+        nn.Conv2d(128, 256, 4),
+        nn.ReLU(),
+        nn.AvgPool2d(2, 2),
+        nn.Conv2d(256, 256, 3),
+        nn.ReLU(),
+        nn.Conv2d(256, out, 4),
+      ]
     else:
-      layers = [nn.Conv2d(3, 256, 4), nn.ReLU(), nn.AvgPool2d(2, 2), nn.Conv2d(256, 512, 4), nn.ReLU(),
-                nn.AvgPool2d(2, 2), nn.Conv2d(512, 512, 1), nn.ReLU(), nn.Conv2d(512, 512, 3), nn.ReLU(),
-                nn.Conv2d(512, out, 4), nn.ReLU(), nn.Conv2d(out, out, 1)]
+      layers = [
+        nn.Conv2d(3, 256, 4),
+        nn.ReLU(),
+        nn.AvgPool2d(2, 2),
+        nn.Conv2d(256, 512, 4),
+        nn.ReLU(),
+        nn.AvgPool2d(2, 2),
+        nn.Conv2d(512, 512, 1),
+        nn.ReLU(),
+        nn.Conv2d(512, 512, 3),
+        nn.ReLU(),
+        nn.Conv2d(512, out, 4),
+        nn.ReLU(),
+        nn.Conv2d(out, out, 1),
+      ]
     return nn.Sequential(*layers)
 
   n = image_size
@@ -105,7 +126,8 @@ def torch_predict_fn(size: str, image_size: int) -> Callable[[np.ndarray], tuple
 
 
 def torch_train_step_fn(size: str, image_size: int) -> Callable[[dict], float]:
-  """One docs/method.md §5-§6 step (hard loss, penalty, AE and student-AE losses; Adam with coupled L2) on host batches."""
+  """One docs/method.md §5-§6 step (hard loss, penalty, AE and student-AE losses; Adam with coupled L2) on host
+  batches."""
   torch = _torch()
   teacher, student, ae = build_torch_models(size, image_size)
   teacher.eval()
@@ -124,8 +146,12 @@ def torch_train_step_fn(size: str, image_size: int) -> Callable[[dict], float]:
     d = (t[:b] - s[:b, :c]) ** 2
     d_hard = torch.quantile(d.flatten(), 0.999)
     loss_hard = torch.mean(d[d >= d_hard])
-    loss = (loss_hard + torch.mean(s[2 * b:, :c] ** 2) + torch.mean((t[b:] - a) ** 2)
-            + torch.mean((a - s[b:2 * b, c:]) ** 2))
+    loss = (
+      loss_hard
+      + torch.mean(s[2 * b :, :c] ** 2)
+      + torch.mean((t[b:] - a) ** 2)
+      + torch.mean((a - s[b : 2 * b, c:]) ** 2)
+    )
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -134,8 +160,9 @@ def torch_train_step_fn(size: str, image_size: int) -> Callable[[dict], float]:
   return step
 
 
-def _interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int, runs: int,
-                         pause_s: float = PAUSE_S) -> dict[str, float]:
+def _interleaved_medians(
+  fns: dict[str, Callable[[], object]], warmup: int, runs: int, pause_s: float = PAUSE_S
+) -> dict[str, float]:
   """Median seconds of each fn, run in turn (a, b, c, a, b, c, ...) so that a shared machine's changing load
   hits all of them alike; `warmup` untimed rounds first. Each call starts `pause_s` after the previous one
   ended: PyTorch's OpenMP workers keep spinning for a while after an op and would otherwise steal the cores
@@ -159,8 +186,9 @@ def compare(size: str, image_size: int, warmup: int, runs: int) -> dict:
   rng = np.random.default_rng(0)
   nchw = rng.normal(size=(1, 3, image_size, image_size)).astype(np.float32)
   nhwc = np.ascontiguousarray(nchw.transpose(0, 2, 3, 1))
-  batch_t = {k: rng.normal(size=(1, 3, image_size, image_size)).astype(np.float32)
-             for k in ("image", "image_ae", "penalty")}
+  batch_t = {
+    k: rng.normal(size=(1, 3, image_size, image_size)).astype(np.float32) for k in ("image", "image_ae", "penalty")
+  }
   batch_j = {k: np.ascontiguousarray(v.transpose(0, 2, 3, 1)) for k, v in batch_t.items()}
 
   torch_predict = torch_predict_fn(size, image_size)
@@ -169,12 +197,20 @@ def compare(size: str, image_size: int, warmup: int, runs: int) -> dict:
   jax_step = benchmark_train.random_train_step_fn(size, image_size)
   jax_step_xla = benchmark_train.random_train_step_fn(size, image_size, impl="xla")  # XLA's own conv backward
 
-  out = {"size": size, "image_size": image_size, "torch_version": torch.__version__,
-         "torch_threads": torch.get_num_threads(), "runs": runs, "warmup": warmup}
-  infer = _interleaved_medians({"torch": lambda: torch_predict(nchw), "jax": lambda: jax_predict(nhwc)},
-                               warmup, runs)
-  train = _interleaved_medians({"torch": lambda: torch_step(batch_t), "jax": lambda: jax_step(batch_j),
-                                "jax_xla": lambda: jax_step_xla(batch_j)}, min(warmup, 2), runs)
+  out = {
+    "size": size,
+    "image_size": image_size,
+    "torch_version": torch.__version__,
+    "torch_threads": torch.get_num_threads(),
+    "runs": runs,
+    "warmup": warmup,
+  }
+  infer = _interleaved_medians({"torch": lambda: torch_predict(nchw), "jax": lambda: jax_predict(nhwc)}, warmup, runs)
+  train = _interleaved_medians(
+    {"torch": lambda: torch_step(batch_t), "jax": lambda: jax_step(batch_j), "jax_xla": lambda: jax_step_xla(batch_j)},
+    min(warmup, 2),
+    runs,
+  )
   out["torch_infer_s"], out["jax_infer_s"] = infer["torch"], infer["jax"]
   out["torch_train_step_s"], out["jax_train_step_s"] = train["torch"], train["jax"]
   out["jax_train_step_xla_s"] = train["jax_xla"]
@@ -196,16 +232,20 @@ def main(argv=None) -> None:
   env["machine"] = platform.processor() or platform.machine()
   results = [compare(s, args.image_size, args.warmup, args.runs) for s in args.sizes.split(",")]
   print(f"device: {env['device']} | jax {env['jax_version']} | {env['date']}")
-  print("| model | JAX infer ms | torch infer ms | ratio | JAX train s/step (auto / xla) | "
-        "torch train s/step | "
-        "ratio (auto / xla) |")
+  print(
+    "| model | JAX infer ms | torch infer ms | ratio | JAX train s/step (auto / xla) | "
+    "torch train s/step | "
+    "ratio (auto / xla) |"
+  )
   print("|---|---|---|---|---|---|---|")
   for r in results:
-    print(f"| {r['size']} | {1e3 * r['jax_infer_s']:.1f} | {1e3 * r['torch_infer_s']:.1f} | "
-          f"{r['infer_ratio_jax_over_torch']:.2f} | {r['jax_train_step_s']:.3f} / "
-          f"{r['jax_train_step_xla_s']:.3f} | "
-          f"{r['torch_train_step_s']:.3f} | {r['train_ratio_jax_over_torch']:.2f} / "
-          f"{r['train_ratio_jax_xla_over_torch']:.2f} |")
+    print(
+      f"| {r['size']} | {1e3 * r['jax_infer_s']:.1f} | {1e3 * r['torch_infer_s']:.1f} | "
+      f"{r['infer_ratio_jax_over_torch']:.2f} | {r['jax_train_step_s']:.3f} / "
+      f"{r['jax_train_step_xla_s']:.3f} | "
+      f"{r['torch_train_step_s']:.3f} | {r['train_ratio_jax_over_torch']:.2f} / "
+      f"{r['train_ratio_jax_xla_over_torch']:.2f} |"
+    )
   if args.out:
     with open(args.out, "w") as f:
       json.dump({"environment": env, "results": results}, f, indent=2)

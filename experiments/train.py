@@ -19,7 +19,7 @@ import pathlib
 import sys
 
 from efficientad_jax import config as config_lib
-from efficientad_jax.ast.config import AstConfig
+from efficientad_jax.efficientad_ast.config import AstConfig
 from experiments import cli, configs
 
 METHOD_CONFIGS = {"efficientad": config_lib.Config, "efficientad_ast": AstConfig}  # what each method trains
@@ -39,26 +39,43 @@ def load_config(dataset: str, size: str, config_file: str | None, method: str = 
   else:
     cfg = configs.get(method, dataset, size)
   if not isinstance(cfg, METHOD_CONFIGS[method]):
-    raise config_lib.ConfigError(f"the config is a {type(cfg).__name__}, but --method {method} trains a "
-                                 f"{METHOD_CONFIGS[method].__name__}")
+    raise config_lib.ConfigError(
+      f"the config is a {type(cfg).__name__}, but --method {method} trains a {METHOD_CONFIGS[method].__name__}"
+    )
   return cfg
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--dataset", default="synthetic",
-                 help=f"with --method, a registered config: {configs.names(tuple(METHOD_CONFIGS))}")
-  p.add_argument("--size", default="small",
-                 help="S/small or M/medium; --dataset synthetic also takes 'small,tiny' (a seconds-long test run)")
+  p.add_argument(
+    "--dataset", default="synthetic", help=f"with --method, a registered config: {configs.names(tuple(METHOD_CONFIGS))}"
+  )
+  p.add_argument(
+    "--size",
+    default="small",
+    help="S/small or M/medium; --dataset synthetic also takes 'small,tiny' (a seconds-long test run)",
+  )
   p.add_argument("--config", help="a config .py with get_config(arg), instead of --dataset")
-  p.add_argument("--method", default="efficientad", choices=tuple(METHOD_CONFIGS),
-                 help="efficientad (the paper) or efficientad_ast (asymmetric student-teacher variant)")
+  p.add_argument(
+    "--method",
+    default="efficientad",
+    choices=tuple(METHOD_CONFIGS),
+    help="efficientad (the paper) or efficientad_ast (asymmetric student-teacher variant)",
+  )
   p.add_argument("--workdir", help="run directory (default: runs/<dataset>_<category>_<size>_seed<seed>)")
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="override a config field, e.g. --set train.steps=1000 (repeatable)")
+  p.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="override a config field, e.g. --set train.steps=1000 (repeatable)",
+  )
   p.add_argument("--no-eval", action="store_true", help="train and calibrate only")
-  p.add_argument("--distributed", action="store_true",
-                 help="call jax.distributed.initialize() (multi-host; reads the usual cluster env vars)")
+  p.add_argument(
+    "--distributed",
+    action="store_true",
+    help="call jax.distributed.initialize() (multi-host; reads the usual cluster env vars)",
+  )
   cli.add_debug_flag(p)
   return p.parse_args(argv)
 
@@ -78,14 +95,17 @@ def main(argv=None) -> int:
   config_lib.validate(cfg)  # a bad --set value fails here, before jax starts
   workdir = args.workdir or default_workdir(cfg, args.method)
   if args.method == "efficientad_ast":
-    from efficientad_jax.ast.trainer import train_ast
+    from efficientad_jax.efficientad_ast.trainer import train_ast
+
     model = train_ast(cfg, workdir)
   else:
-    from efficientad_jax import trainer  # after distributed init
+    from efficientad_jax.efficientad import trainer  # after distributed init
+
     model = trainer.train(cfg, workdir)
   print(f"model: {model}")
   if not args.no_eval:
-    from efficientad_jax import evaluate
+    from efficientad_jax.evaluation import evaluate
+
     metrics = evaluate.evaluate(workdir)
     print(json.dumps(metrics, indent=2, default=str))
   return 0

@@ -31,8 +31,8 @@ def fixtures_dir() -> pathlib.Path:
   if not (path / "README.md").exists():
     # Fail, never skip: a missing fixture folder must not turn the parity suite green.
     raise FileNotFoundError(
-        f"fixture folder {path} not found; set EFFICIENTAD_FIXTURES to a folder in the format of "
-        "tests/fixtures/README.md")
+      f"fixture folder {path} not found; set EFFICIENTAD_FIXTURES to a folder in the format of tests/fixtures/README.md"
+    )
   return path
 
 
@@ -51,19 +51,22 @@ def jax_cache(tmp_path_factory) -> pathlib.Path:
 
 def devices_env(n: int) -> dict[str, str]:
   """Environment of a subprocess whose JAX sees `n` simulated CPU devices (and the tests' XLA flags)."""
-  return {"JAX_PLATFORMS": "cpu",
-          "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={n}"}
+  return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={n}"}
 
 
 def jax_cache_env(cache: pathlib.Path) -> dict[str, str]:
   """Environment variables that point a subprocess's JAX at `cache`, caching every compilation."""
-  return {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  return {
+    "JAX_COMPILATION_CACHE_DIR": str(cache),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+  }
 
 
 def _cpu_seconds() -> float:
   """CPU seconds of this process and of its finished children (subprocess tests)."""
-  import resource  # pylint: disable=import-outside-toplevel
+  import resource
+
   own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
   return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
@@ -76,7 +79,8 @@ def pytest_runtest_protocol(item, nextitem):
   log = os.environ.get("EFFICIENTAD_TEST_CPU_LOG")
   if not log:
     return (yield)
-  import time  # pylint: disable=import-outside-toplevel
+  import time
+
   cpu, wall = _cpu_seconds(), time.perf_counter()
   try:
     return (yield)

@@ -27,8 +27,9 @@ class DatasetFixture:
 
 def _dataset(fixtures: pathlib.Path, part: str) -> DatasetFixture:
   doc = json.loads((fixtures / part / "expected.json").read_text())
-  return DatasetFixture(doc=doc, root=fixtures / part / doc["dataset_dir"], category=doc["object"],
-                        size_hw=tuple(doc["image_size_hw"]))
+  return DatasetFixture(
+    doc=doc, root=fixtures / part / doc["dataset_dir"], category=doc["object"], size_hw=tuple(doc["image_size_hw"])
+  )
 
 
 def dataset_root(fixtures: pathlib.Path, part: str) -> pathlib.Path:

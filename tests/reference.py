@@ -7,7 +7,7 @@ import pathlib
 
 import numpy as np
 
-from efficientad_jax import weights
+from efficientad_jax.models import weights
 
 PDN_KEYS = {"small": (0, 3, 6, 8), "medium": (0, 3, 6, 8, 10, 12)}
 
@@ -33,6 +33,7 @@ def recipe_input(seed: int, j: int, h: int = 256, w: int = 256) -> np.ndarray:
 
 def to_nchw(y) -> np.ndarray:
   return np.asarray(y).transpose(0, 3, 1, 2)
+
 
 AE_KEYS = (0, 2, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32, 36, 38)
 AE_NAMES = tuple(f"enc{i}" for i in range(1, 7)) + tuple(f"dec{i}" for i in range(1, 9))

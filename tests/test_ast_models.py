@@ -12,12 +12,23 @@ import pytest
 import torch
 from torch import nn as tnn
 
-from efficientad_jax.ast import efficientnet, method
-from efficientad_jax.ast.autoencoder import FeatureAutoencoder, adaptive_avg_pool, decoder_steps, encoder_sizes
-from efficientad_jax.ast.config import AstConfig
-from efficientad_jax.ast.flow import ConditionalFlow, nll_loss, positional_encoding, soft_clamp
-from efficientad_jax.ast.student import ResidualStudent
-from efficientad_jax.pth import load_state_dict
+from efficientad_jax.efficientad_ast import inference as method
+from efficientad_jax.efficientad_ast.config import AstConfig
+from efficientad_jax.files.pth import load_state_dict
+from efficientad_jax.models import efficientnet
+from efficientad_jax.models.feature_autoencoder import (
+  FeatureAutoencoder,
+  adaptive_avg_pool,
+  decoder_steps,
+  encoder_sizes,
+)
+from efficientad_jax.models.flow import (
+  ConditionalFlow,
+  nll_loss,
+  positional_encoding,
+  soft_clamp,
+)
+from efficientad_jax.models.residual_student import ResidualStudent
 
 
 def _tiny_flow(c=5, p=4):
@@ -42,7 +53,7 @@ def test_flow_inverse_of_forward():
 def test_flow_logdet_matches_jacobian():
   flow, params, x, cond = _tiny_flow()
   x1, c1 = x[:1], cond[:1]
-  f = lambda v: flow.apply({"params": params}, v.reshape(x1.shape), c1)[0].reshape(-1)  # noqa: E731
+  f = lambda v: flow.apply({"params": params}, v.reshape(x1.shape), c1)[0].reshape(-1)
   jac = jax.jacfwd(f)(x1.reshape(-1))
   sign, ref = np.linalg.slogdet(np.asarray(jac, np.float64))
   assert sign != 0
@@ -54,7 +65,7 @@ def test_nll_loss_by_hand():
   z = np.random.default_rng(0).normal(size=(2, 3, 3, 4)).astype(np.float32)
   ld = np.random.default_rng(1).normal(size=(2, 3, 3)).astype(np.float32)
   w = (np.random.default_rng(2).random((2, 3, 3)) > 0.5).astype(np.float32)
-  nll = 0.5 * (z ** 2).sum(-1) - ld
+  nll = 0.5 * (z**2).sum(-1) - ld
   np.testing.assert_allclose(jax.jit(nll_loss)(z, ld), nll.mean(), rtol=1e-6)
   np.testing.assert_allclose(jax.jit(nll_loss)(z, ld, w), (nll * w).sum() / w.sum(), rtol=1e-6)
 
@@ -105,11 +116,16 @@ def test_full_size_shapes():
   assert (nets.channels, nets.grid, nets.pos_channels) == (304, 24, 32)
   shapes = jax.eval_shape(lambda k: method.init_params(nets, k, cfg.model.image_size), jax.random.key(0))
   f = jax.ShapeDtypeStruct((1, 24, 24, 304), jnp.float32)
-  assert jax.eval_shape(lambda p, x: method.features(nets, p, x), shapes["backbone"],
-                        jax.ShapeDtypeStruct((1, 768, 768, 3), jnp.float32)).shape == (1, 24, 24, 304)
+  assert jax.eval_shape(
+    lambda p, x: method.features(nets, p, x), shapes["backbone"], jax.ShapeDtypeStruct((1, 768, 768, 3), jnp.float32)
+  ).shape == (1, 24, 24, 304)
   assert jax.eval_shape(lambda p, x: method.teacher(nets, p, x), shapes["flow"], f).shape == (1, 24, 24, 304)
-  s = jax.eval_shape(lambda p, b, x: nets.student.apply({"params": p, "batch_stats": b}, x), shapes["student"],
-                     shapes["student_stats"], jax.ShapeDtypeStruct((1, 24, 24, 336), jnp.float32))
+  s = jax.eval_shape(
+    lambda p, b, x: nets.student.apply({"params": p, "batch_stats": b}, x),
+    shapes["student"],
+    shapes["student_stats"],
+    jax.ShapeDtypeStruct((1, 24, 24, 336), jnp.float32),
+  )
   assert s.shape == (1, 24, 24, 608)
   assert shapes["student"]["conv_in"]["kernel"].shape == (3, 3, 336, 1024)
   assert len([k for k in shapes["student"] if k.endswith("_conv1")]) == 4
@@ -141,8 +157,10 @@ def test_student_shape_and_modes():
 
 class _ConvBN(tnn.Sequential):
   def __init__(self, cin, cout, k, stride=1, groups=1, act=True):
-    layers = [tnn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
-              tnn.BatchNorm2d(cout, eps=1e-3)]
+    layers = [
+      tnn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
+      tnn.BatchNorm2d(cout, eps=1e-3),
+    ]
     super().__init__(*(layers + ([tnn.SiLU()] if act else [])))
 
 
@@ -160,8 +178,11 @@ class _MB(tnn.Module):
   def __init__(self, spec):
     super().__init__()
     layers = [_ConvBN(spec.cin, spec.expanded, 1)] if spec.expand_ratio != 1 else []
-    layers += [_ConvBN(spec.expanded, spec.expanded, spec.kernel, spec.stride, spec.expanded),
-               _SE(spec.expanded, spec.squeeze), _ConvBN(spec.expanded, spec.cout, 1, act=False)]
+    layers += [
+      _ConvBN(spec.expanded, spec.expanded, spec.kernel, spec.stride, spec.expanded),
+      _SE(spec.expanded, spec.squeeze),
+      _ConvBN(spec.expanded, spec.cout, 1, act=False),
+    ]
     self.block = tnn.Sequential(*layers)
     self.res = spec.stride == 1 and spec.cin == spec.cout
 

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from efficientad_jax import optim, parallel, saved_model
-from efficientad_jax.ast import method, train_step, trainer
 from efficientad_jax.config import DataConfig
 from efficientad_jax.data import eval_batches, generate_synthetic, make_datasets
+from efficientad_jax.efficientad_ast import inference as method
+from efficientad_jax.efficientad_ast import train_step, trainer
+from efficientad_jax.serving import saved_model
+from efficientad_jax.training import optim, parallel
 from experiments.configs import ast_synthetic
 
 KEYS = {"map_st", "map_ae", "map_combined", "anomaly_map", "score"}
@@ -44,7 +46,7 @@ def test_one_step_of_each_stage(cfg, setup):
   flow_step = parallel.compile_step(lambda s, b: train_step.flow_train_step(nets, tx, s, b), mesh, "rd", "rr")
   state = parallel.replicate(optim.TrainState.create(params["flow"], tx), mesh)
   for i in range(2):
-    state, out = flow_step(state, parallel.shard_batch({"features": feats[i:i + 2]}, mesh))
+    state, out = flow_step(state, parallel.shard_batch({"features": feats[i : i + 2]}, mesh))
     assert np.isfinite(float(out["loss"]))
   assert int(state.step) == 2 and flow_step._cache_size() == 1
   moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params, params["flow"])
@@ -52,8 +54,7 @@ def test_one_step_of_each_stage(cfg, setup):
 
   z = jax.jit(lambda p, f: method.teacher(nets, p, f))(state.params, feats[:2])
   batch = parallel.shard_batch({"features": feats[:2], "target": np.asarray(z)}, mesh)
-  st_step = parallel.compile_step(lambda s, b, k: train_step.student_train_step(nets, tx, s, b, k), mesh,
-                                    "rdr", "rr")
+  st_step = parallel.compile_step(lambda s, b, k: train_step.student_train_step(nets, tx, s, b, k), mesh, "rdr", "rr")
   sstate = parallel.replicate(train_step.init_student_state(params, tx), mesh)
   for _ in range(2):
     sstate, losses = st_step(sstate, batch, jax.random.key(1))
@@ -71,14 +72,16 @@ def test_student_losses_by_hand(setup):
   _, nets, params, feats = setup
   z = np.random.default_rng(0).normal(size=feats[:2].shape).astype(np.float32)
   trainable = {"student": params["student"], "autoencoder": params["autoencoder"]}
-  losses, _ = train_step.student_losses(nets, trainable, params["student_stats"],
-                                        {"features": feats[:2], "target": z}, None)
+  losses, _ = train_step.student_losses(
+    nets, trainable, params["student_stats"], {"features": feats[:2], "target": z}, None
+  )
   c = nets.channels
   x = np.concatenate([feats[:2], np.asarray(method.cond(nets, 2))], -1)
   s = np.asarray(nets.student.apply({"params": params["student"], "batch_stats": params["student_stats"]}, x))
   a = np.asarray(nets.autoencoder.apply({"params": params["autoencoder"]}, feats[:2]))
-  want = ((z - s[..., :c]) ** 2).mean((1, 2, 3)) + ((z - a) ** 2).mean((1, 2, 3)) + \
-      ((a - s[..., c:]) ** 2).mean((1, 2, 3))
+  want = (
+    ((z - s[..., :c]) ** 2).mean((1, 2, 3)) + ((z - a) ** 2).mean((1, 2, 3)) + ((a - s[..., c:]) ** 2).mean((1, 2, 3))
+  )
   np.testing.assert_allclose(losses["loss"], want, rtol=1e-5)
 
 
@@ -91,14 +94,17 @@ def test_penalty_loss_by_hand(setup):
   pen = rng.normal(size=feats[:2].shape).astype(np.float32)
   trainable = {"student": params["student"], "autoencoder": params["autoencoder"]}
   key = jax.random.key(3)
-  plain, stats = train_step.student_losses(nets, trainable, params["student_stats"],
-                                           {"features": feats[:2], "target": z}, key)
-  with_pen, stats_pen = train_step.student_losses(nets, trainable, params["student_stats"],
-                                                  {"features": feats[:2], "target": z, "penalty": pen}, key)
+  plain, stats = train_step.student_losses(
+    nets, trainable, params["student_stats"], {"features": feats[:2], "target": z}, key
+  )
+  with_pen, stats_pen = train_step.student_losses(
+    nets, trainable, params["student_stats"], {"features": feats[:2], "target": z, "penalty": pen}, key
+  )
   c = nets.channels
   x_p = np.concatenate([pen, np.asarray(method.cond(nets, 2))], -1)
-  s_p, _ = nets.student.apply({"params": params["student"], "batch_stats": params["student_stats"]}, x_p,
-                              train=True, mutable=["batch_stats"])
+  s_p, _ = nets.student.apply(
+    {"params": params["student"], "batch_stats": params["student_stats"]}, x_p, train=True, mutable=["batch_stats"]
+  )
   want = (np.asarray(s_p)[..., :c] ** 2).mean((1, 2, 3))
   np.testing.assert_allclose(with_pen["loss_penalty"], want, rtol=1e-5)
   np.testing.assert_allclose(with_pen["loss"], plain["loss"] + want, rtol=1e-5)
@@ -106,8 +112,9 @@ def test_penalty_loss_by_hand(setup):
     np.testing.assert_array_equal(with_pen[k], plain[k])
   jax.tree_util.tree_map(np.testing.assert_array_equal, stats_pen, stats)
   with pytest.raises(ValueError, match="training input"):
-    train_step.student_losses(nets, trainable, params["student_stats"],
-                              {"features": feats[:2], "target": z, "penalty": pen}, None)
+    train_step.student_losses(
+      nets, trainable, params["student_stats"], {"features": feats[:2], "target": z, "penalty": pen}, None
+    )
 
 
 def test_train_ast_with_penalty(cfg, tmp_path):
@@ -116,8 +123,11 @@ def test_train_ast_with_penalty(cfg, tmp_path):
   folder.mkdir()
   for i in range(3):
     Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-  on = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, penalty=str(folder), penalty_resize=32),
-                           train=dataclasses.replace(cfg.train, flow_epochs=1, student_epochs=1))
+  on = dataclasses.replace(
+    cfg,
+    data=dataclasses.replace(cfg.data, penalty=str(folder), penalty_resize=32),
+    train=dataclasses.replace(cfg.train, flow_epochs=1, student_epochs=1),
+  )
   model = saved_model.load(trainer.train_ast(on, tmp_path / "run", progress=False))
   assert model.meta["penalty"] == "on" and np.isfinite(model.threshold)
   small = dataclasses.replace(on, data=dataclasses.replace(on.data, penalty_resize=8))
@@ -136,18 +146,23 @@ def test_train_ast_resume_and_predict(cfg, tmp_path):
   # Re-running the finished run resumes both stages from their last checkpoints: the same model.
   again = trainer.train_ast(cfg, tmp_path / "run", progress=False)
   assert again == path
-  same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), model.detector,
-                                saved_model.load(path).detector)
+  same = jax.tree_util.tree_map(
+    lambda a, b: bool(np.array_equal(a, b)), model.detector, saved_model.load(path).detector
+  )
   assert all(jax.tree_util.tree_leaves(same))
   with pytest.raises(ValueError, match="different config"):
-    trainer.train_ast(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, flow_epochs=3)), tmp_path / "run",
-                      progress=False)
+    trainer.train_ast(
+      dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, flow_epochs=3)), tmp_path / "run", progress=False
+    )
 
   # The folder holds the params alone (AST has no statistics or quantiles); predict on test records gives the
   # standard keys at the original size.
   arrays, meta = saved_model.read(path)
-  assert meta["method"] == "efficientad_ast" and set(arrays) == {"params"} and set(arrays["params"]) == {
-      "backbone", "flow", "student", "student_stats", "autoencoder"}
+  assert (
+    meta["method"] == "efficientad_ast"
+    and set(arrays) == {"params"}
+    and set(arrays["params"]) == {"backbone", "flow", "student", "student_stats", "autoencoder"}
+  )
   ds = make_datasets(cfg.data, image_size=cfg.model.image_size, seed=cfg.train.seed)
   batch = next(iter(eval_batches(ds.test, 2)))
   out = model.predict_fn(model.detector, batch["image"], out_size=(64, 64))
@@ -170,10 +185,12 @@ def test_cli_trains_and_evaluates_the_ast_method(cfg, tmp_path):
   dispatch to the AST variant by the saved model's method."""
   from efficientad_jax import config as config_lib
   from experiments import train as train_cli
+
   config_file = tmp_path / "ast_tiny.py"
   config_file.write_text(
-      "from efficientad_jax.ast.config import AstConfig\nfrom efficientad_jax.config import from_dict\n"
-      f"def get_config(arg=''):\n  return from_dict(AstConfig, {config_lib.to_dict(cfg)!r})\n")
+    "from efficientad_jax.efficientad_ast.config import AstConfig\nfrom efficientad_jax.config import from_dict\n"
+    f"def get_config(arg=''):\n  return from_dict(AstConfig, {config_lib.to_dict(cfg)!r})\n"
+  )
   workdir = tmp_path / "run"
   assert train_cli.main(["--method", "efficientad_ast", "--config", str(config_file), "--workdir", str(workdir)]) == 0
   _, meta = saved_model.read(workdir / "model")

@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-
 from tests.conftest import REPO
 
 ENV_KEYS = {"device", "platform", "jax_version", "date"}
@@ -23,7 +22,7 @@ def _run(tmp_path, *extra):
 
 def test_inference_json_structure(tmp_path):
   report, stdout = _run(tmp_path)
-  assert ENV_KEYS <= set(report["environment"])
+  assert set(report["environment"]) >= ENV_KEYS
   assert report["mode"] == "inference" and report["tiny"] is True
   (result,) = report["results"]
   assert (result["size"], result["dtype"], result["image_size"]) == ("small", "float32", 64)
@@ -40,7 +39,7 @@ def test_train_json_structure(tmp_path):
   """The trainer's loop body (`trainer.make_advance`) at one step per call; K > 1 goes through the same
   function (tested in test_trainer), and XLA:CPU runs K-step loops slowly (BUILD_NOTES.md)."""
   report, stdout = _run(tmp_path, "--mode", "train", "--dispatch", "1")
-  assert report["mode"] == "train" and ENV_KEYS <= set(report["environment"])
+  assert report["mode"] == "train" and set(report["environment"]) >= ENV_KEYS
   (result,) = report["results"]
   assert result["steps_per_dispatch"] == 1 and result["steps"] == 3
   assert result["image_size"] == 64 and result["penalty"] is True
@@ -71,17 +70,33 @@ def test_conv_mode_times_the_chosen_backwards(tmp_path):
   assert set(result["median_step_s"]) == {"xla", "mixed"}
   assert all(len(v) == 1 and v[0] > 0 for v in result["step_s"].values())
   assert "| small | 64 |" in stdout and "| xla | mixed |" in stdout
-  from experiments import benchmark  # pylint: disable=import-outside-toplevel
+  from experiments import benchmark
+
   assert benchmark.parse_args(["--mode", "conv"]).conv_impls == ["xla", "im2col", "shifted", "mixed"]
 
 
 def test_bad_mode_is_rejected(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--mode", "nope"], cwd=REPO,
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-m", "experiments.benchmark", "--mode", "nope"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode != 0 and "invalid choice" in proc.stderr
-  proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--mode", "conv", "--conv-impls", "cudnn"],
-                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-m", "experiments.benchmark", "--mode", "conv", "--conv-impls", "cudnn"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 2 and "--conv-impls" in proc.stderr.splitlines()[-1]
-  proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--mode", "train", "--dispatch", "0"],
-                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-m", "experiments.benchmark", "--mode", "train", "--dispatch", "0"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 2 and "--dispatch" in proc.stderr.splitlines()[-1]

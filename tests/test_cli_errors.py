@@ -1,4 +1,4 @@
-"""Every mistake a user can make ends in one line (issue 18): each case goes through the real CLI
+"""Every mistake a user can make ends in one line: each case goes through the real CLI
 (`python -m experiments.<cli>`), exits non-zero (2 for usage errors), prints no traceback, and leaves what
 is already written unchanged. Cases that need no jax cost ~0.3 s each; the one tiny training run is the test
 that a failed run does not lock its run directory."""
@@ -15,10 +15,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from efficientad_jax import engine
 from efficientad_jax import config as config_lib
-from efficientad_jax.ast.config import AstConfig
 from efficientad_jax.data import generate_synthetic
+from efficientad_jax.efficientad_ast.config import AstConfig
+from efficientad_jax.training import engine
 from experiments import cli
 from experiments import train as train_cli
 from tests.conftest import REPO, jax_cache_env
@@ -30,8 +30,10 @@ def run_cli(*args: str, wrapper: str = "", env: dict | None = None) -> subproces
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **(env or {}))
   if wrapper:
     module, rest = args[0], list(args[1:])
-    code = (f"import sys; sys.argv = ['{module}'] + {rest!r}\n{textwrap.dedent(wrapper)}\n"
-            f"from experiments import cli, {module} as m\nsys.exit(cli.run(m.main))")
+    code = (
+      f"import sys; sys.argv = ['{module}'] + {rest!r}\n{textwrap.dedent(wrapper)}\n"
+      f"from experiments import cli, {module} as m\nsys.exit(cli.run(m.main))"
+    )
     cmd = [sys.executable, "-c", code]
   else:
     cmd = [sys.executable, "-m", f"experiments.{args[0]}", *args[1:]]
@@ -53,8 +55,11 @@ def one_line(proc: subprocess.CompletedProcess, status: int, *fragments: str) ->
 
 
 def digest(folder: pathlib.Path) -> dict[str, str]:
-  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(folder.rglob("*")) if p.is_file()}
+  return {
+    str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+    for p in sorted(folder.rglob("*"))
+    if p.is_file()
+  }
 
 
 @pytest.fixture(scope="module")
@@ -70,19 +75,19 @@ def witness(tmp_path_factory) -> pathlib.Path:
 
 
 USAGE = [  # (argv, exit status, fragments of the error line); none of them starts jax
-    (["train", "--size", "small,tiny", "--set", "train.steps=-5"], 2, ["train.steps", ">= 1"]),
-    (["train", "--size", "small,tiny", "--set", "train.checkpoint_every=0"], 2, ["train.checkpoint_every"]),
-    (["train", "--size", "small,tiny", "--set", "train.batch_size=0"], 2, ["train.batch_size"]),
-    (["train", "--size", "small,tiny", "--set", "data.validation_fraction=0"], 2, ["data.validation_fraction"]),
-    (["train", "--size", "small,tiny", "--set", "maps.q_end=0.5"], 2, ["maps.q_end", "maps.q_start"]),
-    (["train", "--size", "small,tiny", "--set", "model.dtype=float8"], 2, ["model.dtype"]),
-    (["train", "--size", "small,tiny", "--set", "train.steps=many"], 2, ["train.steps", "int"]),
-    (["train", "--dataset", "mvtec_ad", "--size", "small,tiny"], 2, ["--size", "synthetic only"]),
-    (["train", "--dataset", "nope"], 2, ["--dataset", "mvtec_ad"]),
-    (["evaluate", "--workdir", "RUN", "--batch-size", "0"], 2, ["--batch-size"]),
-    (["evaluate", "--workdir", "RUN", "--set", "model.image_size=128"], 2, ["model.image_size", "only data."]),
-    (["export", "--model", "RUN", "--out", "{w}/exported"], 2, ["is a folder", "--out"]),
-    (["predict", "--model", "RUN", "--images", "{w}", "--out", "{w}/a_file/maps"], 2, ["--out"]),
+  (["train", "--size", "small,tiny", "--set", "train.steps=-5"], 2, ["train.steps", ">= 1"]),
+  (["train", "--size", "small,tiny", "--set", "train.checkpoint_every=0"], 2, ["train.checkpoint_every"]),
+  (["train", "--size", "small,tiny", "--set", "train.batch_size=0"], 2, ["train.batch_size"]),
+  (["train", "--size", "small,tiny", "--set", "data.validation_fraction=0"], 2, ["data.validation_fraction"]),
+  (["train", "--size", "small,tiny", "--set", "maps.q_end=0.5"], 2, ["maps.q_end", "maps.q_start"]),
+  (["train", "--size", "small,tiny", "--set", "model.dtype=float8"], 2, ["model.dtype"]),
+  (["train", "--size", "small,tiny", "--set", "train.steps=many"], 2, ["train.steps", "int"]),
+  (["train", "--dataset", "mvtec_ad", "--size", "small,tiny"], 2, ["--size", "synthetic only"]),
+  (["train", "--dataset", "nope"], 2, ["--dataset", "mvtec_ad"]),
+  (["evaluate", "--workdir", "RUN", "--batch-size", "0"], 2, ["--batch-size"]),
+  (["evaluate", "--workdir", "RUN", "--set", "model.image_size=128"], 2, ["model.image_size", "only data."]),
+  (["export", "--model", "RUN", "--out", "{w}/exported"], 2, ["is a folder", "--out"]),
+  (["predict", "--model", "RUN", "--images", "{w}", "--out", "{w}/a_file/maps"], 2, ["--out"]),
 ]
 
 
@@ -104,8 +109,9 @@ def test_config_choices_without_jax():
   # The AST method has a synthetic config, tiny included; the help offers tiny only where it exists.
   cfg = train_cli.load_config("synthetic", "small,tiny", None, "efficientad_ast")
   assert isinstance(cfg, AstConfig) and cfg.data.dataset == "synthetic" and cfg.model.image_size == 16
-  helptext = subprocess.run([sys.executable, "-m", "experiments.train", "--help"], cwd=REPO, capture_output=True,
-                            text=True).stdout
+  helptext = subprocess.run(
+    [sys.executable, "-m", "experiments.train", "--help"], cwd=REPO, capture_output=True, text=True
+  ).stdout
   assert "synthetic also takes 'small,tiny'" in " ".join(helptext.split())
   # A truncated export is one line, as every other bad file (the CLI maps the error type).
   line, status = cli.error_line(zipfile.BadZipFile("File is not a zip file"))
@@ -119,17 +125,38 @@ def test_config_choices_without_jax():
 def test_data_errors_before_any_work(tmp_path):
   """A missing dataset root, a missing teacher and a corrupt validation image all fail in seconds,
   before training, and leave no run directory behind."""
-  base = generate_synthetic(tmp_path / "loco", layout="mvtec_loco", size=64, num_train=4, num_test=2,
-                            num_validation=2)
+  base = generate_synthetic(tmp_path / "loco", layout="mvtec_loco", size=64, num_train=4, num_test=2, num_validation=2)
   corrupt = sorted((base / "validation" / "good").iterdir())[0]
   corrupt.write_bytes(corrupt.read_bytes()[:100])
   loco = ["train", "--dataset", "mvtec_loco", "--workdir", str(tmp_path / "run")]
   cases = [
-      (loco, ["data.root", "experiments.download"]),
-      (loco + ["--set", f"data.root={base.parent}", "--set", "data.category=widget", "--set", "data.penalty=",
-               "--set", "model.image_size=64"], [str(corrupt), "replace or remove"]),
-      (["train", "--size", "small,tiny", "--workdir", str(tmp_path / "run"),
-        "--set", f"train.teacher_checkpoint={tmp_path / 'none'}"], ["experiments.import_teacher"]),
+    (loco, ["data.root", "experiments.download"]),
+    (
+      loco
+      + [
+        "--set",
+        f"data.root={base.parent}",
+        "--set",
+        "data.category=widget",
+        "--set",
+        "data.penalty=",
+        "--set",
+        "model.image_size=64",
+      ],
+      [str(corrupt), "replace or remove"],
+    ),
+    (
+      [
+        "train",
+        "--size",
+        "small,tiny",
+        "--workdir",
+        str(tmp_path / "run"),
+        "--set",
+        f"train.teacher_checkpoint={tmp_path / 'none'}",
+      ],
+      ["experiments.import_teacher"],
+    ),
   ]
   for argv, fragments in cases:
     one_line(run_cli(*argv), 1, *fragments)
@@ -143,8 +170,9 @@ def test_failed_run_then_corrected_command_in_the_same_run_directory(tmp_path, j
   # 1. A mistake (here: a teacher that is not there) fails at once.
   one_line(run_cli(*tiny, "--set", f"train.teacher_checkpoint={tmp_path / 'none'}"), 1, "teacher")
   # 2. A run stopped before its first checkpoint (e.g. diverged at step 1) left another config behind.
-  stale = config_lib.override(train_cli.load_config("synthetic", "small,tiny", None),
-                              ["model.conv_impl=xla", "optim.learning_rate=1"])
+  stale = config_lib.override(
+    train_cli.load_config("synthetic", "small,tiny", None), ["model.conv_impl=xla", "optim.learning_rate=1"]
+  )
   run.mkdir(exist_ok=True)
   (run / "config.json").write_text(config_lib.to_json(stale))
   # 3. The corrected command trains in the same directory; the change is recorded.
@@ -164,15 +192,21 @@ def test_failed_run_then_corrected_command_in_the_same_run_directory(tmp_path, j
   """
   one_line(run_cli(*tiny, wrapper=full), 1, "no space left", str(run), "free some space")
   # 6. evaluate: a data error (another root that is not there) is one line too.
-  one_line(run_cli("evaluate", "--workdir", str(run), "--set", "data.dataset=mvtec_ad",
-                   "--set", f"data.root={tmp_path / 'gone'}"), 1, "data.root")
+  one_line(
+    run_cli(
+      "evaluate", "--workdir", str(run), "--set", "data.dataset=mvtec_ad", "--set", f"data.root={tmp_path / 'gone'}"
+    ),
+    1,
+    "data.root",
+  )
   assert digest(run) == written
 
   # Resumable settings (pure Python: the run directory's rule, no second training run): the divergence
   # advice `--set optim.learning_rate=...` works in the same directory, and is recorded.
   cfg = train_cli.load_config("synthetic", "small,tiny", None)
-  engine.write_config(run, config_lib.override(cfg, ["model.conv_impl=xla", "optim.learning_rate=5e-5",
-                                                     "train.steps=6"]))
+  engine.write_config(
+    run, config_lib.override(cfg, ["model.conv_impl=xla", "optim.learning_rate=5e-5", "train.steps=6"])
+  )
   last = json.loads((run / "config_history.jsonl").read_text().splitlines()[-1])
   assert last["checkpointed"] and set(last["changed"]) == {"optim.learning_rate", "train.steps"}
 
@@ -180,12 +214,26 @@ def test_failed_run_then_corrected_command_in_the_same_run_directory(tmp_path, j
 def test_benchmark_times_an_ast_model_and_refuses_a_folder_that_is_no_model(tmp_path):
   run = tiny_ast_model(tmp_path / "run")
   before = digest(run)
-  proc = run_cli("benchmark", "--model", str(run), "--tiny", "--runs", "1", "--batch-sizes", "1",
-                 "--out", str(tmp_path / "bench.json"))
+  proc = run_cli(
+    "benchmark",
+    "--model",
+    str(run),
+    "--tiny",
+    "--runs",
+    "1",
+    "--batch-sizes",
+    "1",
+    "--out",
+    str(tmp_path / "bench.json"),
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   (result,) = json.loads((tmp_path / "bench.json").read_text())["results"]
   assert (result["method"], result["size"], result["dtype"], result["image_size"]) == (
-      "efficientad_ast", "ast", "float32", 16)
+    "efficientad_ast",
+    "ast",
+    "float32",
+    16,
+  )
   assert result["paper"] is None and result["latency"]["runs"] == 1
   assert digest(run) == before
   (tmp_path / "notes").mkdir()
@@ -195,20 +243,26 @@ def test_benchmark_times_an_ast_model_and_refuses_a_folder_that_is_no_model(tmp_
 
 
 def test_config_validation_covers_the_defaults():
-  for cfg in (config_lib.Config(), train_cli.load_config("synthetic", "small,tiny", None),
-              train_cli.load_config("mvtec_loco", "M", None)):
+  for cfg in (
+    config_lib.Config(),
+    train_cli.load_config("synthetic", "small,tiny", None),
+    train_cli.load_config("mvtec_loco", "M", None),
+  ):
     assert config_lib.validate(cfg) is cfg
 
 
-NOISE = ('Traceback (most recent call last):\n  File "/usr/lib/python3/asyncio/base_events.py", line 806, in '
-         'call_soon_threadsafe\n    self._check_closed()\n  File "/usr/lib/python3/asyncio/base_events.py", line 519, '
-         "in _check_closed\n    raise RuntimeError('Event loop is closed')\nRuntimeError: Event loop is closed\n")
+NOISE = (
+  'Traceback (most recent call last):\n  File "/usr/lib/python3/asyncio/base_events.py", line 806, in '
+  'call_soon_threadsafe\n    self._check_closed()\n  File "/usr/lib/python3/asyncio/base_events.py", line 519, '
+  "in _check_closed\n    raise RuntimeError('Event loop is closed')\nRuntimeError: Event loop is closed\n"
+)
 
 
 def test_stderr_filter_drops_only_the_closed_event_loop_noise():
   """experiments/stderr_filter.py, fed in random pieces: the asyncio noise goes (also right after a progress
   bar's partial line), other tracebacks and text pass unchanged and in order."""
-  from experiments import stderr_filter  # pylint: disable=import-outside-toplevel
+  from experiments import stderr_filter
+
   real = 'Traceback (most recent call last):\n  File "/x/efficientad_jax/trainer.py", line 3\nValueError: real\n'
   text = f"start\r 10%|#  |\r 20%|## |{NOISE}line\n{NOISE}{real}Trace, not a header\nerror: done\n{NOISE}end"
   expected = f"start\r 10%|#  |\r 20%|## |line\n{real}Trace, not a header\nerror: done\nend".encode()
@@ -219,8 +273,12 @@ def test_stderr_filter_drops_only_the_closed_event_loop_noise():
     out = []
     assert stderr_filter.filter_stream(iter(pieces).__next__, out.append) == 3
     assert b"".join(out) == expected
-  proc = subprocess.run([sys.executable, "-S", str(REPO / "experiments" / "stderr_filter.py")], input=text.encode(),
-                        capture_output=True, timeout=60)
+  proc = subprocess.run(
+    [sys.executable, "-S", str(REPO / "experiments" / "stderr_filter.py")],
+    input=text.encode(),
+    capture_output=True,
+    timeout=60,
+  )
   assert proc.stdout == expected
 
 

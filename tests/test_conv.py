@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efficientad_jax import models, train_step
+from efficientad_jax import models
 from efficientad_jax.config import Config, ModelConfig, TrainConfig
+from efficientad_jax.efficientad import train_step
 from efficientad_jax.models import conv as conv_lib
 from efficientad_jax.models.pdn import conv as pdn_conv
 from tests.test_train_step import _tiny_setup
@@ -23,15 +24,19 @@ MODEL = ("shifted", "mixed")  # what a model trains with on CPU: "mixed" (auto) 
 
 def _assert_trees_close(a, b, rtol=2e-4, atol=1e-5):
   """Relative to each leaf's scale: float32 sums in another order differ by a few ulps of the largest term."""
+
   def check(x, y):
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     np.testing.assert_allclose(x, y, rtol=rtol, atol=atol * max(1.0, np.abs(y).max()))
+
   jax.tree_util.tree_map(check, a, b)
 
 
 @pytest.mark.parametrize("method", CUSTOM)
-@pytest.mark.parametrize("kernel,stride,padding", [(4, 1, 0), (4, 1, 1), (4, 1, 2), (4, 1, 3), (3, 1, 1),
-                                                   (4, 2, 1), (3, 2, 0), (1, 1, 0), (8, 1, 0)])
+@pytest.mark.parametrize(
+  "kernel,stride,padding",
+  [(4, 1, 0), (4, 1, 1), (4, 1, 2), (4, 1, 3), (3, 1, 1), (4, 2, 1), (3, 2, 0), (1, 1, 0), (8, 1, 0)],
+)
 def test_single_conv_gradients_match_xla(method, kernel, stride, padding):
   rng = np.random.default_rng(kernel * 100 + stride * 10 + padding)
   x = jnp.asarray(rng.normal(size=(2, 17, 19, 5)).astype(np.float32))
@@ -42,9 +47,8 @@ def test_single_conv_gradients_match_xla(method, kernel, stride, padding):
     y = fn(x, w)
     return jnp.sum(jnp.sin(y) * y)  # a non-trivial output gradient
 
-  # pylint: disable=protected-access
   plain = functools.partial(conv_lib._forward, strides=strides, padding=pads)
-  custom = lambda x, w: conv_lib._conv(x, w, strides, pads, method)  # pylint: disable=protected-access
+  custom = lambda x, w: conv_lib._conv(x, w, strides, pads, method)
   y_plain, y_custom = jax.jit(plain)(x, w), jax.jit(custom)(x, w)
   np.testing.assert_array_equal(y_custom, y_plain)
   g_plain = jax.jit(jax.grad(functools.partial(loss, plain), argnums=(0, 1)))(x, w)
@@ -74,8 +78,7 @@ def test_full_train_step_gradients_match_xla():
   for impl in ("xla",) + MODEL:
     cfg = Config(model=ModelConfig(image_size=64, conv_impl=impl), train=TrainConfig(steps=10))
     nets, _, state, frozen, batch = _tiny_setup(cfg, batch_size=1)
-    loss = lambda trainable: train_step.compute_losses(nets, cfg, trainable, frozen, batch,  # noqa: E731
-                                                       jax.random.key(3))["loss"]
+    loss = lambda trainable: train_step.compute_losses(nets, cfg, trainable, frozen, batch, jax.random.key(3))["loss"]
     grads[impl] = jax.jit(jax.grad(loss))(state.params)
   for impl in MODEL:
     _assert_trees_close(grads[impl], grads["xla"])

@@ -15,7 +15,15 @@ import pytest
 from PIL import Image
 
 from efficientad_jax.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
-from efficientad_jax.data import api, cache, indexes, pipeline, preprocess, records, synthetic
+from efficientad_jax.data import (
+  api,
+  cache,
+  indexes,
+  pipeline,
+  preprocess,
+  records,
+  synthetic,
+)
 from efficientad_jax.data.records import DataError
 from tests import fixture_sets
 from tests.test_data_pipeline import _cfg, _equal, _penalty_folder, _take
@@ -42,8 +50,7 @@ def samples(tmp_path):
     channels = (3, 1, 4, 3)[i]
     pixels = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
     Image.fromarray(pixels[..., 0] if channels == 1 else pixels).save(tmp_path / f"{i}.png")
-    out.append(records.Sample(image=str(tmp_path / f"{i}.png"), id=f"train/good/{i}", label=0,
-                              defect="good"))
+    out.append(records.Sample(image=str(tmp_path / f"{i}.png"), id=f"train/good/{i}", label=0, defect="good"))
   return out
 
 
@@ -79,16 +86,20 @@ def test_round_trip_of_records_of_different_sizes(samples, temp_dir):
     assert decoded.full(i).dtype == np.uint8 and np.array_equal(decoded.full(i), rgb)
     assert np.array_equal(decoded.small(i), preprocess.resize(rgb, 12))
     # The cached resize, normalised, is the network input of the file, bit for bit.
-    assert np.array_equal(preprocess.normalize(preprocess.to_float(decoded.small(i)), IMAGENET_MEAN, IMAGENET_STD),
-                          preprocess.model_input(rgb, 12, IMAGENET_MEAN, IMAGENET_STD))
+    assert np.array_equal(
+      preprocess.normalize(preprocess.to_float(decoded.small(i)), IMAGENET_MEAN, IMAGENET_STD),
+      preprocess.model_input(rgb, 12, IMAGENET_MEAN, IMAGENET_STD),
+    )
   assert not decoded.full(0).flags.writeable
 
 
 def test_tfds_style_records(samples, temp_dir):
   # TFDS records are dicts whose 'image' is an array (or encoded bytes).
   rgb = preprocess.decode_image(samples[0].image)
-  tfds = [{"image": rgb, "id": b"a", "label": 0, "defect": b"good"},
-          {"image": open(samples[1].image, "rb").read(), "id": b"b", "label": 0, "defect": b"good"}]
+  tfds = [
+    {"image": rgb, "id": b"a", "label": 0, "defect": b"good"},
+    {"image": open(samples[1].image, "rb").read(), "id": b"b", "label": 0, "defect": b"good"},
+  ]
   decoded = cache.decode_once(tfds, 8)
   assert np.array_equal(decoded.full(0), rgb)
   assert np.array_equal(decoded.full(1), preprocess.decode_image(samples[1].image))
@@ -150,13 +161,14 @@ def test_train_eval_from_the_cache_equals_the_decoded_one(syn_root):
   for a, b in zip(on, off):
     assert a.keys() == b.keys()
     for key in a:
-      assert (np.array_equal(a[key], b[key]) if isinstance(a[key], np.ndarray) else a[key] == b[key]), key
+      assert np.array_equal(a[key], b[key]) if isinstance(a[key], np.ndarray) else a[key] == b[key], key
 
 
 def test_tfds_records_through_the_cache(fixtures, tmp_path):
   ad = fixture_sets.mvtec_ad(fixtures)
-  cfg = DataConfig(dataset="mvtec_ad", root=str(ad.root), category=ad.category, source="tfds",
-                   tfds_data_dir=str(tmp_path / "tfds"))
+  cfg = DataConfig(
+    dataset="mvtec_ad", root=str(ad.root), category=ad.category, source="tfds", tfds_data_dir=str(tmp_path / "tfds")
+  )
   on = api.make_datasets(cfg, 24, seed=0, training=True)
   off = api.make_datasets(dataclasses.replace(cfg, decode_cache=False), 24, seed=0, training=True)
   assert on.info["decoded_once"]
@@ -204,4 +216,3 @@ def test_worker_count_rules(monkeypatch):
     assert pipeline.worker_count(-1) == expected
   with pytest.raises(ValueError, match="num_workers"):
     pipeline.worker_count(-2)
-

@@ -126,20 +126,32 @@ def test_unsupported_mode(tmp_path):
     preprocess.decode_image(str(tmp_path / "f.tiff"))
 
 
-@pytest.mark.parametrize("text, match", [
+@pytest.mark.parametrize(
+  "text, match",
+  [
     ("{not json", "not valid JSON"),
     ("{}", "non-empty JSON list"),
     ('[{"defect_name": "x", "pixel_value": 255}]', "expected an object with keys"),
-    ('[{"defect_name": "x", "pixel_value": 300, "saturation_threshold": 1,'
-     ' "relative_saturation": true}]', "pixel_value must be an integer in 1..255"),
-    ('[{"defect_name": "x", "pixel_value": 255, "saturation_threshold": 2.5,'
-     ' "relative_saturation": true}]', r"relative saturation_threshold must be in \(0, 1\]"),
-    ('[{"defect_name": "x", "pixel_value": 255, "saturation_threshold": 5,'
-     ' "relative_saturation": "no"}]', "relative_saturation must be true/false"),
-    ('[{"defect_name": "a", "pixel_value": 255, "saturation_threshold": 5,'
-     ' "relative_saturation": false}, {"defect_name": "b", "pixel_value": 255,'
-     ' "saturation_threshold": 5, "relative_saturation": false}]', "pixel_value must be unique"),
-])
+    (
+      '[{"defect_name": "x", "pixel_value": 300, "saturation_threshold": 1, "relative_saturation": true}]',
+      "pixel_value must be an integer in 1..255",
+    ),
+    (
+      '[{"defect_name": "x", "pixel_value": 255, "saturation_threshold": 2.5, "relative_saturation": true}]',
+      r"relative saturation_threshold must be in \(0, 1\]",
+    ),
+    (
+      '[{"defect_name": "x", "pixel_value": 255, "saturation_threshold": 5, "relative_saturation": "no"}]',
+      "relative_saturation must be true/false",
+    ),
+    (
+      '[{"defect_name": "a", "pixel_value": 255, "saturation_threshold": 5,'
+      ' "relative_saturation": false}, {"defect_name": "b", "pixel_value": 255,'
+      ' "saturation_threshold": 5, "relative_saturation": false}]',
+      "pixel_value must be unique",
+    ),
+  ],
+)
 def test_malformed_defects_config(loco, text, match):
   (loco.category_dir / "defects_config.json").write_text(text)
   with pytest.raises(DataError, match=r"defects_config.json.*" + match):
@@ -162,8 +174,7 @@ def test_unknown_pixel_value_in_loco_mask(loco):
   mask[mask > 0] = unknown
   Image.fromarray(mask).save(png)
   splits = indexes.index_mvtec_loco(loco.root, loco.category)
-  ds = pipeline.eval_dataset(splits.test, image_size=16, data_cfg=DataConfig(),
-                             specs=splits.defects_config)
+  ds = pipeline.eval_dataset(splits.test, image_size=16, data_cfg=DataConfig(), specs=splits.defects_config)
   where = f"logical_anomalies/{image_id}/{png.name}"
   with pytest.raises(DataError, match=rf"{where}: pixel values \[{unknown}\]"):
     list(ds)
@@ -178,7 +189,7 @@ def test_loco_layout_errors(loco):
   ids = fixture_sets.subfolders(gt)
   assert len(ids) >= 2, "the LOCO fixture needs two structural anomalies"
   victim, donor = ids[0], ids[1]
-  index = lambda: indexes.index_mvtec_loco(loco.root, loco.category)  # noqa: E731
+  index = lambda: indexes.index_mvtec_loco(loco.root, loco.category)
   shutil.rmtree(gt / victim)
   with pytest.raises(DataError, match=rf"structural_anomalies/{victim}.png: its ground-truth folder"):
     index()
@@ -240,6 +251,9 @@ def test_synthetic_refuses_to_overwrite_other_data(tmp_path):
 def test_saturation_config_round_trip(loco):
   specs = records.parse_defects_config(loco.category_dir / "defects_config.json")
   assert json.loads((loco.category_dir / "defects_config.json").read_text()) == [
-      {**dataclasses.asdict(s), "saturation_threshold": (
-          int(s.saturation_threshold) if not s.relative_saturation else s.saturation_threshold)}
-      for s in specs]
+    {
+      **dataclasses.asdict(s),
+      "saturation_threshold": (int(s.saturation_threshold) if not s.relative_saturation else s.saturation_threshold),
+    }
+    for s in specs
+  ]

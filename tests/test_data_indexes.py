@@ -81,8 +81,7 @@ def test_saturation_area_rule(fixtures):
 
 
 def test_hold_out_is_seeded_and_disjoint():
-  samples = [Sample(image=f"{i}.png", id=f"train/good/{i:03d}", label=0, defect="good")
-             for i in range(50)]
+  samples = [Sample(image=f"{i}.png", id=f"train/good/{i:03d}", label=0, defect="good") for i in range(50)]
   train, val = records.hold_out(samples, 0.1, seed=3)
   assert len(val) == 5 and len(train) == 45
   assert not {s.id for s in train} & {s.id for s in val}
@@ -121,8 +120,9 @@ def test_synthetic_mvtec_ad_layout(tmp_path):
 
 
 def test_synthetic_loco_layout_and_config(tmp_path):
-  base = synthetic.generate_synthetic(tmp_path, "mvtec_loco", size=48, num_train=4,
-                                      num_validation=3, num_test=1, category="gadget")
+  base = synthetic.generate_synthetic(
+    tmp_path, "mvtec_loco", size=48, num_train=4, num_validation=3, num_test=1, category="gadget"
+  )
   splits = indexes.index_mvtec_loco(tmp_path, "gadget")
   assert (len(splits.train), len(splits.validation)) == (4, 3)
   types = [s.loco_type for s in splits.test]
@@ -167,9 +167,10 @@ def make_visa(root: pathlib.Path, rows=None) -> pathlib.Path:
   """A tiny VisA tree: object 'candle', 4 train normals, 1 test normal, 2 test anomalies."""
   rng = np.random.default_rng(0)
   lines = ["object,split,label,image,mask"]
-  entries = rows or ([("train", "normal", f"Normal/{i:04d}") for i in range(4)]
-                     + [("test", "normal", "Normal/0100"), ("test", "anomaly", "Anomaly/000"),
-                        ("test", "anomaly", "Anomaly/001")])
+  entries = rows or (
+    [("train", "normal", f"Normal/{i:04d}") for i in range(4)]
+    + [("test", "normal", "Normal/0100"), ("test", "anomaly", "Anomaly/000"), ("test", "anomaly", "Anomaly/001")]
+  )
   for split, label, stem in entries:
     image = root / "candle/Data/Images" / f"{stem}.JPG"
     image.parent.mkdir(parents=True, exist_ok=True)
@@ -213,7 +214,9 @@ def test_folder_index(tmp_path):
 def test_concurrent_generation_of_the_same_synthetic_tree(tmp_path):
   """Processes of one multi-process run generate the same tree at once; all must end with one valid tree."""
   import concurrent.futures
+
   from efficientad_jax.data import generate_synthetic, index_mvtec_loco
+
   args = dict(layout="mvtec_loco", size=32, num_train=3, num_test=2, num_validation=2)
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
     paths = list(pool.map(lambda _: generate_synthetic(tmp_path, **args), range(4)))

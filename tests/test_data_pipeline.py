@@ -27,7 +27,8 @@ def _penalty_folder(path, n=3):
     sub = path / f"c{i % 2}"
     sub.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rng.integers(0, 255, (30 + i, 40, 3), dtype=np.uint8)).save(
-        sub / f"{i}.{'jpg' if i % 2 else 'png'}")
+      sub / f"{i}.{'jpg' if i % 2 else 'png'}"
+    )
   return path
 
 
@@ -36,11 +37,11 @@ def _take(it, n):
 
 
 def _equal(a, b):
-  return all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
-             for x, y in zip(a, b))
+  return all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
 
 
 # --- decoding conversions ---------------------------------------------------------------------
+
 
 def test_grayscale_becomes_three_equal_channels(tmp_path):
   gray = np.arange(60, dtype=np.uint8).reshape(6, 10)
@@ -86,12 +87,12 @@ def test_resize_is_antialiased_bilinear():
 def test_normalize():
   x = np.full((2, 2, 3), 0.5, np.float32)
   y = preprocess.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
-  np.testing.assert_allclose(y[0, 0], (0.5 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD),
-                             rtol=1e-6)
+  np.testing.assert_allclose(y[0, 0], (0.5 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD), rtol=1e-6)
   assert y.dtype == np.float32
 
 
 # --- colour jitter and penalty ----------------------------------------------------------------
+
 
 def _blend(x, degenerate, factor):
   """PIL.ImageEnhance by hand: degenerate + f * (x - degenerate) in float32, truncated to uint8."""
@@ -119,8 +120,8 @@ def test_jitter_draw_statistics():
   factors = np.array([f for _, f in draws])
   for kind in preprocess.JITTER_KINDS:
     assert 0.28 < kinds.count(kind) / len(kinds) < 0.39  # one of three ops, uniformly
-  assert 0.8 <= factors.min() and factors.max() <= 1.2
-  assert abs(factors.mean() - 1.0) < 0.02 and abs(factors.std() - 0.4 / 12 ** 0.5) < 0.01  # U(0.8, 1.2)
+  assert factors.min() >= 0.8 and factors.max() <= 1.2
+  assert abs(factors.mean() - 1.0) < 0.02 and abs(factors.std() - 0.4 / 12**0.5) < 0.01  # U(0.8, 1.2)
 
 
 def test_train_element_jitters_the_full_resolution_image(tmp_path):
@@ -135,16 +136,21 @@ def test_train_element_jitters_the_full_resolution_image(tmp_path):
     np.testing.assert_array_equal(out["image"], preprocess.resize(rgb, 32))
     np.testing.assert_array_equal(out["image_ae"], preprocess.resize(preprocess.adjust_color(rgb, kind, factor), 32))
     np.testing.assert_array_equal(  # the float input of the preprocessing fixtures, from the same bytes
-        preprocess.normalize(preprocess.to_float(out["image_ae"]), IMAGENET_MEAN, IMAGENET_STD),
-        preprocess.autoencoder_input(rgb, kind, factor, 32, IMAGENET_MEAN, IMAGENET_STD))
+      preprocess.normalize(preprocess.to_float(out["image_ae"]), IMAGENET_MEAN, IMAGENET_STD),
+      preprocess.autoencoder_input(rgb, kind, factor, 32, IMAGENET_MEAN, IMAGENET_STD),
+    )
 
 
 def test_jitter_tables_are_pil_image_enhance_byte_for_byte():
   """Brightness and contrast run as per-value tables (`Image.point`): the bytes of ImageEnhance's blend, on
   random images (also low-contrast ones) and factors, including the ends of U(0.8, 1.2), 0, 1 and 2."""
-  from PIL import ImageEnhance  # pylint: disable=import-outside-toplevel
-  enhancers = {"brightness": ImageEnhance.Brightness, "contrast": ImageEnhance.Contrast,
-               "saturation": ImageEnhance.Color}
+  from PIL import ImageEnhance
+
+  enhancers = {
+    "brightness": ImageEnhance.Brightness,
+    "contrast": ImageEnhance.Contrast,
+    "saturation": ImageEnhance.Color,
+  }
   rng = np.random.default_rng(0)
   for trial in range(60):
     image = rng.integers(0, 256, (*rng.integers(1, 40, 2), 3), dtype=np.uint8)
@@ -166,8 +172,7 @@ def test_penalty_image_shape_and_grayscale():
     out = preprocess.penalty_image(image, rng, 64, 32, 0.3, IMAGENET_MEAN, IMAGENET_STD)
     assert out.shape == (32, 32, 3) and out.dtype == np.float32
     raw = out * np.array(IMAGENET_STD, np.float32) + np.array(IMAGENET_MEAN, np.float32)
-    grays += np.allclose(raw[..., 0], raw[..., 1], atol=1e-5) and np.allclose(
-        raw[..., 1], raw[..., 2], atol=1e-5)
+    grays += np.allclose(raw[..., 0], raw[..., 1], atol=1e-5) and np.allclose(raw[..., 1], raw[..., 2], atol=1e-5)
   assert 0.2 < grays / 200 < 0.4
   # The centre crop of the resized image, exactly.
   full = np.asarray(Image.fromarray(image).resize((64, 64), Image.BILINEAR))
@@ -179,11 +184,13 @@ def test_penalty_image_shape_and_grayscale():
   for seed in range(4):
     gray = np.random.default_rng(seed).uniform() < 0.3
     np.testing.assert_array_equal(
-        preprocess.penalty_image(image, np.random.default_rng(seed), 64, 32, 0.3, IMAGENET_MEAN, IMAGENET_STD),
-        preprocess.penalty_transform(image, gray, 64, 32, IMAGENET_MEAN, IMAGENET_STD))
+      preprocess.penalty_image(image, np.random.default_rng(seed), 64, 32, 0.3, IMAGENET_MEAN, IMAGENET_STD),
+      preprocess.penalty_transform(image, gray, 64, 32, IMAGENET_MEAN, IMAGENET_STD),
+    )
 
 
 # --- pipelines --------------------------------------------------------------------------------
+
 
 def test_train_batches_format_and_determinism(syn_root, tmp_path):
   pen = _penalty_folder(tmp_path / "pen")
@@ -222,7 +229,7 @@ def test_process_sharding_partitions_the_stream(syn_root):
 
 def test_epochs_cover_training_images_only(syn_root):
   ds = api.make_datasets(_cfg(syn_root), 32, seed=0)
-  to_input = lambda b: preprocess.normalize(preprocess.to_float(b["image"]), IMAGENET_MEAN, IMAGENET_STD)  # noqa: E731
+  to_input = lambda b: preprocess.normalize(preprocess.to_float(b["image"]), IMAGENET_MEAN, IMAGENET_STD)
   train = np.stack([r["image"] for r in ds.train_eval])
   val = np.stack([r["image"] for r in ds.validation])
   seen = np.concatenate([to_input(b) for b in _take(ds.train_iter(1), len(train))])
@@ -252,17 +259,14 @@ def test_eval_records_mvtec_ad(fixtures):
 def test_eval_records_loco_saturation_areas(fixtures):
   loco = fixture_sets.mvtec_loco(fixtures)
   splits = indexes.index_mvtec_loco(loco.root, loco.category)
-  ds = pipeline.eval_dataset(splits.test, image_size=32, data_cfg=DataConfig(),
-                             specs=splits.defects_config)
+  ds = pipeline.eval_dataset(splits.test, image_size=32, data_cfg=DataConfig(), specs=splits.defects_config)
   got = {rec["id"]: rec for rec in ds}
   assert len(got) == len(loco.doc["images"])
   for image in loco.doc["images"]:
     rec = got[f"test/{image['split']}/{image['id']}"]
     assert rec["loco_type"] == image["split"] and tuple(rec["orig_size"]) == loco.size_hw
-    want = [(c["defect"], c["pixel_value"], c["area"], c["saturation_area"])
-            for c in image["channels"]]
-    have = [(c["defect"], c["pixel_value"], c["area"], c["saturation_area"])
-            for c in rec["channels"]]
+    want = [(c["defect"], c["pixel_value"], c["area"], c["saturation_area"]) for c in image["channels"]]
+    have = [(c["defect"], c["pixel_value"], c["area"], c["saturation_area"]) for c in rec["channels"]]
     assert have == want
     union = np.zeros(loco.size_hw, bool)
     for c in rec["channels"]:

@@ -21,8 +21,7 @@ def test_tensorflow_is_not_installed():
 
 
 def _both(cfg):
-  return (api.make_datasets(cfg, 24, seed=0),
-          api.make_datasets(dataclasses.replace(cfg, source="files"), 24, seed=0))
+  return (api.make_datasets(cfg, 24, seed=0), api.make_datasets(dataclasses.replace(cfg, source="files"), 24, seed=0))
 
 
 def _same_records(a, b):
@@ -33,7 +32,7 @@ def _same_records(a, b):
     ref = by_id[rec["id"]]
     for key in rec:
       if key == "channels":
-        strip = lambda cs: [{k: v for k, v in c.items() if k != "mask"} for c in cs]  # noqa: E731
+        strip = lambda cs: [{k: v for k, v in c.items() if k != "mask"} for c in cs]
         assert strip(rec[key]) == strip(ref[key])
         assert all(np.array_equal(x["mask"], y["mask"]) for x, y in zip(rec[key], ref[key]))
       else:
@@ -42,8 +41,9 @@ def _same_records(a, b):
 
 def test_mvtec_ad_tfds_matches_files(fixtures, tmp_path):
   ad = fixture_sets.mvtec_ad(fixtures)
-  cfg = DataConfig(dataset="mvtec_ad", root=str(ad.root), category=ad.category,
-                   source="tfds", tfds_data_dir=str(tmp_path / "tfds"))
+  cfg = DataConfig(
+    dataset="mvtec_ad", root=str(ad.root), category=ad.category, source="tfds", tfds_data_dir=str(tmp_path / "tfds")
+  )
   via_tfds, via_files = _both(cfg)
   _same_records(via_tfds.test, via_files.test)
   _same_records(via_tfds.validation, via_files.validation)  # the same seeded hold-out
@@ -61,17 +61,21 @@ def test_mvtec_ad_tfds_matches_files(fixtures, tmp_path):
 
 def test_loco_tfds_records_and_saturation(fixtures, tmp_path):
   loco = fixture_sets.mvtec_loco(fixtures)
-  cfg = DataConfig(dataset="mvtec_loco", root=str(loco.root),
-                   category=loco.category, source="tfds", tfds_data_dir=str(tmp_path / "tfds"))
+  cfg = DataConfig(
+    dataset="mvtec_loco",
+    root=str(loco.root),
+    category=loco.category,
+    source="tfds",
+    tfds_data_dir=str(tmp_path / "tfds"),
+  )
   via_tfds, via_files = _both(cfg)
   _same_records(via_tfds.test, via_files.test)
   _same_records(via_tfds.validation, via_files.validation)
   assert via_tfds.info["defects_config"] == via_files.info["defects_config"]
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  raw = tfds.data_source(f"mvtec_loco/{loco.category}", split="test", data_dir=str(tmp_path / "tfds"),
-                         download=False)
-  want = {f"test/{i['split']}/{i['id']}": [c["saturation_area"] for c in i["channels"]]
-          for i in loco.doc["images"]}
+  import tensorflow_datasets as tfds
+
+  raw = tfds.data_source(f"mvtec_loco/{loco.category}", split="test", data_dir=str(tmp_path / "tfds"), download=False)
+  want = {f"test/{i['split']}/{i['id']}": [c["saturation_area"] for c in i["channels"]] for i in loco.doc["images"]}
   assert len(raw) == len(want)
   for rec in raw:
     assert list(rec["channel_saturation_areas"]) == want[rec["id"].decode()]
@@ -80,8 +84,14 @@ def test_loco_tfds_records_and_saturation(fixtures, tmp_path):
 
 def test_visa_tfds(tmp_path):
   root = make_visa(tmp_path / "visa")
-  cfg = DataConfig(dataset="visa", root=str(root), category="candle", source="tfds",
-                   tfds_data_dir=str(tmp_path / "tfds"), validation_fraction=0.25)
+  cfg = DataConfig(
+    dataset="visa",
+    root=str(root),
+    category="candle",
+    source="tfds",
+    tfds_data_dir=str(tmp_path / "tfds"),
+    validation_fraction=0.25,
+  )
   via_tfds, via_files = _both(cfg)
   _same_records(via_tfds.test, via_files.test)
   _same_records(via_tfds.validation, via_files.validation)
@@ -94,8 +104,9 @@ def test_failed_build_leaves_no_cache_and_build_is_cached(fixtures, tmp_path):
   broken = tmp_path / "ad" / good.relative_to(ad.root)
   broken.write_bytes(b"broken")
   data_dir = tmp_path / "tfds"
-  cfg = DataConfig(dataset="mvtec_ad", root=str(tmp_path / "ad"), category=ad.category,
-                   source="tfds", tfds_data_dir=str(data_dir))
+  cfg = DataConfig(
+    dataset="mvtec_ad", root=str(tmp_path / "ad"), category=ad.category, source="tfds", tfds_data_dir=str(data_dir)
+  )
   with pytest.raises(Exception, match=rf"good/{good.name}: corrupt"):
     api.make_datasets(cfg, 24, 0)
   leftovers = [p for p in data_dir.rglob("*") if p.is_file() and ".config" not in p.parts]
@@ -112,8 +123,7 @@ def test_failed_build_leaves_no_cache_and_build_is_cached(fixtures, tmp_path):
 def test_tfds_errors(fixtures, tmp_path):
   ad = fixture_sets.mvtec_ad(fixtures)
   typo = ad.category[:-1]
-  cfg = DataConfig(dataset="mvtec_ad", root=str(ad.root), category=typo,
-                   source="tfds", tfds_data_dir=str(tmp_path))
+  cfg = DataConfig(dataset="mvtec_ad", root=str(ad.root), category=typo, source="tfds", tfds_data_dir=str(tmp_path))
   known = rf"'{re.escape(typo)}' is not a mvtec_ad config; available: .*'{re.escape(ad.category)}'"
   with pytest.raises(DataError, match=known):
     api.make_datasets(cfg, 24, 0)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from efficientad_jax import distill, distill_data, weights
-from efficientad_jax.models import PDN
+from efficientad_jax.distillation import stream, train_step, trainer
+from efficientad_jax.models import PDN, weights
 from experiments import distill_teacher
 from experiments.configs import distill as distill_configs
 from tests.test_wide_resnet import save_tiny
@@ -39,7 +39,7 @@ def torch_target(layer2, layer3, layer_dim, channels):
 def test_adaptive_pool_matrix_matches_torch(length, out):
   v = np.random.default_rng(length).standard_normal((3, length)).astype(np.float32)
   want = F.adaptive_avg_pool1d(torch.from_numpy(v)[:, None], out)[:, 0].numpy()
-  got = jax.jit(lambda v: v @ distill.adaptive_pool_matrix(length, out))(v)
+  got = jax.jit(lambda v: v @ train_step.adaptive_pool_matrix(length, out))(v)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
 
 
@@ -51,7 +51,7 @@ def test_target_matches_torch_unfold_interpolate_pool(c2, c3, layer_dim, channel
   l2 = np.maximum(rng.standard_normal((2, c2, 8, 10)), 0).astype(np.float32)  # post-ReLU like WRN
   l3 = np.maximum(rng.standard_normal((2, c3, 4, 5)), 0).astype(np.float32)
   want = torch_target(torch.from_numpy(l2), torch.from_numpy(l3), layer_dim, channels)
-  fn = jax.jit(distill.aggregate, static_argnums=(2, 3))
+  fn = jax.jit(train_step.aggregate, static_argnums=(2, 3))
   got = np.asarray(fn(l2.transpose(0, 2, 3, 1), l3.transpose(0, 2, 3, 1), layer_dim, channels))
   assert got.shape == (2, 8, 10, channels)
   np.testing.assert_allclose(got, want, atol=1e-5 * want.std())
@@ -59,10 +59,10 @@ def test_target_matches_torch_unfold_interpolate_pool(c2, c3, layer_dim, channel
 
 def test_sizes_must_match():
   cfg = distill_configs.get_config("small")
-  distill.check_sizes(cfg)  # 256 -> 64 = 512 / 8
-  distill.check_sizes(distill_configs.get_config("medium"))
+  train_step.check_sizes(cfg)  # 256 -> 64 = 512 / 8
+  train_step.check_sizes(distill_configs.get_config("medium"))
   with pytest.raises(ValueError, match="backbone.image_size = 2 \\* model.image_size"):
-    distill.check_sizes(dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, image_size=256)))
+    train_step.check_sizes(dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, image_size=256)))
 
 
 def write_images(folder, n=8):
@@ -81,15 +81,18 @@ def tiny_cfg(tmp_path):
   write_images(tmp_path / "imagenet" / "n01")
   save_tiny(tmp_path / "wrn.pth", seed=1)
   cfg = distill_configs.get_config("small,tiny")
-  return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, imagenet=str(tmp_path / "imagenet")),
-                             backbone=dataclasses.replace(cfg.backbone, weights=str(tmp_path / "wrn.pth")))
+  return dataclasses.replace(
+    cfg,
+    data=dataclasses.replace(cfg.data, imagenet=str(tmp_path / "imagenet")),
+    backbone=dataclasses.replace(cfg.backbone, weights=str(tmp_path / "wrn.pth")),
+  )
 
 
 def test_stream_is_seeded_and_grayscale_is_shared(tmp_path):
   cfg = tiny_cfg(tmp_path)
   cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, grayscale_prob=0.5))
-  source = distill_data.image_source(cfg.data.imagenet)
-  batches = [next(iter(distill_data.train_dataset(source, cfg, 8))) for _ in range(2)]
+  source = stream.image_source(cfg.data.imagenet)
+  batches = [next(iter(stream.train_dataset(source, cfg, 8))) for _ in range(2)]
   np.testing.assert_array_equal(batches[0]["backbone"], batches[1]["backbone"])
   b = batches[0]
   assert b["image"].shape == (8, 32, 32, 3) and b["backbone"].shape == (8, 64, 64, 3)
@@ -102,7 +105,7 @@ def test_stream_is_seeded_and_grayscale_is_shared(tmp_path):
 def test_distill_end_to_end_resume_and_teacher(tmp_path):
   cfg = tiny_cfg(tmp_path)
   run = tmp_path / "run"
-  teacher_dir, history = distill.distill(cfg, run, progress=False)
+  teacher_dir, history = trainer.distill(cfg, run, progress=False)
   losses = np.array([loss for _, loss in history])
   assert [s for s, _ in history] == list(range(1, 21)) and np.isfinite(losses).all()
   assert losses[-5:].mean() < 0.9 * losses[:3].mean()  # learning, on a normalised target (start ~ 1)
@@ -115,12 +118,14 @@ def test_distill_end_to_end_resume_and_teacher(tmp_path):
   # Resume: drop the final checkpoint and teacher; the rerun from step 10 must give the same teacher.
   shutil.rmtree(run / "checkpoints" / "20")
   shutil.rmtree(teacher_dir)
-  distill_teacher.main(["--size", "small,tiny", "--imagenet", cfg.data.imagenet, "--backbone", cfg.backbone.weights,
-                        "--workdir", str(run)])
+  distill_teacher.main(
+    ["--size", "small,tiny", "--imagenet", cfg.data.imagenet, "--backbone", cfg.backbone.weights, "--workdir", str(run)]
+  )
   resumed, _ = weights.load_teacher(teacher_dir)
   for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(resumed)):
     np.testing.assert_array_equal(a, b)
   # A rerun with other settings is not silently continued (the learning rate alone may change: RESUMABLE).
   with pytest.raises(ValueError, match="different config"):
-    distill.distill(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, weight_decay=1e-2)), run,
-                    progress=False)
+    trainer.distill(
+      dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, weight_decay=1e-2)), run, progress=False
+    )

@@ -20,9 +20,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from efficientad_jax import download, weights
 from efficientad_jax.config import DataConfig
 from efficientad_jax.data import api, indexes
+from efficientad_jax.files import download
+from efficientad_jax.models import weights
 from tests import fixture_sets
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ SERVER_LIFETIME_S = 300  # the server shuts itself down after this, whatever the
 class _Handler(http.server.BaseHTTPRequestHandler):
   """GET of server.files[name]; honours `Range: bytes=N-`; drops the first response after server.drop_after."""
 
-  def do_GET(self):  # noqa: N802  (http.server's name)
+  def do_GET(self):
     srv = self.server
     name = self.path.lstrip("/")
     srv.requests.append((name, self.headers.get("Range")))
@@ -53,7 +54,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     self.end_headers()
     body = data[start:]
     if srv.drop_after is not None:  # simulate a dropped connection: part of the body, then close
-      body, srv.drop_after = body[:srv.drop_after], None
+      body, srv.drop_after = body[: srv.drop_after], None
       self.close_connection = True
     self.wfile.write(body)
 
@@ -68,8 +69,7 @@ class Server:
     self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     self.httpd.files, self.httpd.requests, self.httpd.drop_after = {}, [], None
     self.httpd.daemon_threads = True
-    self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                   daemon=True)
+    self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     self.thread.start()
     self.timer = threading.Timer(SERVER_LIFETIME_S, self.stop)
     self.timer.daemon = True
@@ -133,8 +133,9 @@ def official_archive(fixtures: pathlib.Path, name: str) -> tuple[bytes, pathlib.
 def local(name: str, server: Server, data: bytes, checksum: str | None = "auto") -> download.Source:
   """The registry entry of `name`, pointed at the local server (published layout check kept)."""
   published = download.DATASETS[name]
-  return dataclasses.replace(published, url=server.add(published.filename, data),
-                             sha256=sha256(data) if checksum == "auto" else checksum)
+  return dataclasses.replace(
+    published, url=server.add(published.filename, data), sha256=sha256(data) if checksum == "auto" else checksum
+  )
 
 
 def assert_nothing_like_a_dataset(parent: pathlib.Path, to: pathlib.Path, layout) -> None:
@@ -152,8 +153,9 @@ def test_download_extracts_the_official_layout(fixtures, server, tmp_path, name)
   assert got == to and tree(to) == tree(dataset)
   assert os.listdir(tmp_path / "data") == [name]  # no archive, .part or temporary folder left behind
   for category in categories(dataset):
-    index = (indexes.index_mvtec_ad(to, category, seed=0) if name == "mvtec_ad"
-             else indexes.index_mvtec_loco(to, category))
+    index = (
+      indexes.index_mvtec_ad(to, category, seed=0) if name == "mvtec_ad" else indexes.index_mvtec_loco(to, category)
+    )
     assert index.train and index.test
   # A second run finds the dataset and downloads nothing.
   before = len(server.requests)
@@ -179,10 +181,16 @@ def test_download_visa_and_imagenette_layouts(fixtures, server, tmp_path):
   assert tree(to) == tree(src)
   assert len(indexes.index_visa(to, category, seed=0, validation_fraction=0.0).train) == len(rows) - 2
   # Imagenette: one top folder imagenette2/{train,val}/<class>/; the dataset root becomes that folder.
-  data = tar_bytes({"imagenette2/train/n01440764": bottle / category / "train" / "good",
-                    "imagenette2/val/n01440764": bottle / category / "test" / "good"}, "w:gz")
-  to = download.download_dataset("imagenette", tmp_path / "imagenette", progress=False,
-                                 source=local("imagenette", server, data))
+  data = tar_bytes(
+    {
+      "imagenette2/train/n01440764": bottle / category / "train" / "good",
+      "imagenette2/val/n01440764": bottle / category / "test" / "good",
+    },
+    "w:gz",
+  )
+  to = download.download_dataset(
+    "imagenette", tmp_path / "imagenette", progress=False, source=local("imagenette", server, data)
+  )
   assert sorted(p.name for p in to.iterdir()) == ["train", "val"]
 
 
@@ -220,8 +228,9 @@ def test_wrong_checksum_and_corrupt_archives_are_refused(fixtures, server, tmp_p
   assert not list(tmp_path.rglob("*.tar.xz*"))  # the bad file is gone: the next run starts afresh
   # No checksum, truncated archive: refused at extraction, the partial extraction removed.
   with pytest.raises(download.DownloadError, match="corrupt or unreadable archive"):
-    download.download_dataset("mvtec_ad", to, source=local("mvtec_ad", server, data[:len(data) // 2], None),
-                              progress=False)
+    download.download_dataset(
+      "mvtec_ad", to, source=local("mvtec_ad", server, data[: len(data) // 2], None), progress=False
+    )
   assert_nothing_like_a_dataset(tmp_path, to, layout)
   # A valid archive without the layout (another dataset).
   other = tar_bytes({"readme.txt": REPO / "pyproject.toml"}, "w:xz")
@@ -263,8 +272,9 @@ def test_data_download_config_fetches_a_missing_root(fixtures, server, tmp_path,
 
 def run_cli(args: list[str], **env) -> subprocess.CompletedProcess:
   environ = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **env)
-  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=environ, capture_output=True, text=True,
-                        timeout=120)
+  return subprocess.run(
+    [sys.executable, "-m", *args], cwd=REPO, env=environ, capture_output=True, text=True, timeout=120
+  )
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -295,16 +305,24 @@ def test_cli_errors_are_one_line(fixtures, server, tmp_path):
   proc = run_cli(["experiments.download", "visa", "--to", str(tmp_path / "v"), "--retries", "0", "--url", closed])
   assert_one_error_line(proc, "network error", closed, "resumes")
   # Success through the CLI with a pinned checksum.
-  proc = run_cli(["experiments.download", "mvtec_ad", "--to", str(tmp_path / "ok"), "--sha256", sha256(data),
-                  "--no-progress"], **mirror)
+  proc = run_cli(
+    ["experiments.download", "mvtec_ad", "--to", str(tmp_path / "ok"), "--sha256", sha256(data), "--no-progress"],
+    **mirror,
+  )
   assert proc.returncode == 0, proc.stderr
   assert "ready in" in proc.stdout
 
 
 # --- Teacher weights.
 
-PDN_SMALL_OIHW = collections.OrderedDict([  # nelson1425's nn.Sequential indices (docs/method.md §2.3)
-    ("0", (128, 3, 4, 4)), ("3", (256, 128, 4, 4)), ("6", (256, 256, 3, 3)), ("8", (384, 256, 4, 4))])
+PDN_SMALL_OIHW = collections.OrderedDict(
+  [  # nelson1425's nn.Sequential indices (docs/method.md §2.3)
+    ("0", (128, 3, 4, 4)),
+    ("3", (256, 128, 4, 4)),
+    ("6", (256, 256, 3, 3)),
+    ("8", (384, 256, 4, 4)),
+  ]
+)
 
 
 def teacher_pth(path: pathlib.Path, prefix: str = "") -> dict[str, np.ndarray]:
@@ -323,8 +341,15 @@ def test_import_teacher_download_cli(server, tmp_path):
   state = teacher_pth(tmp_path / "teacher_small.pth")
   data = (tmp_path / "teacher_small.pth").read_bytes()
   server.add("teacher_small.pth", data)
-  args = ["experiments.import_teacher", "--download", "small", "--cache", str(tmp_path / "cache"),
-          "--out", str(tmp_path / "ckpt")]
+  args = [
+    "experiments.import_teacher",
+    "--download",
+    "small",
+    "--cache",
+    str(tmp_path / "cache"),
+    "--out",
+    str(tmp_path / "ckpt"),
+  ]
   # The published git blob id does not match the test file: refused in one line, nothing imported.
   proc = run_cli(args, **{download.MIRROR_ENV: server.url("")})
   assert_one_error_line(proc, "git blob id mismatch", "teacher_small.pth")
@@ -344,8 +369,11 @@ def test_download_teacher_from_an_anomalib_style_zip(server, tmp_path):
   with zipfile.ZipFile(buffer, "w") as z:
     z.write(pth, "efficientad_pretrained_weights/pretrained_teacher_small.pth")
   data = buffer.getvalue()
-  source = dataclasses.replace(download.TEACHERS[("anomalib", "small")], sha256=sha256(data),
-                               url=server.add("efficientad_pretrained_weights.zip", data))
+  source = dataclasses.replace(
+    download.TEACHERS[("anomalib", "small")],
+    sha256=sha256(data),
+    url=server.add("efficientad_pretrained_weights.zip", data),
+  )
   got = download.download_teacher("small", tmp_path / "cache", source=source, progress=False)
   assert got.name == "pretrained_teacher_small.pth" and got.read_bytes() == pth.read_bytes()
   assert weights.pdn_params_from_state(weights.load_state_dict(got), "small")["conv4"]["bias"].shape == (384,)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from efficientad_jax import config as config_lib
-from efficientad_jax import engine
-from efficientad_jax.checkpoint import TrainCheckpoints
+from efficientad_jax.training import engine
+from efficientad_jax.training.checkpoint import TrainCheckpoints
 
 
 class Toy:
@@ -37,9 +37,14 @@ class Toy:
     return {"x": x}, {"loss": x}
 
   def hooks(self):
-    fresh = lambda: ({"x": jnp.zeros((), jnp.float32)}, {"offset": jnp.ones((), jnp.float32)})  # noqa: E731
-    return engine.Hooks(fresh=fresh, template=fresh, progress=lambda: dict(self.progress),
-                        resume=self.progress.update, finished=lambda: self.progress["stopped"])
+    fresh = lambda: ({"x": jnp.zeros((), jnp.float32)}, {"offset": jnp.ones((), jnp.float32)})
+    return engine.Hooks(
+      fresh=fresh,
+      template=fresh,
+      progress=lambda: dict(self.progress),
+      resume=self.progress.update,
+      finished=lambda: self.progress["stopped"],
+    )
 
 
 STAGE = engine.Stage("toy", total=7, log_every=1, checkpoint_every=2, max_to_keep=5)
@@ -103,8 +108,9 @@ def test_prepare_run_checks_before_anything_is_written(tmp_path):
 def test_a_failed_asynchronous_save_stops_the_run_at_the_next_boundary(tmp_path, monkeypatch):
   """A disk that fills DURING an asynchronous save (after the free-space check) is reported as the OSError
   it is at the next logged unit, instead of training on without checkpoints."""
-  import errno  # pylint: disable=import-outside-toplevel
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  import errno
+
+  import orbax.checkpoint as ocp
 
   def failed(manager):
     if manager.latest_step() is not None:  # once a save has been started

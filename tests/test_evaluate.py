@@ -15,10 +15,13 @@ import pytest
 import tifffile
 from PIL import Image
 
-from efficientad_jax import calibration, evaluate, metrics, models, normalization, predict, saved_model
 from efficientad_jax import config as config_lib
+from efficientad_jax import metrics, models
 from efficientad_jax.config import Config, DataConfig, ModelConfig
 from efficientad_jax.data import generate_synthetic, make_datasets, pipeline
+from efficientad_jax.efficientad import inference, normalization
+from efficientad_jax.evaluation import evaluate
+from efficientad_jax.serving import predict, saved_model
 
 SIZE = 64
 B = 6  # not a divisor of the 8 (MVTec AD) and 16 (LOCO) test images: the last batch is padded
@@ -48,14 +51,21 @@ def make_run(root: pathlib.Path, layout: str) -> pathlib.Path:
   of `saved_model.load` at evaluation's batch shape, so the whole module compiles predict once.
   """
   generate_synthetic(root / "data", layout=layout, size=SIZE, num_train=4, num_test=2, num_validation=2)
-  cfg = Config(model=ModelConfig(image_size=SIZE),
-               data=DataConfig(dataset=layout, root=str(root / "data"), category="widget"))
+  cfg = Config(
+    model=ModelConfig(image_size=SIZE), data=DataConfig(dataset=layout, root=str(root / "data"), category="widget")
+  )
   nets = models.build(cfg.model)
   stats = normalization.TeacherStats.identity(cfg.model.teacher_channels)
   ds = make_datasets(cfg.data, SIZE, seed=0)
-  detector, threshold = calibration.calibrate_efficientad(cfg, random_params(nets, seed=0), stats, ds.validation, B)
-  meta = {"config": config_lib.to_dict(cfg), "threshold": threshold,
-          "image_size": SIZE, "model_size": "small", "teacher": "random", "steps": 0}
+  detector, threshold = inference.calibrate(cfg, random_params(nets, seed=0), stats, ds.validation, B)
+  meta = {
+    "config": config_lib.to_dict(cfg),
+    "threshold": threshold,
+    "image_size": SIZE,
+    "model_size": "small",
+    "teacher": "random",
+    "steps": 0,
+  }
   saved_model.save(root / "run" / "model", "efficientad", detector, meta)
   return root / "run"
 
@@ -105,14 +115,15 @@ def test_files_in_official_layout(ad, loco):
     out = run / "eval"
     for name in ("metrics.json", "results.md", "roc.png", "pr.png"):
       assert (out / name).is_file(), name
-    images = sorted(p.relative_to(dataset_dir(run)).with_suffix(".tiff")
-                    for p in (dataset_dir(run) / "test").rglob("*.png"))
-    maps = sorted(p.relative_to(out / "anomaly_maps" / "widget")
-                  for p in (out / "anomaly_maps" / "widget").rglob("*.tiff"))
+    images = sorted(
+      p.relative_to(dataset_dir(run)).with_suffix(".tiff") for p in (dataset_dir(run) / "test").rglob("*.png")
+    )
+    maps = sorted(
+      p.relative_to(out / "anomaly_maps" / "widget") for p in (out / "anomaly_maps" / "widget").rglob("*.tiff")
+    )
     assert maps == images and len(maps) == m["num_images"]  # test/<defect>/<stem>.tiff, one per image
     assert len(list((out / "overlays").rglob("*.png"))) == 3
-    assert set(m) == {"dataset", "category", "model", "layout", "num_images", "num_anomalous", "metrics",
-                      "decision"}
+    assert set(m) == {"dataset", "category", "model", "layout", "num_images", "num_anomalous", "metrics", "decision"}
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(evaluate._jsonable(m)))
     assert "| widget |" in (out / "results.md").read_text()
   assert ad[1]["layout"] == "mvtec_ad" and loco[1]["layout"] == "mvtec_loco"
@@ -131,7 +142,7 @@ def test_tiff_maps_equal_in_process_predict(layout, request):
   model = predict.load(run)
   records = list(make_datasets(model.cfg.data, SIZE, seed=0).test)
   for start in range(0, len(records), B):
-    chunk = records[start:start + B]
+    chunk = records[start : start + B]
     out = model.predict_fn(model.detector, padded(np.stack([r["image"] for r in chunk])), out_size=(SIZE, SIZE))
     tiffs = read_maps(run, [r["id"] for r in chunk])
     for k, tiff in enumerate(tiffs):
@@ -166,9 +177,13 @@ def test_loco_metrics_equal_direct_computation(loco):
   images = sorted((base / "test").rglob("*.png"))
   maps = read_maps(run, [str(p.relative_to(base).with_suffix("")) for p in images])
   splits = [p.parent.name for p in images]
-  channels = [[metrics.channel_from_gt(gt, config)[0]
-               for gt in sorted((base / "ground_truth" / p.parent.name / p.stem).glob("*.png"))]
-              for p in images]
+  channels = [
+    [
+      metrics.channel_from_gt(gt, config)[0]
+      for gt in sorted((base / "ground_truth" / p.parent.name / p.stem).glob("*.png"))
+    ]
+    for p in images
+  ]
   assert m["metrics"] == metrics.mvtec_loco_metrics(maps, channels, splits)
   labels = np.array([s != "good" for s in splits])
   assert m["num_anomalous"] == labels.sum() == 14
@@ -176,15 +191,14 @@ def test_loco_metrics_equal_direct_computation(loco):
 
 def test_size_batches_groups_sizes_and_pads():
   sizes = [(4, 6), (5, 5), (4, 6), (4, 6), (5, 5), (4, 6), (4, 6)]
-  records = [(i, {"orig_size": np.array(s), "image": np.full((2, 2, 3), i, np.float32)})
-             for i, s in enumerate(sizes)]
+  records = [(i, {"orig_size": np.array(s), "image": np.full((2, 2, 3), i, np.float32)}) for i, s in enumerate(sizes)]
   batches = list(pipeline.size_batches(records, 3))
   assert sorted(i for _, idx, _ in batches for i in idx) == list(range(len(sizes)))
   for size, idx, images in batches:
     assert images.shape == (3, 2, 2, 3)  # always full: one compile per size
     assert all(sizes[i] == size for i in idx)
-    np.testing.assert_array_equal(images[:len(idx), 0, 0, 0], idx)
-    np.testing.assert_array_equal(images[len(idx):, 0, 0, 0], idx[-1])  # padded with the last image
+    np.testing.assert_array_equal(images[: len(idx), 0, 0, 0], idx)
+    np.testing.assert_array_equal(images[len(idx) :, 0, 0, 0], idx[-1])  # padded with the last image
   assert [len(idx) for _, idx, _ in batches] == [3, 2, 2]
 
 
@@ -198,14 +212,15 @@ def test_decision_metrics_by_hand():
 
 
 def test_overlay_marks_ground_truth():
-  from efficientad_jax import visualize
+  from efficientad_jax import pictures
+
   rgb = np.zeros((16, 16, 3), np.uint8)
   mask = np.zeros((16, 16), bool)
   mask[4:10, 4:10] = True
-  out = visualize.overlay(rgb, np.zeros((16, 16)), 0.0, 1.0, mask=mask)
-  assert (out[4, 4] == visualize.CONTOUR_RGB).all() and not (out[6, 6] == visualize.CONTOUR_RGB).all()
+  out = pictures.overlay(rgb, np.zeros((16, 16)), 0.0, 1.0, mask=mask)
+  assert (out[4, 4] == pictures.CONTOUR_RGB).all() and not (out[6, 6] == pictures.CONTOUR_RGB).all()
   with pytest.raises(ValueError, match="sizes differ"):
-    visualize.overlay(rgb, np.zeros((8, 8)), 0.0, 1.0)
+    pictures.overlay(rgb, np.zeros((8, 8)), 0.0, 1.0)
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

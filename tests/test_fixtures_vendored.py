@@ -16,15 +16,22 @@ SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
 
 def _files(root: pathlib.Path) -> dict[str, pathlib.Path]:
   """Relative POSIX path -> file, for every regular file under root (caches excluded)."""
-  return {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*"))
-          if p.is_file() and "__pycache__" not in p.parts}
+  return {
+    p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file() and "__pycache__" not in p.parts
+  }
 
 
 def test_vendored_fixtures_are_complete():
   # Independent of ../shared: the vendored copy alone must hold every part the tests read.
   files = _files(VENDORED_FIXTURES)
-  for part in ("README.md", "networks/network_outputs.json", "full_path/full_path.json",
-               "mvtec_ad/expected.json", "mvtec_loco/expected.json", "preprocess/preprocess.json"):
+  for part in (
+    "README.md",
+    "networks/network_outputs.json",
+    "full_path/full_path.json",
+    "mvtec_ad/expected.json",
+    "mvtec_loco/expected.json",
+    "preprocess/preprocess.json",
+  ):
     assert part in files, part
 
 

@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from efficientad_jax import inference, models, normalization, train_step
+from efficientad_jax import models
 from efficientad_jax.config import Config, ModelConfig
+from efficientad_jax.efficientad import inference, normalization, train_step
 from tests import reference
 
 
@@ -28,15 +29,17 @@ def _pdn_size(doc: dict) -> str:
 def setup(fixtures):
   doc = json.loads((fixtures / "full_path" / "full_path.json").read_text())
   arrays = np.load(fixtures / "full_path" / "full_path.npz")
-  params = {role: reference.network_params(fixtures, doc["networks"][role])
-            for role in ("teacher", "student", "autoencoder")}
+  params = {
+    role: reference.network_params(fixtures, doc["networks"][role]) for role in ("teacher", "student", "autoencoder")
+  }
   # The fixture's training step runs the autoencoder in eval mode: no dropout.
   cfg = Config(model=ModelConfig(size=_pdn_size(doc), image_size=doc["input_size"][0], ae_dropout=0.0))
   nets = models.build(cfg.model)
   teacher_fn = jax.jit(lambda p, x: nets.teacher.apply({"params": p}, x))
   train_js = doc["teacher_normalization"]["train_images_j"]
-  stats = normalization.fit_teacher_stats(lambda x: teacher_fn(params["teacher"], x),
-                                          lambda: (_input(doc, j) for j in train_js))
+  stats = normalization.fit_teacher_stats(
+    lambda x: teacher_fn(params["teacher"], x), lambda: (_input(doc, j) for j in train_js)
+  )
   return doc, arrays, params, cfg, nets, stats
 
 
@@ -60,8 +63,12 @@ def test_validation_maps_and_quantiles(setup):
   np.testing.assert_allclose(ae, arrays["val_map_ae_raw"][:, 0], rtol=0, atol=2e-5)
   q = normalization.fit_map_quantiles(st, ae, cfg.maps.q_start, cfg.maps.q_end)
   ref = doc["map_normalization"]
-  for ours, theirs in (("st_start", "q_st_start"), ("st_end", "q_st_end"), ("ae_start", "q_ae_start"),
-                       ("ae_end", "q_ae_end")):
+  for ours, theirs in (
+    ("st_start", "q_st_start"),
+    ("st_end", "q_st_end"),
+    ("ae_start", "q_ae_start"),
+    ("ae_end", "q_ae_end"),
+  ):
     np.testing.assert_allclose(float(getattr(q, ours)), ref[theirs], rtol=1e-5, err_msg=ours)
 
 
@@ -85,8 +92,9 @@ def test_final_map_postprocessing_alone(setup):
   doc, arrays, _, cfg, _, _ = setup
   w, h = doc["test"]["original_size_wh"]
   for k in range(len(doc["test"]["images"])):
-    out = jax.jit(inference.to_image_map, static_argnums=(1, 2))(arrays[f"test{k}_map_combined"][:, 0], (h, w),
-                                                                 cfg.maps.pad)
+    out = jax.jit(inference.to_image_map, static_argnums=(1, 2))(
+      arrays[f"test{k}_map_combined"][:, 0], (h, w), cfg.maps.pad
+    )
     np.testing.assert_allclose(out[0], arrays[f"test{k}_map_final"], rtol=0, atol=1e-5)
 
 
@@ -95,8 +103,11 @@ def fixture_step(setup):
   """dtype -> (gradients, losses) of the fixture's training step with model.dtype = dtype, computed once."""
   doc, _, params, cfg, _, stats = setup
   js = doc["train_step"]["images_j"]
-  batch = {"image": _input(doc, js["image_st"]), "image_ae": _input(doc, js["image_ae"]),
-           "penalty": _input(doc, js["image_penalty"])}
+  batch = {
+    "image": _input(doc, js["image_st"]),
+    "image_ae": _input(doc, js["image_ae"]),
+    "penalty": _input(doc, js["image_penalty"]),
+  }
   frozen = train_step.Frozen(teacher=params["teacher"], stats=stats)
   trainable = {"student": params["student"], "autoencoder": params["autoencoder"]}
 
@@ -125,8 +136,9 @@ def test_training_step_losses_and_gradients(setup, fixture_step):
     np.testing.assert_allclose(float(losses[ours]), expected, rtol=1e-5, err_msg=name)
 
   pdn_keys = reference.PDN_KEYS[_pdn_size(doc)]
-  flat = reference.nelson_names(grads["student"], "student", pdn_keys,
-                                [f"conv{i}" for i in range(1, len(pdn_keys) + 1)])
+  flat = reference.nelson_names(
+    grads["student"], "student", pdn_keys, [f"conv{i}" for i in range(1, len(pdn_keys) + 1)]
+  )
   flat |= reference.nelson_names(grads["autoencoder"], "autoencoder", reference.AE_KEYS, reference.AE_NAMES)
   expected = ts["grads_after_backward_of_loss_total"]
   assert set(flat) == set(expected)
@@ -136,7 +148,7 @@ def test_training_step_losses_and_gradients(setup, fixture_step):
 
 # Mixed precision (model.dtype=bfloat16: bfloat16 networks, float32 parameters, losses and quantile) on the
 # fixture's training step, against float32 (which matches the reference above). bfloat16 keeps 8 mantissa bits
-# (relative rounding 2^-9); BUILD_NOTES.md "Mixed precision" records the observed values behind these bounds.
+# (relative rounding 2^-9); BUILD_NOTES.md "Training feed" records the observed values behind these bounds.
 BF16_LOSS_RTOL = 0.01  # each loss term
 BF16_GRAD_RTOL = 0.1  # |g_bf16 - g_f32| / |g_f32| over all parameters of each network
 BF16_GRAD_COSINE = 0.98  # cosine between the float32 and the bfloat16 gradient of every parameter tensor
@@ -149,8 +161,9 @@ def bf16_step_differences(fixture_step) -> tuple[dict, dict, list, list]:
   def flat(g):
     return np.concatenate([np.asarray(v, np.float64).ravel() for v in jax.tree_util.tree_leaves(g)])
 
-  network_errors = [(net, np.linalg.norm(flat(g16[net]) - flat(g32[net])) / np.linalg.norm(flat(g32[net])))
-                    for net in g32]
+  network_errors = [
+    (net, np.linalg.norm(flat(g16[net]) - flat(g32[net])) / np.linalg.norm(flat(g32[net]))) for net in g32
+  ]
   cosines = []
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g32), jax.tree_util.tree_leaves(g16)):
     assert b.dtype == np.float32 and np.isfinite(b).all(), path  # float32 parameters get float32 gradients
@@ -172,13 +185,14 @@ def test_bfloat16_training_step_stays_close_to_float32(fixture_step):
 
 def test_hard_threshold_and_element_count(setup):
   doc, _, params, cfg, nets, stats = setup
-  from efficientad_jax import losses
+  from efficientad_jax.efficientad import losses
+
   ts = doc["train_step"]
   x = _input(doc, ts["images_j"]["image_st"])
 
   def parts(params, stats, x):
     t = normalization.normalize_teacher(nets.teacher.apply({"params": params["teacher"]}, x), stats)
-    s = nets.student.apply({"params": params["student"]}, x)[..., :t.shape[-1]]
+    s = nets.student.apply({"params": params["student"]}, x)[..., : t.shape[-1]]
     d_hard = losses.hard_threshold(t, s, cfg.loss.hard_quantile)
     return d_hard, ((t - s) ** 2 >= d_hard[0]).sum()
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efficientad_jax import losses
+from efficientad_jax.efficientad import losses
 
 
 def _np_hard_loss(t, s, q):

@@ -82,8 +82,9 @@ def _brute_spro_points(maps, channels):
   """The official per-threshold definition: positive = score > t, at every distinct score and min - 1."""
   flat = np.concatenate([m.ravel() for m in maps])
   thresholds = sorted(set(flat.tolist()) | {flat.min() - 1.0}, reverse=True)
-  unions = [np.any([c[0] for c in chans], axis=0) if chans else np.zeros(m.shape, bool)
-            for m, chans in zip(maps, channels)]
+  unions = [
+    np.any([c[0] for c in chans], axis=0) if chans else np.zeros(m.shape, bool) for m, chans in zip(maps, channels)
+  ]
   points = []
   for t in thresholds:
     fp = sum(np.sum((m > t) & ~u) for m, u in zip(maps, unions))
@@ -209,8 +210,10 @@ def test_saturation_area_rule():
 
 
 def test_channel_from_gt():
-  config = [{"defect_name": "a", "pixel_value": 255, "saturation_threshold": 0.5, "relative_saturation": True},
-            {"defect_name": "b", "pixel_value": 250, "saturation_threshold": 3, "relative_saturation": False}]
+  config = [
+    {"defect_name": "a", "pixel_value": 255, "saturation_threshold": 0.5, "relative_saturation": True},
+    {"defect_name": "b", "pixel_value": 250, "saturation_threshold": 3, "relative_saturation": False},
+  ]
   gt = np.zeros((4, 5), dtype=np.uint8)
   gt[1:3, 1:4] = 255
   channel, entry = metrics.channel_from_gt(gt, config)
@@ -232,7 +235,8 @@ def test_loco_result_dict_mean_is_average():
   assert set(result) == {"structural", "logical", "mean"}
   for limit in metrics.SPRO_LIMITS:
     assert result["mean"]["au_spro"][limit] == pytest.approx(
-        (result["structural"]["au_spro"][limit] + result["logical"]["au_spro"][limit]) / 2)
+      (result["structural"]["au_spro"][limit] + result["logical"]["au_spro"][limit]) / 2
+    )
   want = metrics.au_spro(maps[:4], channels[:4])
   assert result["structural"]["au_spro"] == want
 

@@ -100,8 +100,9 @@ def test_ad_official_cli_numbers(ad):
 
 def test_ad_image_auroc_and_roc_curve(ad):
   expected, maps, _, labels = ad
-  np.testing.assert_allclose([im["image_score_max"] for im in expected["images"]], metrics.image_scores(maps),
-                             rtol=0, atol=0)
+  np.testing.assert_allclose(
+    [im["image_score_max"] for im in expected["images"]], metrics.image_scores(maps), rtol=0, atol=0
+  )
   got = metrics.image_auroc(maps, labels)
   np.testing.assert_allclose(got, expected["classification_au_roc"], rtol=0, atol=AUROC_ATOL)
   fpr, tpr, _ = metrics.roc_curve(metrics.image_scores(maps), labels)
@@ -139,8 +140,9 @@ def _check_loco(result: dict, reference: dict, atol: float, what: str):
   """reference: {"structural_anomalies": {limit_str: value}, ...} as in the official metrics.json."""
   for split, key in SPLIT_KEYS.items():
     for limit, value in reference[key].items():
-      np.testing.assert_allclose(result[split]["au_spro"][float(limit)], value, rtol=0, atol=atol,
-                                 err_msg=f"{what} {split} AU-sPRO@{limit}")
+      np.testing.assert_allclose(
+        result[split]["au_spro"][float(limit)], value, rtol=0, atol=atol, err_msg=f"{what} {split} AU-sPRO@{limit}"
+      )
 
 
 def test_loco_matches_dense_reference(loco):
@@ -164,8 +166,9 @@ def test_loco_matches_official_metrics_files(loco, fixtures):
     _check_loco(result, expected[case]["auc_spro"], OFFICIAL_SPRO_ATOL, f"{case} expected.json")
     for split, key in SPLIT_KEYS.items():
       for reference in (official["classification"]["auc_roc"], expected[case]["auc_roc"]):
-        np.testing.assert_allclose(result[split]["image_auroc"], reference[key], rtol=0, atol=AUROC_ATOL,
-                                   err_msg=f"{case} {split} image AU-ROC")
+        np.testing.assert_allclose(
+          result[split]["image_auroc"], reference[key], rtol=0, atol=AUROC_ATOL, err_msg=f"{case} {split} image AU-ROC"
+        )
 
 
 def test_loco_zeros_case_has_many_ties(loco):

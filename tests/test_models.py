@@ -37,17 +37,16 @@ def test_every_fixture_case_matches_reference(fixtures):
     y = reference.to_nchw(jax.jit(lambda p, x: module.apply({"params": p}, x))(params, x))
     assert list(y.shape) == info["shape"], case
     std = info["std"]
-    np.testing.assert_allclose(y.reshape(-1)[ref[f"{case}__idx"]], ref[f"{case}__val"], rtol=0,
-                               atol=1e-4 * std, err_msg=case)
+    np.testing.assert_allclose(
+      y.reshape(-1)[ref[f"{case}__idx"]], ref[f"{case}__val"], rtol=0, atol=1e-4 * std, err_msg=case
+    )
     y64 = y.astype(np.float64)
-    np.testing.assert_allclose(y64.mean(axis=(0, 2, 3)), ref[f"{case}__mean_c"], rtol=0, atol=1e-5 * std,
-                               err_msg=case)
+    np.testing.assert_allclose(y64.mean(axis=(0, 2, 3)), ref[f"{case}__mean_c"], rtol=0, atol=1e-5 * std, err_msg=case)
     np.testing.assert_allclose(y64.std(axis=(0, 2, 3)), ref[f"{case}__std_c"], rtol=1e-4, err_msg=case)
     assert abs(y64.sum() - info["sum_float64"]) <= 1e-6 * y.size * std, case
 
 
-@pytest.mark.parametrize("size,teacher,student", [("small", 2_694_144, 4_267_392),
-                                                  ("medium", 8_026_624, 11_615_488)])
+@pytest.mark.parametrize("size,teacher,student", [("small", 2_694_144, 4_267_392), ("medium", 8_026_624, 11_615_488)])
 def test_parameter_counts(size, teacher, student):
   nets = models.build(ModelConfig(size=size))
   shapes = jax.eval_shape(lambda k: models.init_params(nets, k, 256), jax.random.key(0))
@@ -67,8 +66,7 @@ def test_autoencoder_dropout_is_explicit_and_seeded():
   nets = models.build(ModelConfig(image_size=64))
   x = jax.random.normal(jax.random.key(1), (1, 64, 64, 3))
   p = nets.autoencoder.init(jax.random.key(0), x)["params"]
-  apply = jax.jit(lambda p, x, k: nets.autoencoder.apply({"params": p}, x, deterministic=False,
-                                                            rngs={"dropout": k}))
+  apply = jax.jit(lambda p, x, k: nets.autoencoder.apply({"params": p}, x, deterministic=False, rngs={"dropout": k}))
   a, b = apply(p, x, jax.random.key(2)), apply(p, x, jax.random.key(2))
   c = apply(p, x, jax.random.key(3))
   e = nets.autoencoder.apply({"params": p}, x)

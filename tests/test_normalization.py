@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from efficientad_jax import normalization
+from efficientad_jax.efficientad import normalization
 
 
 def test_teacher_stats_two_pass_definition():

@@ -20,9 +20,13 @@ NOTEBOOKS = REPO / "notebooks"
 def execute(name: str, env: dict, cache: pathlib.Path) -> nbformat.NotebookNode:
   """Runs notebooks/<name> in a fresh kernel that inherits `env`; raises CellExecutionError on a failing cell."""
   nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-  kernel_env = {"JAX_PLATFORMS": "cpu", **env,
-                # Both notebooks compile the same predict program: a shared XLA cache compiles it once.
-                "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  kernel_env = {
+    "JAX_PLATFORMS": "cpu",
+    **env,
+    # Both notebooks compile the same predict program: a shared XLA cache compiles it once.
+    "JAX_COMPILATION_CACHE_DIR": str(cache),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  }
   with mock.patch.dict(os.environ, kernel_env):  # the kernel process inherits this environment
     os.environ.pop("MPLBACKEND", None)  # the kernel's inline backend, as in Jupyter and Colab
     NotebookClient(nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(REPO)}}).execute()
@@ -34,8 +38,9 @@ def outputs(nb: nbformat.NotebookNode) -> tuple[str, int]:
   text, figures = [], 0
   for cell in nb.cells:
     for out in cell.get("outputs", []):
-      text.append(out.get("text", "") + out.get("data", {}).get("text/plain", "")
-                  + out.get("data", {}).get("text/markdown", ""))
+      text.append(
+        out.get("text", "") + out.get("data", {}).get("text/plain", "") + out.get("data", {}).get("text/markdown", "")
+      )
       figures += "image/png" in out.get("data", {})
   return "".join(text), figures
 
@@ -45,8 +50,9 @@ def quickstart(tmp_path_factory, jax_cache):
   tmp = tmp_path_factory.mktemp("notebooks")
   workdir = tmp / "quickstart"
   # The session's cache (conftest.jax_cache): the sweep's tiny runs compile the same programs later.
-  nb = execute("quickstart.ipynb", {"EFFICIENTAD_NOTEBOOK_TINY": "1", "EFFICIENTAD_NOTEBOOK_WORKDIR": str(workdir)},
-               jax_cache)
+  nb = execute(
+    "quickstart.ipynb", {"EFFICIENTAD_NOTEBOOK_TINY": "1", "EFFICIENTAD_NOTEBOOK_WORKDIR": str(workdir)}, jax_cache
+  )
   return tmp, workdir, nb
 
 
@@ -83,8 +89,11 @@ def test_inference_scores_a_folder_of_images(quickstart, jax_cache):
   Image.open(tests[0]).convert("L").resize((90, 70)).save(images / "gray_other_size.png")  # any size, gray
   (images / "notes.txt").write_text("not an image")  # reported, not fatal
   out = tmp / "predictions"
-  env = {"EFFICIENTAD_NOTEBOOK_MODEL": str(workdir), "EFFICIENTAD_NOTEBOOK_IMAGES": str(images),
-         "EFFICIENTAD_NOTEBOOK_OUT": str(out)}
+  env = {
+    "EFFICIENTAD_NOTEBOOK_MODEL": str(workdir),
+    "EFFICIENTAD_NOTEBOOK_IMAGES": str(images),
+    "EFFICIENTAD_NOTEBOOK_OUT": str(out),
+  }
   nb = execute("inference.ipynb", env, jax_cache)
   text, figures = outputs(nb)
   with open(out / "predictions.csv", newline="") as f:

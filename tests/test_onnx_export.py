@@ -1,4 +1,4 @@
-"""ONNX export (efficientad_jax/onnx_export.py): onnxruntime against the project's own predict, PDN-S and
+"""ONNX export (efficientad_jax/onnx_graph.py): onnxruntime against the project's own predict, PDN-S and
 PDN-M at a tiny size with random weights, several batch sizes; the AST refusal; the CLI; scoring an image with
 PIL + NumPy + onnxruntime only (no JAX in that process)."""
 
@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from efficientad_jax import config as config_lib, inference, models, normalization, onnx_export, predict
-from efficientad_jax import saved_model
+from efficientad_jax import config as config_lib
+from efficientad_jax import models
 from efficientad_jax.config import Config, MapConfig, ModelConfig
-from efficientad_jax.inference import Detector
+from efficientad_jax.efficientad import inference, normalization
+from efficientad_jax.efficientad.inference import Detector
+from efficientad_jax.serving import onnx_graph, predict, saved_model
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -51,14 +53,21 @@ def save_model(root: pathlib.Path, size: str) -> pathlib.Path:
   cfg = Config(model=ModelConfig(size=size, image_size=SIZE), maps=MAPS)
   nets, predict_fn = inference.compiled_predict(cfg.model, cfg.maps)
   c = cfg.model.teacher_channels
-  stats = normalization.TeacherStats(rng.normal(0, 0.1, c).astype(np.float32),
-                                     rng.uniform(0.5, 2.0, c).astype(np.float32))
+  stats = normalization.TeacherStats(
+    rng.normal(0, 0.1, c).astype(np.float32), rng.uniform(0.5, 2.0, c).astype(np.float32)
+  )
   unit = normalization.MapQuantiles(*(np.float32(v) for v in (0, 1, 0, 1)))
   detector = Detector(params=random_params(nets, rng), teacher_stats=stats, quantiles=unit)
   out = predict_fn(detector, images(rng, 3), out_size=(SIZE, SIZE))  # raw maps don't depend on quantiles
   q = normalization.fit_map_quantiles(np.asarray(out["map_st"]), np.asarray(out["map_ae"]), 0.1, 0.9)
-  meta = {"config": config_lib.to_dict(cfg), "threshold": 0.125, "image_size": SIZE, "model_size": size,
-          "teacher": "random", "steps": 0}
+  meta = {
+    "config": config_lib.to_dict(cfg),
+    "threshold": 0.125,
+    "image_size": SIZE,
+    "model_size": size,
+    "teacher": "random",
+    "steps": 0,
+  }
   saved_model.save(root / "run" / "model", "efficientad", detector.replace(quantiles=q), meta)
   return root / "run"
 
@@ -68,7 +77,7 @@ def exported(request, tmp_path_factory):
   """(run folder, .onnx path) per PDN size."""
   root = tmp_path_factory.mktemp(f"onnx_{request.param}")
   run = save_model(root, request.param)
-  return run, onnx_export.export_onnx(run, root / "model.onnx")
+  return run, onnx_graph.export_onnx(run, root / "model.onnx")
 
 
 def test_onnxruntime_matches_predict(exported):
@@ -89,7 +98,8 @@ def test_onnxruntime_matches_predict(exported):
 
 
 def test_metadata_holds_threshold_size_and_preprocessing(exported):
-  import onnx  # pylint: disable=g-import-not-at-top
+  import onnx
+
   run, path = exported
   model = predict.load(run)
   props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
@@ -104,17 +114,18 @@ def test_metadata_holds_threshold_size_and_preprocessing(exported):
 def test_ast_models_are_refused(exported):
   model = predict.load(exported[0])
   ast = dataclasses.replace(model, method=saved_model.method("efficientad_ast"))
-  with pytest.raises(onnx_export.OnnxExportError, match="supports EfficientAD PDN models only.*AST"):
-    onnx_export.to_onnx(ast, "runs/ast")
-  with pytest.raises(onnx_export.OnnxExportError, match="opset"):
-    onnx_export.to_onnx(model, opset=13)
+  with pytest.raises(onnx_graph.OnnxExportError, match="supports EfficientAD PDN models only.*AST"):
+    onnx_graph.to_onnx(ast, "runs/ast")
+  with pytest.raises(onnx_graph.OnnxExportError, match="opset"):
+    onnx_graph.to_onnx(model, opset=13)
 
 
 def test_a_saved_ast_model_is_refused_in_one_line(tmp_path):
-  from tests.test_saved_model import tiny_ast_model  # pylint: disable=g-import-not-at-top
+  from tests.test_saved_model import tiny_ast_model
+
   tiny_ast_model(tmp_path / "ast")
-  with pytest.raises(onnx_export.OnnxExportError) as e:
-    onnx_export.export_onnx(tmp_path / "ast", tmp_path / "ast.onnx")
+  with pytest.raises(onnx_graph.OnnxExportError) as e:
+    onnx_graph.export_onnx(tmp_path / "ast", tmp_path / "ast.onnx")
   assert "\n" not in str(e.value) and "'efficientad_ast'" in str(e.value) and "AST" in str(e.value)
   assert not (tmp_path / "ast.onnx").exists()
 

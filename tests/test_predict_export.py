@@ -13,8 +13,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from efficientad_jax import export, predict
 from efficientad_jax.data import make_datasets
+from efficientad_jax.serving import export, predict
 from tests.conftest import REPO
 from tests.test_evaluate import SIZE, make_run, padded
 
@@ -26,8 +26,9 @@ def run(tmp_path_factory) -> pathlib.Path:
 
 def run_python(args, **kwargs) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=120, **kwargs)
+  return subprocess.run(
+    [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120, **kwargs
+  )
 
 
 def test_predict_cli_mixed_sizes_and_a_corrupt_file(run, tmp_path):
@@ -37,8 +38,7 @@ def test_predict_cli_mixed_sizes_and_a_corrupt_file(run, tmp_path):
   Image.open(source).save(images / "part.png")
   Image.open(source).convert("L").resize((80, 48)).save(images / "gray.jpg")  # another size, 1 channel
   (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n definitely not a png")
-  proc = run_python(["-m", "experiments.predict", "--model", str(run), "--images", str(images),
-                     "--out", str(out)])
+  proc = run_python(["-m", "experiments.predict", "--model", str(run), "--images", str(images), "--out", str(out)])
   assert proc.returncode != 0
   assert "broken.png" in proc.stderr and "corrupt" in proc.stderr
   lines = [line.split("\t") for line in proc.stdout.splitlines() if not line.startswith("#")]
@@ -76,7 +76,7 @@ NO_FLAX = textwrap.dedent("""
     import sys
     sys.modules["flax"] = None  # any `import flax` now raises ImportError
     import numpy as np
-    from efficientad_jax.export import load_exported
+    from efficientad_jax.serving.export import load_exported
     model = load_exported(sys.argv[1])
     images = np.load(sys.argv[2])
     outs = {f"{k}_{n}": np.asarray(v) for n in (1, 3) for k, v in model(images[:n]).items()}
@@ -101,8 +101,9 @@ def test_export_parity_without_flax(run, tmp_path):
   outs = np.load(tmp_path / "outs.npz")
   for n in (1, 3):
     for key in export.OUTPUTS:
-      np.testing.assert_allclose(outs[f"{key}_{n}"], np.asarray(ref[key])[:n], rtol=1e-5, atol=1e-6,
-                                 err_msg=f"{key}, batch {n}")
+      np.testing.assert_allclose(
+        outs[f"{key}_{n}"], np.asarray(ref[key])[:n], rtol=1e-5, atol=1e-6, err_msg=f"{key}, batch {n}"
+      )
 
 
 def test_exported_file_meta_and_errors(run, tmp_path):

@@ -17,8 +17,10 @@ import optax
 import pytest
 import torch
 
-from efficientad_jax import models, normalization, optim, train_step
+from efficientad_jax import models
 from efficientad_jax.config import Config, ModelConfig, OptimConfig
+from efficientad_jax.efficientad import normalization, train_step
+from efficientad_jax.training import optim
 from tools import trajectory
 
 torch.set_num_threads(1)
@@ -78,7 +80,8 @@ def test_autoencoder_dropout_matches_torch_semantics():
   # Evaluation mode is the identity.
   evaluated = nets.autoencoder.apply({"params": params}, x)
   no_drop = models.build(ModelConfig(image_size=128, ae_dropout=0.0)).autoencoder.apply(
-      {"params": params}, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    {"params": params}, x, deterministic=False, rngs={"dropout": jax.random.key(2)}
+  )
   np.testing.assert_array_equal(np.asarray(evaluated), np.asarray(no_drop))
 
 
@@ -93,8 +96,9 @@ def test_ae_and_stae_losses_share_one_dropped_autoencoder_output():
   batch = {k: rng.normal(size=(1, 64, 64, 3)).astype(np.float32) for k in ("image", "image_ae")}
   key = jax.random.key(7)
   losses = train_step.compute_losses(nets, cfg, params, frozen, batch, key)
-  a = nets.autoencoder.apply({"params": params["autoencoder"]}, batch["image_ae"], deterministic=False,
-                             rngs={"dropout": key})
+  a = nets.autoencoder.apply(
+    {"params": params["autoencoder"]}, batch["image_ae"], deterministic=False, rngs={"dropout": key}
+  )
   t = nets.teacher.apply({"params": params["teacher"]}, batch["image_ae"])
   s = nets.student.apply({"params": params["student"]}, batch["image_ae"])[..., c:]
   np.testing.assert_allclose(float(losses["loss_ae"]), float(jnp.mean((t - a) ** 2)), rtol=1e-5)
@@ -111,14 +115,16 @@ def test_optimizer_matches_torch_adam_and_steplr_over_60_steps():
   rng = np.random.default_rng(0)
   p0 = {"w": rng.normal(size=(7, 5)).astype(np.float32), "b": rng.normal(size=(3,)).astype(np.float32)}
   # Gradients over seven orders of magnitude: Adam's normalisation and eps both matter.
-  grads = [{k: (rng.normal(size=v.shape) * 10 ** rng.uniform(-6, 1)).astype(np.float32) for k, v in p0.items()}
-           for _ in range(steps)]
+  grads = [
+    {k: (rng.normal(size=v.shape) * 10 ** rng.uniform(-6, 1)).astype(np.float32) for k, v in p0.items()}
+    for _ in range(steps)
+  ]
 
   ref = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in p0.items()}
-  opt = torch.optim.Adam(ref.values(), lr=cfg.learning_rate, betas=(cfg.b1, cfg.b2), eps=cfg.eps,
-                         weight_decay=cfg.weight_decay)
-  sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(cfg.decay_at_fraction * steps),
-                                          gamma=cfg.decay_factor)
+  opt = torch.optim.Adam(
+    ref.values(), lr=cfg.learning_rate, betas=(cfg.b1, cfg.b2), eps=cfg.eps, weight_decay=cfg.weight_decay
+  )
+  sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(cfg.decay_at_fraction * steps), gamma=cfg.decay_factor)
   tx = optim.make_optimizer(cfg, steps)
   params = {k: jnp.asarray(v) for k, v in p0.items()}
   state = tx.init(params)
@@ -183,8 +189,9 @@ def test_injected_masks_reach_every_dropout_of_the_compiled_step():
   params = models.init_params(nets, jax.random.key(0), size)
   tx = optim.make_optimizer(cfg.optim, 10)
   frozen = train_step.Frozen(teacher=params["teacher"], stats=normalization.TeacherStats.identity(384))
-  batch = {k: np.random.default_rng(1).normal(size=(1, size, size, 3)).astype(np.float32)
-           for k in ("image", "image_ae")}
+  batch = {
+    k: np.random.default_rng(1).normal(size=(1, size, size, 3)).astype(np.float32) for k in ("image", "image_ae")
+  }
   shapes = trajectory.dropout_shapes(size)
 
   trainable = {k: params[k] for k in ("student", "autoencoder")}
@@ -192,14 +199,16 @@ def test_injected_masks_reach_every_dropout_of_the_compiled_step():
   def loss_ae(masks, rate):
     queue = [jnp.asarray(m) for m in masks]
     with nn.intercept_methods(trajectory.mask_hook(queue, rate)):
-      _, out = train_step.train_step(nets, cfg, tx, train_step.init_state(trainable, tx), frozen, batch,
-                                     jax.random.key(0))
+      _, out = train_step.train_step(
+        nets, cfg, tx, train_step.init_state(trainable, tx), frozen, batch, jax.random.key(0)
+      )
     assert not queue  # one mask per Dropout call, six calls
     return float(out["loss_ae"])
 
   ones = [np.ones((1, *s), bool) for s in shapes]
   zeros = [np.zeros((1, *s), bool) for s in shapes]
-  no_dropout = train_step.compute_losses(models.build(ModelConfig(image_size=size, ae_dropout=0.0)), cfg,
-                                         trainable, frozen, batch, jax.random.key(0))
+  no_dropout = train_step.compute_losses(
+    models.build(ModelConfig(image_size=size, ae_dropout=0.0)), cfg, trainable, frozen, batch, jax.random.key(0)
+  )
   np.testing.assert_allclose(loss_ae(ones, 0.0), float(no_dropout["loss_ae"]), rtol=1e-6)
   assert abs(loss_ae(zeros, 0.2) / float(no_dropout["loss_ae"]) - 1) > 1e-3

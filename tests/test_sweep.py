@@ -11,12 +11,22 @@ import sys
 import numpy as np
 import pytest
 
-from efficientad_jax import sweep, sweep_report
+from efficientad_jax.evaluation import sweep, tables
 from experiments import sweep as sweep_cli
 from tests.conftest import REPO
 
-TINY_ARGS = ["--collections", "synthetic", "--categories", "a,b", "--sizes", "S", "--seeds", "0..1",
-             "--variant", "tiny"]
+TINY_ARGS = [
+  "--collections",
+  "synthetic",
+  "--categories",
+  "a,b",
+  "--sizes",
+  "S",
+  "--seeds",
+  "0..1",
+  "--variant",
+  "tiny",
+]
 
 
 def read_csv(path):
@@ -27,9 +37,15 @@ def read_csv(path):
 def fake_metrics(layout, auroc, seg):
   """A metrics.json as `evaluate` writes it (fractions; float limits as string keys)."""
   if layout == "mvtec_loco":
-    split = lambda a, s: {"image_auroc": a, "au_spro": {"0.01": 0.0, "0.05": s, "1.0": 1.0}}  # noqa: E731
-    return {"layout": layout, "metrics": {"structural": split(auroc + 0.02, seg + 0.01),
-                                          "logical": split(auroc - 0.02, seg - 0.01), "mean": split(auroc, seg)}}
+    split = lambda a, s: {"image_auroc": a, "au_spro": {"0.01": 0.0, "0.05": s, "1.0": 1.0}}
+    return {
+      "layout": layout,
+      "metrics": {
+        "structural": split(auroc + 0.02, seg + 0.01),
+        "logical": split(auroc - 0.02, seg - 0.01),
+        "mean": split(auroc, seg),
+      },
+    }
   return {"layout": layout, "metrics": {"image_auroc": auroc, "au_pro": {"0.05": 0.0, "0.3": seg, "1.0": 1.0}}}
 
 
@@ -116,14 +132,18 @@ def test_aggregation_equals_numpy_with_a_missing_run(tmp_path):
   r = got[("collection", "mvtec_ad", "mean", "seg")]
   assert (r["mean"], r["std"]) == (pytest.approx(np.mean(per_seed)), pytest.approx(np.std(per_seed, ddof=1)))
   # all: only seeds present in both collections
-  both = [np.mean([values[sweep.Job("mvtec_ad", c, "S", s)][0] for c in ("bottle", "cable")]
-                  ) / 2 + values[sweep.Job("mvtec_loco", "pushpins", "S", s)][0] / 2 for s in range(2)]
+  both = [
+    np.mean([values[sweep.Job("mvtec_ad", c, "S", s)][0] for c in ("bottle", "cable")]) / 2
+    + values[sweep.Job("mvtec_loco", "pushpins", "S", s)][0] / 2
+    for s in range(2)
+  ]
   r = got[("all", "all", "mean", "image_auroc")]
   assert (r["n"], r["mean"], r["paper"]) == (2, pytest.approx(np.mean(both)), None)
   loco = got[("category", "mvtec_loco", "pushpins", "image_auroc_structural")]
-  assert loco["mean"] == pytest.approx(np.mean([values[sweep.Job("mvtec_loco", "pushpins", "S", s)][0] + 2
-                                                for s in range(2)]))
-  text = sweep_report.markdown(rows, problems, len(jobs))
+  assert loco["mean"] == pytest.approx(
+    np.mean([values[sweep.Job("mvtec_loco", "pushpins", "S", s)][0] + 2 for s in range(2)])
+  )
+  text = tables.markdown(rows, problems, len(jobs))
   assert "- missing: mvtec_loco/pushpins/S/seed2" in text and "* incomplete" in text
 
 
@@ -140,13 +160,24 @@ def test_failing_job_is_recorded_and_the_others_go_on(tmp_path):
   assert "RuntimeError: out of memory" in (jobs[1].run_dir(tmp_path) / "sweep_error.txt").read_text()
   _, problems = sweep.aggregate(jobs, tmp_path)
   assert problems == [(jobs[1], "failed", "RuntimeError: out of memory")]
-  args = ["--collections", "mvtec_ad", "--categories", "bottle,cable,grid", "--sizes", "S", "--seeds", "0",
-          "--out", str(tmp_path)]
+  args = [
+    "--collections",
+    "mvtec_ad",
+    "--categories",
+    "bottle,cable,grid",
+    "--sizes",
+    "S",
+    "--seeds",
+    "0",
+    "--out",
+    str(tmp_path),
+  ]
   assert sweep_cli.main(args + ["--aggregate-only"]) == 1  # a failed run makes the exit status non-zero
   assert "- failed: mvtec_ad/cable/S/seed0: RuntimeError: out of memory" in (tmp_path / "results.md").read_text()
   # a retry that succeeds clears the error
-  statuses = sweep.run_jobs(jobs, tmp_path, lambda job: None, lambda job, out, cfg: write_run(
-      out, job, fake_metrics("mvtec_ad", 0.9, 0.8)))
+  statuses = sweep.run_jobs(
+    jobs, tmp_path, lambda job: None, lambda job, out, cfg: write_run(out, job, fake_metrics("mvtec_ad", 0.9, 0.8))
+  )
   assert list(statuses.values()) == ["skipped", "finished", "skipped"]
   assert not (jobs[1].run_dir(tmp_path) / "sweep_error.txt").exists()
 
@@ -156,15 +187,18 @@ def test_paper_numbers_and_latency_are_in_the_table(tmp_path):
   for job in jobs:
     write_run(tmp_path, job, fake_metrics("mvtec_loco" if job.collection == "mvtec_loco" else "mvtec_ad", 0.9, 0.9))
   bench = tmp_path / "bench.json"
-  records = [{"size": "small", "dtype": "float32", "latency": {"mean_ms": 9.0}, "throughput": {"images_per_s": 9}},
-             {"size": "small", "dtype": "float16", "latency": {"mean_ms": 1.25}, "throughput": {"images_per_s": 700}},
-             {"size": "medium", "dtype": "float32", "latency": {"mean_ms": 3.5}}]  # experiments.benchmark's form
+  records = [
+    {"size": "small", "dtype": "float32", "latency": {"mean_ms": 9.0}, "throughput": {"images_per_s": 9}},
+    {"size": "small", "dtype": "float16", "latency": {"mean_ms": 1.25}, "throughput": {"images_per_s": 700}},
+    {"size": "medium", "dtype": "float32", "latency": {"mean_ms": 3.5}},
+  ]  # experiments.benchmark's form
   bench.write_text(json.dumps({"environment": {"device": "H100"}, "mode": "inference", "results": records}))
-  assert sweep_report.load_benchmark(bench) == {  # half precision preferred, as in the paper's protocol
-      "S": {"latency_ms": 1.25, "throughput": 700.0, "dtype": "float16", "device": "H100"},
-      "M": {"latency_ms": 3.5, "dtype": "float32", "device": "H100"}}
+  assert tables.load_benchmark(bench) == {  # half precision preferred, as in the paper's protocol
+    "S": {"latency_ms": 1.25, "throughput": 700.0, "dtype": "float16", "device": "H100"},
+    "M": {"latency_ms": 3.5, "dtype": "float32", "device": "H100"},
+  }
   rows, problems = sweep.aggregate(jobs, tmp_path)
-  text = sweep_report.markdown(rows, problems, len(jobs), sweep_report.load_benchmark(bench))
+  text = tables.markdown(rows, problems, len(jobs), tables.load_benchmark(bench))
   lines = set(text.splitlines())
   assert "| EfficientAD-S (paper) | 98.8 | 97.5 | 90 | 95.4 | 92.5 | 2.2 | 614 |" in lines
   assert "| EfficientAD-M (paper) | 99.1 | 98.1 | 90.7 | 96 | 93.3 | 4.5 | 269 |" in lines
@@ -172,11 +206,13 @@ def test_paper_numbers_and_latency_are_in_the_table(tmp_path):
   assert "| EfficientAD-M (ours) | 90.0 | 90.0 | 90.0 | 90.0 | 90.0 | 3.5 | – |" in lines
   assert "| LOCO | M (paper) | 94.7 | 86.8 | 90.7 |" in text
   assert "EfficientAD-S: float16 on H100" in text
-  assert read_csv(sweep_report.write_report(tmp_path, rows, problems, len(jobs))[1])[
-      ("all", "all", "mean", "M", "seg")]["paper"] == "93.3"
+  assert (
+    read_csv(tables.write_report(tmp_path, rows, problems, len(jobs))[1])[("all", "all", "mean", "M", "seg")]["paper"]
+    == "93.3"
+  )
   with pytest.raises(ValueError, match="no result with a size"):
     bench.write_text(json.dumps({"results": [{"size": "S"}]}))
-    sweep_report.load_benchmark(bench)
+    tables.load_benchmark(bench)
 
 
 # --- A real sweep: 4 tiny runs, 2 tasks.
@@ -189,11 +225,31 @@ def swept(tmp_path_factory, jax_cache):
   tiny runs, so what they compiled already is not compiled again."""
   out = tmp_path_factory.mktemp("sweep")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  codes = [subprocess.run([sys.executable, "-m", "experiments.sweep", *TINY_ARGS, "--out", str(out),
-                           "--compilation-cache", str(jax_cache),
-                           "--task-index", str(i), "--num-tasks", "2"], cwd=REPO, env=env, check=False,
-                          capture_output=True, text=True, timeout=600)
-           for i in (0, 1)]
+  codes = [
+    subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "experiments.sweep",
+        *TINY_ARGS,
+        "--out",
+        str(out),
+        "--compilation-cache",
+        str(jax_cache),
+        "--task-index",
+        str(i),
+        "--num-tasks",
+        "2",
+      ],
+      cwd=REPO,
+      env=env,
+      check=False,
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+    for i in (0, 1)
+  ]
   return out, codes
 
 
@@ -213,16 +269,27 @@ def test_sweep_tables_equal_numpy_over_the_run_metrics(swept):
   out, _ = swept
   table = read_csv(out / "results.csv")
   text = (out / "results.md").read_text()
-  runs = {(c, s): json.loads((out / "runs" / "synthetic" / c / "S" / f"seed{s}" / "eval" / "metrics.json"
-                              ).read_text())["metrics"] for c in "ab" for s in (0, 1)}
-  metric = {"image_auroc": lambda m: m["mean"]["image_auroc"], "seg": lambda m: m["mean"]["au_spro"]["0.05"],
-            "spro_logical": lambda m: m["logical"]["au_spro"]["0.05"]}
+  runs = {
+    (c, s): json.loads((out / "runs" / "synthetic" / c / "S" / f"seed{s}" / "eval" / "metrics.json").read_text())[
+      "metrics"
+    ]
+    for c in "ab"
+    for s in (0, 1)
+  }
+  metric = {
+    "image_auroc": lambda m: m["mean"]["image_auroc"],
+    "seg": lambda m: m["mean"]["au_spro"]["0.05"],
+    "spro_logical": lambda m: m["logical"]["au_spro"]["0.05"],
+  }
   for name, get in metric.items():
     for c in "ab":
       v = 100 * np.array([get(runs[(c, s)]) for s in (0, 1)])
       r = table[("category", "synthetic", c, "S", name)]
-      assert (int(r["n"]), float(r["mean"]), float(r["std"])) == (2, pytest.approx(v.mean()),
-                                                                 pytest.approx(v.std(ddof=1)))
+      assert (int(r["n"]), float(r["mean"]), float(r["std"])) == (
+        2,
+        pytest.approx(v.mean()),
+        pytest.approx(v.std(ddof=1)),
+      )
     per_seed = 100 * np.array([np.mean([get(runs[(c, s)]) for c in "ab"]) for s in (0, 1)])
     r = table[("collection", "synthetic", "mean", "S", name)]
     assert (float(r["mean"]), float(r["std"])) == (pytest.approx(per_seed.mean()), pytest.approx(per_seed.std(ddof=1)))

@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efficientad_jax import models, optim, parallel, train_step
+from efficientad_jax import models
 from efficientad_jax.config import Config, ModelConfig, OptimConfig, TrainConfig
+from efficientad_jax.efficientad import train_step
+from efficientad_jax.training import optim, parallel
 from tests.conftest import REPO, devices_env
 
 TINY = Config(model=ModelConfig(image_size=64), train=TrainConfig(steps=10))
@@ -42,8 +44,17 @@ def test_optimizer_is_adam_with_coupled_l2_and_step_decay():
   for g in grads:
     u, state = update(jnp.asarray(g), state, p)
     p = p + u
-  expected = _torch_adam_coupled(p0, grads, cfg.learning_rate, cfg.weight_decay, cfg.b1, cfg.b2, cfg.eps,
-                                 int(cfg.decay_at_fraction * total), cfg.decay_factor)
+  expected = _torch_adam_coupled(
+    p0,
+    grads,
+    cfg.learning_rate,
+    cfg.weight_decay,
+    cfg.b1,
+    cfg.b2,
+    cfg.eps,
+    int(cfg.decay_at_fraction * total),
+    cfg.decay_factor,
+  )
   np.testing.assert_allclose(p, expected, rtol=1e-5)
 
 
@@ -53,8 +64,7 @@ def _tiny_setup(cfg=TINY, batch_size=2, seed=0):
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
   state = train_step.init_state(params, tx)
   c = cfg.model.teacher_channels
-  frozen = train_step.Frozen(teacher=params["teacher"],
-                             stats=train_step.TeacherStats.identity(c))
+  frozen = train_step.Frozen(teacher=params["teacher"], stats=train_step.TeacherStats.identity(c))
   rng = np.random.default_rng(seed)
   s = cfg.model.image_size
   batch = {k: rng.normal(size=(batch_size, s, s, 3)).astype(np.float32) for k in ("image", "image_ae", "penalty")}
@@ -108,10 +118,9 @@ def test_k_steps_in_one_call_equal_k_single_steps(compiled):
   nets, tx, _, _, _ = _tiny_setup()
   steps = train_step.compile_train_steps(nets, TINY, tx, mesh)
   rng = np.random.default_rng(1)
-  batches = [{k: v[:1] + rng.normal(size=v[:1].shape).astype(np.float32) for k, v in batch.items()}
-             for _ in range(2)]
+  batches = [{k: v[:1] + rng.normal(size=v[:1].shape).astype(np.float32) for k, v in batch.items()} for _ in range(2)]
   key = jax.random.key(7)
-  stacked = lambda bs: parallel.shard_batch(parallel.stack_batches(bs), mesh, "s")  # noqa: E731
+  stacked = lambda bs: parallel.shard_batch(parallel.stack_batches(bs), mesh, "s")
   results = []
   for calls in ([batches], [[b] for b in batches]):  # one call of K = 2, then two calls of K = 1
     state, frozen = parallel.replicate(host, mesh)
@@ -135,15 +144,19 @@ def test_uint8_images_are_normalised_in_the_step_as_on_the_host():
   """The stream sends uint8; `normalize_images` under jit equals the host's normalize(to_float(x)) up to float32
   rounding (XLA may divide through a reciprocal: observed 7e-7 on values up to 2.6), and float batches pass
   through untouched."""
-  from efficientad_jax.config import IMAGENET_MEAN, IMAGENET_STD  # pylint: disable=import-outside-toplevel
-  from efficientad_jax.data import preprocess  # pylint: disable=import-outside-toplevel
+  from efficientad_jax.config import IMAGENET_MEAN, IMAGENET_STD
+  from efficientad_jax.data import preprocess
+
   x = np.random.default_rng(0).integers(0, 256, (2, 9, 11, 3), dtype=np.uint8)
   floats = np.random.default_rng(1).normal(size=(2, 9, 11, 3)).astype(np.float32)
   out = jax.jit(lambda b: train_step.normalize_images(b, IMAGENET_MEAN, IMAGENET_STD))({"image": x, "f": floats})
   assert out["image"].dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(out["image"]),
-                             preprocess.normalize(preprocess.to_float(x), IMAGENET_MEAN, IMAGENET_STD),
-                             rtol=0, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(out["image"]),
+    preprocess.normalize(preprocess.to_float(x), IMAGENET_MEAN, IMAGENET_STD),
+    rtol=0,
+    atol=1e-6,
+  )
   np.testing.assert_array_equal(np.asarray(out["f"]), floats)
 
 
@@ -151,16 +164,17 @@ def test_penalty_is_optional():
   nets, tx, state, frozen, batch = _tiny_setup()
   del batch["penalty"]
   out = jax.jit(lambda p, f, b: train_step.compute_losses(nets, TINY, p, f, b, jax.random.key(0)))(
-      state.params, frozen, batch)
+    state.params, frozen, batch
+  )
   assert float(out["loss_penalty"]) == 0.0
-  np.testing.assert_allclose(float(out["loss"]), float(out["loss_hard"] + out["loss_ae"] + out["loss_stae"]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(float(out["loss"]), float(out["loss_hard"] + out["loss_ae"] + out["loss_stae"]), rtol=1e-6)
 
 
 _MULTI_DEVICE = r"""
 import jax, numpy as np
 from tests.test_train_step import TINY, _tiny_setup
-from efficientad_jax import parallel, train_step
+from efficientad_jax.efficientad import train_step
+from efficientad_jax.training import parallel
 assert jax.device_count() == 8, jax.devices()
 results = []
 for devices in (jax.devices()[:1], jax.devices()):
@@ -187,8 +201,9 @@ print("ok")
 
 def test_eight_devices_equal_one_device_on_the_same_global_batch():
   env = dict(os.environ, **devices_env(8))
-  proc = subprocess.run([sys.executable, "-c", _MULTI_DEVICE], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=600)
+  proc = subprocess.run(
+    [sys.executable, "-c", _MULTI_DEVICE], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

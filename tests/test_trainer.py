@@ -15,7 +15,10 @@ import numpy as np
 import optax
 import pytest
 
-from efficientad_jax import checkpoint, config as config_lib, engine, optim, saved_model, trainer
+from efficientad_jax import config as config_lib
+from efficientad_jax.efficientad import trainer
+from efficientad_jax.serving import saved_model
+from efficientad_jax.training import checkpoint, engine, optim
 from experiments.train import load_config
 from tests.conftest import REPO, devices_env, jax_cache_env
 
@@ -81,8 +84,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, jax_cache):
   env = dict(os.environ, JAX_PLATFORMS="cpu", **jax_cache_env(jax_cache))
   subprocess.run(_train_cmd(tmp_path / "full", *sets), cwd=REPO, env=env, check=True, capture_output=True)
 
-  proc = subprocess.Popen(_train_cmd(tmp_path / "killed", *sets), cwd=REPO, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    _train_cmd(tmp_path / "killed", *sets), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   ckpt_dir = tmp_path / "killed" / "checkpoints"
   deadline = time.time() + 300
   while time.time() < deadline and not (ckpt_dir / "4").exists():
@@ -103,8 +107,15 @@ def test_k_steps_per_call_resumed_from_a_checkpoint_equals_uninterrupted(tmp_pat
   """train.steps_per_dispatch = 2: a run directory holding only the uninterrupted run's config and its first
   checkpoint (what a run killed after it leaves) resumes to the uninterrupted run's parameters and threshold,
   bit for bit; every call is one K-step call."""
-  cfg = tiny(**{"train.steps": 4, "train.checkpoint_every": 2, "train.log_every": 2, "train.steps_per_dispatch": 2,
-                "train.max_to_keep": 2})
+  cfg = tiny(
+    **{
+      "train.steps": 4,
+      "train.checkpoint_every": 2,
+      "train.log_every": 2,
+      "train.steps_per_dispatch": 2,
+      "train.max_to_keep": 2,
+    }
+  )
   calls = []
   make_advance = trainer.make_advance
 
@@ -144,7 +155,8 @@ def test_splits_json_records_the_seeded_hold_out(tmp_path):
 _DEVICES = r"""
 import sys, jax, numpy as np
 jax.config.update("jax_default_matmul_precision", "highest")  # as in the pytest process (conftest)
-from efficientad_jax import saved_model, trainer
+from efficientad_jax.efficientad import trainer
+from efficientad_jax.serving import saved_model
 from experiments import cli
 cli.setup_logging()
 from tests.test_trainer import tiny
@@ -159,8 +171,14 @@ print("DEVICES", jax.device_count(), "GLOBAL_BATCH", meta["global_batch"])
 def test_batch_one_on_eight_devices_trains_as_on_one(tmp_path, tiny_run, jax_cache):
   """The default global batch of 1 runs on one of 8 devices: the same parameters as the 1-device run."""
   env = dict(os.environ, **devices_env(8), **jax_cache_env(jax_cache))
-  proc = subprocess.run([sys.executable, "-c", _DEVICES, str(tmp_path / "run8"), str(tmp_path / "p8.npz")],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, "-c", _DEVICES, str(tmp_path / "run8"), str(tmp_path / "p8.npz")],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
   assert "DEVICES 8 GLOBAL_BATCH 1" in proc.stdout
   assert "global batch 1 on 1 of 8 devices: 1 image(s) per device" in proc.stderr
@@ -168,7 +186,7 @@ def test_batch_one_on_eight_devices_trains_as_on_one(tmp_path, tiny_run, jax_cac
   one, _ = _params(tiny_run[1])
   assert len(eight.files) == len(one) > 0
   # Same single-device mesh, same numbers up to float32 rounding: XLA:CPU with 8 simulated devices splits the
-  # host's intra-op threads differently, which reorders some sums (BUILD_NOTES.md, "Test suite").
+  # host's intra-op threads differently, which reorders some sums (BUILD_NOTES.md, "Test suite time").
   for i, a in enumerate(one):
     np.testing.assert_allclose(eight[f"arr_{i}"], np.asarray(a), rtol=0, atol=1e-6, err_msg=str(i))
 
@@ -194,21 +212,33 @@ _WORKER = r"""
 import sys, jax, numpy as np
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
-from efficientad_jax import trainer, saved_model
+from efficientad_jax.efficientad import trainer
+from efficientad_jax.serving import saved_model
 from tests.test_trainer import tiny
 cfg = tiny(**{"train.steps": 3, "train.batch_size": 2})  # one image per process
 path = trainer.train(cfg, sys.argv[3], progress=False)
 det = saved_model.load(path).detector
-print("CHECKSUM", repr(sum(float(np.abs(np.asarray(x, np.float64)).sum()) for x in jax.tree_util.tree_leaves(det.params))))
+leaves = jax.tree_util.tree_leaves(det.params)
+print("CHECKSUM", repr(sum(float(np.abs(np.asarray(x, np.float64)).sum()) for x in leaves)))
 """
 
 
 def test_two_processes_train_together_and_agree(tmp_path):
   import portpicker
+
   address = f"localhost:{portpicker.pick_unused_port()}"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, address, str(i), str(tmp_path / "run")], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _WORKER, address, str(i), str(tmp_path / "run")],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, out + err[-3000:]

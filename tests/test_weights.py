@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from efficientad_jax import pth, weights
+from efficientad_jax.files import pth
+from efficientad_jax.models import weights
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-MANIFESTS = ("pdn_small_teacher", "pdn_small_student", "pdn_medium_teacher", "pdn_medium_student",
-             "autoencoder")
+MANIFESTS = ("pdn_small_teacher", "pdn_small_student", "pdn_medium_teacher", "pdn_medium_student", "autoencoder")
 
 
 def _manifest(fixtures, name):
@@ -79,10 +79,10 @@ def test_pth_roundtrip_nelson_is_bit_exact(tmp_path, recipe, name):
 
 
 def test_pth_roundtrip_anomalib_layout(tmp_path, recipe):
-  pdn = weights.state_from_pdn_params(weights.pdn_params_from_state(recipe["pdn_small_teacher"], "small"),
-                                      "small", "anomalib")
-  ae = weights.state_from_autoencoder_params(weights.autoencoder_params_from_state(recipe["autoencoder"]),
-                                             "anomalib")
+  pdn = weights.state_from_pdn_params(
+    weights.pdn_params_from_state(recipe["pdn_small_teacher"], "small"), "small", "anomalib"
+  )
+  ae = weights.state_from_autoencoder_params(weights.autoencoder_params_from_state(recipe["autoencoder"]), "anomalib")
   assert list(pdn)[:2] == ["conv1.weight", "conv1.bias"]
   assert "encoder.enconv6.weight" in ae and "decoder.deconv8.bias" in ae
   for state in (pdn, ae):
@@ -100,9 +100,16 @@ def test_pth_real_module_state_dict(tmp_path):
   """A state_dict straight from an nn.Sequential shaped like nelson's PDN-small (keys 0, 3, 6, 8)."""
   torch.manual_seed(0)
   net = torch.nn.Sequential(
-      torch.nn.Conv2d(3, 128, 4), torch.nn.ReLU(), torch.nn.AvgPool2d(2, 2), torch.nn.Conv2d(128, 256, 4),
-      torch.nn.ReLU(), torch.nn.AvgPool2d(2, 2), torch.nn.Conv2d(256, 256, 3), torch.nn.ReLU(),
-      torch.nn.Conv2d(256, 16, 4))
+    torch.nn.Conv2d(3, 128, 4),
+    torch.nn.ReLU(),
+    torch.nn.AvgPool2d(2, 2),
+    torch.nn.Conv2d(128, 256, 4),
+    torch.nn.ReLU(),
+    torch.nn.AvgPool2d(2, 2),
+    torch.nn.Conv2d(256, 256, 3),
+    torch.nn.ReLU(),
+    torch.nn.Conv2d(256, 16, 4),
+  )
   torch.save(net.state_dict(), tmp_path / "net.pth")
   params = weights.pdn_params_from_state(weights.load_state_dict(tmp_path / "net.pth"), "small")
   assert params["conv4"]["kernel"].shape == (4, 4, 256, 16)
@@ -123,13 +130,13 @@ def test_pth_half_precision(tmp_path, recipe, dtype, np_dtype):
 def test_pth_views_offsets_strides_and_shared_storage(tmp_path):
   base = torch.arange(240, dtype=torch.float32).reshape(12, 20)
   tensors = collections.OrderedDict(
-      slice=base[3:9, 2:17:3],  # offset and strides into a larger storage
-      transposed=base.t(),  # non-contiguous
-      row=base[5],  # offset only
-      expanded=torch.tensor([1.0, 2.0, 3.0])[None].expand(4, 3),  # zero stride
-      int64=torch.arange(5),
-      empty=torch.zeros(0, 3),
-      param=torch.nn.Parameter(torch.ones(2, 2)),
+    slice=base[3:9, 2:17:3],  # offset and strides into a larger storage
+    transposed=base.t(),  # non-contiguous
+    row=base[5],  # offset only
+    expanded=torch.tensor([1.0, 2.0, 3.0])[None].expand(4, 3),  # zero stride
+    int64=torch.arange(5),
+    empty=torch.zeros(0, 3),
+    param=torch.nn.Parameter(torch.ones(2, 2)),
   )
   torch.save(tensors, tmp_path / "v.pth")
   got = weights.load_state_dict(tmp_path / "v.pth")
@@ -143,8 +150,7 @@ def test_pth_views_offsets_strides_and_shared_storage(tmp_path):
 
 def test_pth_any_top_level_folder_and_wrapped_state(tmp_path, recipe):
   state = recipe["pdn_small_teacher"]
-  torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in state.items()}, "epoch": 3},
-             tmp_path / "wrapped.pth")
+  torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in state.items()}, "epoch": 3}, tmp_path / "wrapped.pth")
   # Re-zip under another folder name: the reader must not assume it.
   with zipfile.ZipFile(tmp_path / "wrapped.pth") as src, zipfile.ZipFile(tmp_path / "renamed.pth", "w") as dst:
     for info in src.infolist():
@@ -192,8 +198,9 @@ def _crafted_pth(path, obj, storage=np.arange(6, dtype="<f4"), byteorder="little
 def test_crafted_file_reads_and_out_of_bounds_views_are_refused(tmp_path):
   ok = weights.load_state_dict(_crafted_pth(tmp_path / "ok.pth", {"x": _Tensor(1, (2, 2), (2, 1))}))
   np.testing.assert_array_equal(ok["x"], [[1, 2], [3, 4]])
-  big = weights.load_state_dict(_crafted_pth(tmp_path / "big.pth", {"x": _Tensor(1, (2, 2), (2, 1))},
-                                             np.arange(6, dtype=">f4"), "big"))
+  big = weights.load_state_dict(
+    _crafted_pth(tmp_path / "big.pth", {"x": _Tensor(1, (2, 2), (2, 1))}, np.arange(6, dtype=">f4"), "big")
+  )
   np.testing.assert_array_equal(big["x"], [[1, 2], [3, 4]])
   assert big["x"].dtype == np.float32  # native byte order
   for offset, size, stride in ((3, (2, 2), (2, 1)), (0, (7,), (1,)), (0, (1 << 20, 1 << 20), (0, 0))):
@@ -235,8 +242,12 @@ def test_whole_module_legacy_and_non_torch_files_are_refused(tmp_path):
 
 
 def test_pdn_params_shapes_and_roundtrip(recipe):
-  for name, size, c in (("pdn_small_teacher", "small", 384), ("pdn_small_student", "small", 768),
-                        ("pdn_medium_teacher", "medium", 384), ("pdn_medium_student", "medium", 768)):
+  for name, size, c in (
+    ("pdn_small_teacher", "small", 384),
+    ("pdn_small_student", "small", 768),
+    ("pdn_medium_teacher", "medium", 384),
+    ("pdn_medium_student", "medium", 768),
+  ):
     state = recipe[name]
     params = weights.pdn_params_from_state(state, size)
     assert sorted(params) == [f"conv{i}" for i in range(1, 5 if size == "small" else 7)]
@@ -277,8 +288,14 @@ def test_key_and_shape_errors(recipe):
 
 def _run_cli(*args):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, "-m", "experiments.import_teacher", *map(str, args)], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, "-m", "experiments.import_teacher", *map(str, args)],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
 def test_cli_end_to_end(tmp_path, recipe):

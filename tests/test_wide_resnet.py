@@ -60,9 +60,9 @@ def randomise(model, seed):
     for name, t in model.state_dict().items():
       if name.endswith("num_batches_tracked"):
         continue
-      if name.endswith("running_var"):
-        t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-      elif name.endswith(("bn1.weight", "bn2.weight", "bn3.weight", "downsample.1.weight")):
+      if name.endswith("running_var") or name.endswith(
+        ("bn1.weight", "bn2.weight", "bn3.weight", "downsample.1.weight")
+      ):
         t.copy_(torch.rand(t.shape, generator=g) + 0.5)
       else:
         t.copy_(torch.randn(t.shape, generator=g) * (0.3 if t.ndim == 1 else (2.0 / t[0].numel()) ** 0.5))
@@ -97,8 +97,7 @@ def test_real_wrn101_2_parameter_count_and_shapes():
   expected = sum(p.numel() for n, p in full.named_parameters() if not n.startswith("layer4"))
   variables = wide_resnet.abstract_variables(wide_resnet.WideResNet())
   assert sum(v.size for v in jax.tree_util.tree_leaves(variables["params"])) == expected == 82_865_984
-  out = jax.eval_shape(wide_resnet.WideResNet().apply, variables, jax.ShapeDtypeStruct((1, 512, 512, 3),
-                                                                                       jnp.float32))
+  out = jax.eval_shape(wide_resnet.WideResNet().apply, variables, jax.ShapeDtypeStruct((1, 512, 512, 3), jnp.float32))
   assert out[0].shape == (1, 64, 64, 512) and out[1].shape == (1, 32, 32, 1024)
   # Every torch name the import expects exists in the reference's state_dict, and vice versa (minus layer4).
   flat = jax.tree_util.tree_flatten_with_path(variables)[0]

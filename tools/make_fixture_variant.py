@@ -104,9 +104,13 @@ def mvtec_ad(part: pathlib.Path) -> dict:
   for key in [k for k in doc if k.startswith("official_cli_metrics_json_at_")]:
     doc[key] = _rename_key(doc[key], old_cat, new_cat)
   _write(part / "expected.json", doc)
-  return {"category": [old_cat, new_cat], "defects": defects, "test_ids": ids,
-          "folders": {"dataset/": data_dir, "anomaly_maps/": maps_dir},
-          "train_images": [len(train), len(train) + 2]}
+  return {
+    "category": [old_cat, new_cat],
+    "defects": defects,
+    "test_ids": ids,
+    "folders": {"dataset/": data_dir, "anomaly_maps/": maps_dir},
+    "train_images": [len(train), len(train) + 2],
+  }
 
 
 # --------------------------------------------------------------------------------------- MVTec LOCO
@@ -171,10 +175,15 @@ def mvtec_loco(part: pathlib.Path) -> dict:
 
   doc["object"], doc["dataset_dir"] = new_obj, data_dir
   _write(part / "expected.json", doc)
-  return {"object": [old_obj, new_obj], "defect_names": names, "pixel_values": values, "test_ids": ids,
-          "folders": {"dataset/": data_dir, **map_dirs},
-          "train_images": [len(train), len(train) + 1],
-          "validation_images": [len(validation), len(validation) - 1]}
+  return {
+    "object": [old_obj, new_obj],
+    "defect_names": names,
+    "pixel_values": values,
+    "test_ids": ids,
+    "folders": {"dataset/": data_dir, **map_dirs},
+    "train_images": [len(train), len(train) + 1],
+    "validation_images": [len(validation), len(validation) - 1],
+  }
 
 
 # --------------------------------------------------------------------------------------- preprocess
@@ -183,8 +192,7 @@ def mvtec_loco(part: pathlib.Path) -> dict:
 def preprocess(part: pathlib.Path) -> dict:
   doc = _read(part / "preprocess.json")
   files = sorted({c["image"] for c in doc["cases"]})
-  renamed = {f: str(pathlib.PurePosixPath(f).with_name("v_" + pathlib.PurePosixPath(f).name))
-             for f in files}
+  renamed = {f: str(pathlib.PurePosixPath(f).with_name("v_" + pathlib.PurePosixPath(f).name)) for f in files}
   for old, new in renamed.items():
     (part / old).rename(part / new)
   for case in doc["cases"]:
@@ -200,8 +208,11 @@ def make_variant(source: pathlib.Path, out: pathlib.Path) -> dict:
   if out.exists():
     shutil.rmtree(out)
   shutil.copytree(source, out, ignore=shutil.ignore_patterns("__pycache__"))
-  changes = {"source": str(source), "mvtec_ad": mvtec_ad(out / "mvtec_ad"),
-             "mvtec_loco": mvtec_loco(out / "mvtec_loco")}
+  changes = {
+    "source": str(source),
+    "mvtec_ad": mvtec_ad(out / "mvtec_ad"),
+    "mvtec_loco": mvtec_loco(out / "mvtec_loco"),
+  }
   if (out / "preprocess" / "preprocess.json").exists():
     changes["preprocess"] = preprocess(out / "preprocess")
   _write(out / "VARIANT.json", changes)
@@ -211,8 +222,12 @@ def make_variant(source: pathlib.Path, out: pathlib.Path) -> dict:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("out", type=pathlib.Path, help="output folder (replaced if it exists)")
-  parser.add_argument("--source", type=pathlib.Path, default=REPO / "tests" / "fixtures",
-                      help="fixture set to start from (default: the vendored tests/fixtures)")
+  parser.add_argument(
+    "--source",
+    type=pathlib.Path,
+    default=REPO / "tests" / "fixtures",
+    help="fixture set to start from (default: the vendored tests/fixtures)",
+  )
   args = parser.parse_args(argv)
   changes = make_variant(args.source, args.out)
   print(f"variant of {args.source} written to {args.out}:")

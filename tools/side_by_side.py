@@ -1,4 +1,5 @@
-"""Side by side with the reference implementation on real photographs (issue 20).
+"""Side by side with the reference implementation on real photographs (BUILD_NOTES.md, "Side by side with the
+reference on real images").
 
 Trains nelson1425/EfficientAD's own, unmodified `efficientad.py` and this project on the same small real-image
 category in the MVTec AD layout, from the same random PDN-S teacher, and scores both sides' full-resolution
@@ -43,7 +44,8 @@ TEACHER_SEED = 0  # torch.manual_seed before the reference's get_pdn_small(384)
 
 
 def _skimage_photo(name: str) -> Image.Image:
-  import skimage.data  # pylint: disable=import-outside-toplevel
+  import skimage.data
+
   return Image.open(pathlib.Path(skimage.data.__file__).parent / name).convert("RGB")
 
 
@@ -56,8 +58,9 @@ def _crop(photo: Image.Image, rng: np.random.Generator, rows: tuple[int, int]) -
   return img
 
 
-def _defect(img: Image.Image, kind: str, rng: np.random.Generator, other: Image.Image
-            ) -> tuple[Image.Image, np.ndarray]:
+def _defect(
+  img: Image.Image, kind: str, rng: np.random.Generator, other: Image.Image
+) -> tuple[Image.Image, np.ndarray]:
   """Draws one defect of `kind` on a copy of `img`; returns it and the uint8 0/255 mask."""
   img = img.copy()
   mask = Image.new("L", img.size, 0)
@@ -96,8 +99,10 @@ def make_dataset(out: pathlib.Path, seed: int = 0) -> pathlib.Path:
   base = out / "mvtec" / CATEGORY
   split_row = int(photo.height * 0.55)
   train_rows, test_rows = (0, split_row + CROP // 3), (split_row, photo.height)
-  folders = {"train/good": [_crop(photo, rng, train_rows) for _ in range(COUNTS["train"])],
-             "test/good": [_crop(photo, rng, test_rows) for _ in range(COUNTS["good"])]}
+  folders = {
+    "train/good": [_crop(photo, rng, train_rows) for _ in range(COUNTS["train"])],
+    "test/good": [_crop(photo, rng, test_rows) for _ in range(COUNTS["good"])],
+  }
   for kind in DEFECTS:
     images = []
     for i in range(COUNTS["defect_per_type"]):
@@ -118,8 +123,7 @@ def make_dataset(out: pathlib.Path, seed: int = 0) -> pathlib.Path:
 
 # torchvision's CPU wheel may not match torch's build; the reference only needs its PIL transforms and
 # ImageFolder, not the compiled operators whose registration fails then.
-_TV_STUB = ('import sys, types; sys.modules.setdefault("torchvision._meta_registrations", '
-            'types.ModuleType("stub"))')
+_TV_STUB = 'import sys, types; sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("stub"))'
 
 # Runs the reference's main() with its module constant `seed` set (the script has no flag for it), then
 # reloads the models it saved and computes, with its own functions, the raw maps the table reports.
@@ -158,12 +162,25 @@ _REFERENCE_RUN = textwrap.dedent("""
 
 def make_teacher(out: pathlib.Path, reference: pathlib.Path) -> pathlib.Path:
   """The shared random teacher: the reference's get_pdn_small(384) under torch.manual_seed(TEACHER_SEED)."""
-  code = (f"{_TV_STUB}; import torch; sys.path.insert(0, sys.argv[1]); from common import get_pdn_small; "
-          f"torch.manual_seed({TEACHER_SEED}); torch.save(get_pdn_small(384).state_dict(), sys.argv[2])")
+  code = (
+    f"{_TV_STUB}; import torch; sys.path.insert(0, sys.argv[1]); from common import get_pdn_small; "
+    f"torch.manual_seed({TEACHER_SEED}); torch.save(get_pdn_small(384).state_dict(), sys.argv[2])"
+  )
   pth = out / "teacher_small.pth"
   _run([sys.executable, "-c", code, str(reference), str(pth)])
-  _run([sys.executable, "-m", "experiments.import_teacher", str(pth), "--size", "small", "--out",
-        str(out / "teacher"), "--force"])
+  _run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.import_teacher",
+      str(pth),
+      "--size",
+      "small",
+      "--out",
+      str(out / "teacher"),
+      "--force",
+    ]
+  )
   return pth
 
 
@@ -171,8 +188,21 @@ def run_reference(out: pathlib.Path, reference: pathlib.Path, seed: int, steps: 
   run = out / f"reference_seed{seed}"
   if run.exists():
     raise SystemExit(f"error: {run} exists (the reference refuses an existing output folder): remove it")
-  _run([sys.executable, "-c", _TV_STUB + _REFERENCE_RUN, str(reference), str(seed), str(out / "mvtec"), str(run),
-        str(out / "teacher_small.pth"), str(steps), CATEGORY], cwd=reference)
+  _run(
+    [
+      sys.executable,
+      "-c",
+      _TV_STUB + _REFERENCE_RUN,
+      str(reference),
+      str(seed),
+      str(out / "mvtec"),
+      str(run),
+      str(out / "teacher_small.pth"),
+      str(steps),
+      CATEGORY,
+    ],
+    cwd=reference,
+  )
   raw = json.loads((run / "raw_maps.json").read_text())
   maps = run / "anomaly_maps" / "mvtec_ad" / CATEGORY / "test"
   result = _score(out, lambda rel: maps / rel.with_suffix(".tiff"), raw["raw"], raw["quantiles"])
@@ -186,12 +216,30 @@ def run_reference(out: pathlib.Path, reference: pathlib.Path, seed: int, steps: 
 
 def run_ours(out: pathlib.Path, seed: int, steps: int, overrides: list[str], tag: str = "") -> pathlib.Path:
   run = out / f"ours{tag}_seed{seed}"
-  sets = [f"data.root={out / 'mvtec'}", f"data.category={CATEGORY}", "data.penalty=",
-          f"train.steps={steps}", f"train.seed={seed}", f"train.teacher_checkpoint={out / 'teacher'}",
-          f"train.checkpoint_every={steps}", "train.log_every=50", *overrides]
+  sets = [
+    f"data.root={out / 'mvtec'}",
+    f"data.category={CATEGORY}",
+    "data.penalty=",
+    f"train.steps={steps}",
+    f"train.seed={seed}",
+    f"train.teacher_checkpoint={out / 'teacher'}",
+    f"train.checkpoint_every={steps}",
+    "train.log_every=50",
+    *overrides,
+  ]
   if not (run / "eval" / "metrics.json").exists():  # a finished run is only scored again
-    _run([sys.executable, "-m", "experiments.train", "--dataset", "mvtec_ad", "--workdir", str(run),
-          *[a for s in sets for a in ("--set", s)]])
+    _run(
+      [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        "--dataset",
+        "mvtec_ad",
+        "--workdir",
+        str(run),
+        *[a for s in sets for a in ("--set", s)],
+      ]
+    )
   raw, quantiles = _our_raw_maps(run)
   maps = run / "eval" / "anomaly_maps" / CATEGORY / "test"
   result = _score(out, lambda rel: maps / rel.with_suffix(".tiff"), raw, quantiles)
@@ -201,8 +249,11 @@ def run_ours(out: pathlib.Path, seed: int, steps: int, overrides: list[str], tag
 
 
 def _our_raw_maps(run: pathlib.Path) -> tuple[list[dict], list[float]]:
-  from efficientad_jax import inference, models, predict  # pylint: disable=import-outside-toplevel
-  from efficientad_jax.data import make_datasets  # pylint: disable=import-outside-toplevel
+  from efficientad_jax import models
+  from efficientad_jax.data import make_datasets
+  from efficientad_jax.efficientad import inference
+  from efficientad_jax.serving import predict
+
   model = predict.load(run)
   raw = inference.make_raw_maps_fn(models.build(model.cfg.model))
   ds = make_datasets(model.cfg.data, model.image_size, model.cfg.train.seed)
@@ -218,47 +269,63 @@ def _our_raw_maps(run: pathlib.Path) -> tuple[list[dict], list[float]]:
 # --- Cross-feed: the reference's networks and loop statements, fed either stream.
 
 
-def cross_feed(out: pathlib.Path, reference: pathlib.Path, run: pathlib.Path, seed: int, steps: int,
-               stream: str) -> dict:
+def cross_feed(
+  out: pathlib.Path, reference: pathlib.Path, run: pathlib.Path, seed: int, steps: int, stream: str
+) -> dict:
   """Trains the reference's networks with the reference's loop statements from torch.manual_seed(seed), on
   OUR training stream (`stream='ours'`: this project's grain pipeline of `run`) or on the reference's own
   DataLoader over the same training files (`'reference'`), then calibrates on `run`'s validation images with
   `run`'s teacher statistics. Equal quantiles from both streams mean the stream is not what separates the sides.
   """
-  import itertools  # pylint: disable=import-outside-toplevel
-  import types  # pylint: disable=import-outside-toplevel
+  import itertools
+  import types
+
   sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("stub"))
   sys.path.insert(0, str(reference))
-  import torch  # pylint: disable=import-outside-toplevel
-  import common  # pylint: disable=import-outside-toplevel  # the reference's networks
-  from efficientad_jax import predict  # pylint: disable=import-outside-toplevel
-  from efficientad_jax.data import make_datasets, preprocess  # pylint: disable=import-outside-toplevel
+  import common  # the reference's networks
+  import torch
+
+  from efficientad_jax.data import make_datasets, preprocess
+  from efficientad_jax.serving import predict
+
   model = predict.load(run)
   cfg, splits = model.cfg, json.loads((run / "splits.json").read_text())
   c = cfg.model.teacher_channels
   teacher = common.get_pdn_small(c)
   teacher.load_state_dict(torch.load(out / "teacher_small.pth"))
   teacher.eval()
-  mean, std = (torch.tensor(np.asarray(v))[None, :, None, None]
-               for v in (model.detector.teacher_stats.mean, model.detector.teacher_stats.std))
+  mean, std = (
+    torch.tensor(np.asarray(v))[None, :, None, None]
+    for v in (model.detector.teacher_stats.mean, model.detector.teacher_stats.std)
+  )
   torch.manual_seed(seed)
   student, ae = common.get_pdn_small(2 * c), common.get_autoencoder(c)
-  opt = torch.optim.Adam(itertools.chain(student.parameters(), ae.parameters()), lr=cfg.optim.learning_rate,
-                         weight_decay=cfg.optim.weight_decay)
-  sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(cfg.optim.decay_at_fraction * steps),
-                                          gamma=cfg.optim.decay_factor)
-  nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
+  opt = torch.optim.Adam(
+    itertools.chain(student.parameters(), ae.parameters()),
+    lr=cfg.optim.learning_rate,
+    weight_decay=cfg.optim.weight_decay,
+  )
+  sched = torch.optim.lr_scheduler.StepLR(
+    opt, step_size=int(cfg.optim.decay_at_fraction * steps), gamma=cfg.optim.decay_factor
+  )
+  nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
   # Our stream sends uint8 (the jitted step normalises): normalised here as the step does.
-  as_input = lambda a: nchw(preprocess.network_input(a, cfg.data.mean, cfg.data.std))  # noqa: E731
+  as_input = lambda a: nchw(preprocess.network_input(a, cfg.data.mean, cfg.data.std))
   if stream == "ours":
-    batches = ((as_input(b["image"]), as_input(b["image_ae"]))
-               for b in make_datasets(cfg.data, cfg.model.image_size, cfg.train.seed).train_iter(1))
+    batches = (
+      (as_input(b["image"]), as_input(b["image_ae"]))
+      for b in make_datasets(cfg.data, cfg.model.image_size, cfg.train.seed).train_iter(1)
+    )
   else:
-    import efficientad  # pylint: disable=import-outside-toplevel
+    import efficientad
+
     files = splits["train"]
     pairs = torch.utils.data.DataLoader(
-        files, batch_size=None, shuffle=True,
-        collate_fn=lambda f: efficientad.train_transform(Image.open(f).convert("RGB")))
+      files,
+      batch_size=None,
+      shuffle=True,
+      collate_fn=lambda f: efficientad.train_transform(Image.open(f).convert("RGB")),
+    )
     batches = ((x[None], x_ae[None]) for x, x_ae in common.InfiniteDataloader(pairs))
   student.train()
   ae.train()
@@ -278,14 +345,20 @@ def cross_feed(out: pathlib.Path, reference: pathlib.Path, run: pathlib.Path, se
   maps_st, maps_ae = [], []
   with torch.no_grad():
     for path in splits["validation"]:
-      x = nchw(preprocess.model_input(preprocess.decode_image(path), cfg.model.image_size, cfg.data.mean,
-                                      cfg.data.std)[None])
+      x = nchw(
+        preprocess.model_input(preprocess.decode_image(path), cfg.model.image_size, cfg.data.mean, cfg.data.std)[None]
+      )
       t, s, a = (teacher(x) - mean) / std, student(x), ae(x)
       maps_st.append(((t - s[:, :c]) ** 2).mean(1).numpy())
       maps_ae.append(((a - s[:, c:]) ** 2).mean(1).numpy())
-  return {"stream": stream, "torch_seed": seed, "steps": steps, "run": str(run),
-          "q_st": np.quantile(np.concatenate(maps_st), [0.9, 0.995]).tolist(),
-          "q_ae": np.quantile(np.concatenate(maps_ae), [0.9, 0.995]).tolist()}
+  return {
+    "stream": stream,
+    "torch_seed": seed,
+    "steps": steps,
+    "run": str(run),
+    "q_st": np.quantile(np.concatenate(maps_st), [0.9, 0.995]).tolist(),
+    "q_ae": np.quantile(np.concatenate(maps_ae), [0.9, 0.995]).tolist(),
+  }
 
 
 # --- Scoring (the same code for both sides).
@@ -293,8 +366,10 @@ def cross_feed(out: pathlib.Path, reference: pathlib.Path, run: pathlib.Path, se
 
 def _score(out: pathlib.Path, map_path, raw: list[dict], quantiles: list[float]) -> dict:
   """Image AU-ROC and AU-PRO@0.3 of the full-resolution maps; image AU-ROC of each raw map's maximum."""
-  import tifffile  # pylint: disable=import-outside-toplevel
-  from efficientad_jax.metrics import au_pro, auroc, image_auroc  # pylint: disable=import-outside-toplevel
+  import tifffile
+
+  from efficientad_jax.metrics import au_pro, auroc, image_auroc
+
   base = out / "mvtec" / CATEGORY
   maps, masks, labels = [], [], []
   for img in sorted((base / "test").glob("*/*.png")):
@@ -308,26 +383,37 @@ def _score(out: pathlib.Path, map_path, raw: list[dict], quantiles: list[float])
   keys = ["/".join(p.parts[-2:]).removesuffix(".png") for p in sorted((base / "test").glob("*/*.png"))]
   rows = [by_name[k] for k in keys]
   labels = np.asarray(labels)
-  return {"image_auroc": image_auroc(maps, labels), "au_pro_0.3": au_pro(maps, masks, (0.3,))[0.3],
-          "st_raw_auroc": auroc(np.array([r["st_max"] for r in rows]), labels),
-          "ae_raw_auroc": auroc(np.array([r["ae_max"] for r in rows]), labels),
-          "q_st": quantiles[:2], "q_ae": quantiles[2:]}
+  return {
+    "image_auroc": image_auroc(maps, labels),
+    "au_pro_0.3": au_pro(maps, masks, (0.3,))[0.3],
+    "st_raw_auroc": auroc(np.array([r["st_max"] for r in rows]), labels),
+    "ae_raw_auroc": auroc(np.array([r["ae_max"] for r in rows]), labels),
+    "q_st": quantiles[:2],
+    "q_ae": quantiles[2:],
+  }
 
 
 def table(out: pathlib.Path) -> str:
   results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
-  lines = ["| side | seed | steps | image AU-ROC | AU-PRO@0.3 | local raw | global raw | q_st (0.9/0.995) | "
-           "q_ae (0.9/0.995) |", "|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+    "| side | seed | steps | image AU-ROC | AU-PRO@0.3 | local raw | global raw | q_st (0.9/0.995) | "
+    "q_ae (0.9/0.995) |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
   for r in sorted(results, key=lambda r: (r["side"], r["seed"])):
-    lines.append(f"| {r['side']} | {r['seed']} | {r['steps']} | {r['image_auroc']:.3f} | {r['au_pro_0.3']:.3f} | "
-                 f"{r['st_raw_auroc']:.3f} | {r['ae_raw_auroc']:.3f} | {r['q_st'][0]:.4f} / {r['q_st'][1]:.4f} | "
-                 f"{r['q_ae'][0]:.4f} / {r['q_ae'][1]:.4f} |")
+    lines.append(
+      f"| {r['side']} | {r['seed']} | {r['steps']} | {r['image_auroc']:.3f} | {r['au_pro_0.3']:.3f} | "
+      f"{r['st_raw_auroc']:.3f} | {r['ae_raw_auroc']:.3f} | {r['q_st'][0]:.4f} / {r['q_st'][1]:.4f} | "
+      f"{r['q_ae'][0]:.4f} / {r['q_ae'][1]:.4f} |"
+    )
   sides = sorted({r["side"] for r in results})
   for side in sides:
     v = np.array([r["image_auroc"] for r in results if r["side"] == side])
     p = np.array([r["au_pro_0.3"] for r in results if r["side"] == side])
-    lines.append(f"| **{side} mean** ({len(v)} seeds) | | | {v.mean():.3f} (min {v.min():.3f}, max {v.max():.3f}) | "
-                 f"{p.mean():.3f} | | | | |")
+    lines.append(
+      f"| **{side} mean** ({len(v)} seeds) | | | {v.mean():.3f} (min {v.min():.3f}, max {v.max():.3f}) | "
+      f"{p.mean():.3f} | | | | |"
+    )
   return "\n".join(lines)
 
 

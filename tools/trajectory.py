@@ -25,7 +25,7 @@ import itertools
 import json
 import pathlib
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -33,9 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from efficientad_jax import models, normalization, optim, parallel, train_step
+from efficientad_jax import models
 from efficientad_jax.config import Config, LossConfig, ModelConfig
 from efficientad_jax.data import preprocess
+from efficientad_jax.efficientad import normalization, train_step
+from efficientad_jax.training import optim, parallel
 from experiments import torch_reference
 
 PDN_NAMES = tuple(f"conv{i}" for i in range(1, 5))
@@ -58,13 +60,14 @@ def draw_masks(rng: np.random.Generator, image_size: int, rate: float) -> list[n
 
 def photo_images(count: int, size: int, seed: int, *, crop: int = 192) -> list[np.ndarray]:
   """`count` random crops of scikit-image's immunohistochemistry photograph (a real texture), uint8."""
-  import skimage.data  # pylint: disable=import-outside-toplevel
+  import skimage.data
+
   photo = skimage.data.immunohistochemistry()
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(count):
     y, x = (int(rng.integers(0, n - crop + 1)) for n in photo.shape[:2])
-    out.append(photo[y:y + crop, x:x + crop])
+    out.append(photo[y : y + crop, x : x + crop])
   return out
 
 
@@ -74,8 +77,10 @@ def batches(images: list[np.ndarray], size: int, steps: int, seed: int) -> Itera
   for _ in range(steps):
     img = images[int(rng.integers(len(images)))]
     kind, factor = preprocess.draw_jitter(rng, 0.8, 1.2)
-    yield (preprocess.model_input(img, size, MEAN, STD)[None],
-           preprocess.autoencoder_input(img, kind, factor, size, MEAN, STD)[None])
+    yield (
+      preprocess.model_input(img, size, MEAN, STD)[None],
+      preprocess.autoencoder_input(img, kind, factor, size, MEAN, STD)[None],
+    )
 
 
 def noise_images(count: int, size: int, seed: int) -> list[np.ndarray]:
@@ -100,8 +105,10 @@ class _InjectedDropout(torch.nn.Module):
 
 def _torch_to_flax(module: torch.nn.Module, names) -> dict:
   convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
-  return {n: {"kernel": c.weight.detach().numpy().transpose(2, 3, 1, 0).copy(), "bias": c.bias.detach().numpy().copy()}
-          for n, c in zip(names, convs)}
+  return {
+    n: {"kernel": c.weight.detach().numpy().transpose(2, 3, 1, 0).copy(), "bias": c.bias.detach().numpy().copy()}
+    for n, c in zip(names, convs)
+  }
 
 
 def torch_nets(image_size: int, seed: int):
@@ -109,8 +116,9 @@ def torch_nets(image_size: int, seed: int):
   return torch_reference.build_torch_models("small", image_size)
 
 
-def torch_run(nets, stats, data, masks, cfg: Config, steps: int, on_step: Callable[[int], None] = lambda i: None
-              ) -> tuple[np.ndarray, dict]:
+def torch_run(
+  nets, stats, data, masks, cfg: Config, steps: int, on_step: Callable[[int], None] = lambda i: None
+) -> tuple[np.ndarray, dict]:
   """The reference loop (penalty off): per-step [loss_hard, loss_ae, loss_stae] and the end parameters (Flax
   layout). `masks` None: the autoencoder's own torch.nn.Dropout."""
   teacher, student, ae = nets
@@ -119,10 +127,14 @@ def torch_run(nets, stats, data, masks, cfg: Config, steps: int, on_step: Callab
     ae.drop = _InjectedDropout(cfg.model.ae_dropout)
   c = cfg.model.teacher_channels
   mean, std = (torch.from_numpy(v)[None, :, None, None] for v in stats)
-  opt = torch.optim.Adam(itertools.chain(student.parameters(), ae.parameters()), lr=cfg.optim.learning_rate,
-                         weight_decay=cfg.optim.weight_decay)
-  sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(cfg.optim.decay_at_fraction * steps),
-                                          gamma=cfg.optim.decay_factor)
+  opt = torch.optim.Adam(
+    itertools.chain(student.parameters(), ae.parameters()),
+    lr=cfg.optim.learning_rate,
+    weight_decay=cfg.optim.weight_decay,
+  )
+  sched = torch.optim.lr_scheduler.StepLR(
+    opt, step_size=int(cfg.optim.decay_at_fraction * steps), gamma=cfg.optim.decay_factor
+  )
   losses = []
   for i, (x, x_ae) in enumerate(data):
     if masks is not None:
@@ -141,7 +153,10 @@ def torch_run(nets, stats, data, masks, cfg: Config, steps: int, on_step: Callab
     sched.step()
     losses.append([v.item() for v in (loss_hard, loss_ae, loss_stae)])
     on_step(i)
-  return np.asarray(losses), {"student": _torch_to_flax(student, PDN_NAMES), "autoencoder": _torch_to_flax(ae, AE_NAMES)}
+  return np.asarray(losses), {
+    "student": _torch_to_flax(student, PDN_NAMES),
+    "autoencoder": _torch_to_flax(ae, AE_NAMES),
+  }
 
 
 # --- This project.
@@ -159,8 +174,17 @@ def mask_hook(queue: list[jnp.ndarray], rate: float):
   return hook
 
 
-def ours_run(start: dict, teacher: dict, stats, data, masks, cfg: Config, steps: int, seed: int,
-             on_step: Callable[[int], None] = lambda i: None) -> tuple[np.ndarray, dict]:
+def ours_run(
+  start: dict,
+  teacher: dict,
+  stats,
+  data,
+  masks,
+  cfg: Config,
+  steps: int,
+  seed: int,
+  on_step: Callable[[int], None] = lambda i: None,
+) -> tuple[np.ndarray, dict]:
   """This project's `train_step.train_step` from `start`; `masks` None: flax's own dropout with the run key
   `jax.random.key(seed)` (fold_in of the step, as the trainer does)."""
   nets = models.build(cfg.model)
@@ -172,13 +196,15 @@ def ours_run(start: dict, teacher: dict, stats, data, masks, cfg: Config, steps:
 
   if masks is None:
     step = train_step.compile_train_step(nets, cfg, tx, mesh)
-    run = lambda state, batch, _: step(state, frozen, parallel.shard_batch(batch, mesh), key)  # noqa: E731
+    run = lambda state, batch, _: step(state, frozen, parallel.shard_batch(batch, mesh), key)
   else:
+
     @jax.jit
     def injected(state, frozen, batch, key, step_masks):
       with nn.intercept_methods(mask_hook(list(step_masks), cfg.model.ae_dropout)):
         return train_step.train_step(nets, cfg, tx, state, frozen, batch, key)
-    run = lambda state, batch, i: injected(state, frozen, batch, key, list(masks[i]))  # noqa: E731
+
+    run = lambda state, batch, i: injected(state, frozen, batch, key, list(masks[i]))
   losses = []
   for i, (x, x_ae) in enumerate(data):
     state, out = run(state, {"image": x, "image_ae": x_ae}, i)
@@ -195,8 +221,9 @@ def ae_quantiles(cfg: Config, teacher: dict, stats, params: dict, images: list[n
   nets = models.build(cfg.model)
   c = cfg.model.teacher_channels
   x = jnp.asarray(np.concatenate([preprocess.model_input(i, cfg.model.image_size, MEAN, STD)[None] for i in images]))
-  t = normalization.normalize_teacher(nets.teacher.apply({"params": teacher}, x),
-                                      normalization.TeacherStats(*(jnp.asarray(v) for v in stats)))
+  t = normalization.normalize_teacher(
+    nets.teacher.apply({"params": teacher}, x), normalization.TeacherStats(*(jnp.asarray(v) for v in stats))
+  )
   s = nets.student.apply({"params": params["student"]}, x)
   a = nets.autoencoder.apply({"params": params["autoencoder"]}, x)
   m_st, m_ae = jnp.mean((t - s[..., :c]) ** 2, -1), jnp.mean((a - s[..., c:]) ** 2, -1)
@@ -216,8 +243,16 @@ def rel_param_diff(ours: dict, theirs: dict, start: dict) -> dict:
   return out
 
 
-def compare(image_size: int, steps: int, seed: int, masks_mode: str, data: str = "photo",
-            hard_quantile: float = 0.999, init: str = "shared", progress: bool = False) -> dict:
+def compare(
+  image_size: int,
+  steps: int,
+  seed: int,
+  masks_mode: str,
+  data: str = "photo",
+  hard_quantile: float = 0.999,
+  init: str = "shared",
+  progress: bool = False,
+) -> dict:
   """One side-by-side trajectory; returns losses per step of both sides, parameter differences and quantiles.
 
   init "shared": both sides start from PyTorch's initialisation; "own": this project starts from its own
@@ -236,24 +271,33 @@ def compare(image_size: int, steps: int, seed: int, masks_mode: str, data: str =
   stats = (rng.normal(size=c).astype(np.float32), rng.uniform(0.5, 2.0, size=c).astype(np.float32))
   images = photo_images(48, image_size, seed) if data == "photo" else noise_images(48, image_size, seed)
   train_images, held_out = images[:40], images[40:]
-  masks = ([draw_masks(rng, image_size, cfg.model.ae_dropout) for _ in range(steps)]
-           if masks_mode == "shared" else None)
+  masks = [draw_masks(rng, image_size, cfg.model.ae_dropout) for _ in range(steps)] if masks_mode == "shared" else None
   tick = _progress(steps) if progress else (lambda i: None)
   t0 = time.time()
-  theirs, theirs_end = torch_run((t_teacher, t_student, t_ae), stats, batches(train_images, image_size, steps, seed),
-                                 masks, cfg, steps, tick)
+  theirs, theirs_end = torch_run(
+    (t_teacher, t_student, t_ae), stats, batches(train_images, image_size, steps, seed), masks, cfg, steps, tick
+  )
   t1 = time.time()
-  ours, ours_end = ours_run(start, teacher, stats, batches(train_images, image_size, steps, seed), masks, cfg,
-                            steps, seed, tick)
+  ours, ours_end = ours_run(
+    start, teacher, stats, batches(train_images, image_size, steps, seed), masks, cfg, steps, seed, tick
+  )
   t2 = time.time()
   return {
-      "image_size": image_size, "steps": steps, "seed": seed, "masks": masks_mode, "data": data,
-      "hard_quantile": hard_quantile, "seconds": {"torch": t1 - t0, "ours": t2 - t1},
-      "losses": {"torch": theirs.tolist(), "ours": ours.tolist()},
-      "max_rel_loss_diff": np.max(np.abs(ours - theirs) / np.abs(theirs), axis=0).tolist(),
-      "init": init, "param_rel_diff": rel_param_diff(ours_end, theirs_end, torch_start),
-      "quantiles": {"torch": ae_quantiles(cfg, teacher, stats, theirs_end, held_out),
-                    "ours": ae_quantiles(cfg, teacher, stats, ours_end, held_out)},
+    "image_size": image_size,
+    "steps": steps,
+    "seed": seed,
+    "masks": masks_mode,
+    "data": data,
+    "hard_quantile": hard_quantile,
+    "seconds": {"torch": t1 - t0, "ours": t2 - t1},
+    "losses": {"torch": theirs.tolist(), "ours": ours.tolist()},
+    "max_rel_loss_diff": np.max(np.abs(ours - theirs) / np.abs(theirs), axis=0).tolist(),
+    "init": init,
+    "param_rel_diff": rel_param_diff(ours_end, theirs_end, torch_start),
+    "quantiles": {
+      "torch": ae_quantiles(cfg, teacher, stats, theirs_end, held_out),
+      "ours": ae_quantiles(cfg, teacher, stats, ours_end, held_out),
+    },
   }
 
 
@@ -261,6 +305,7 @@ def _progress(steps: int) -> Callable[[int], None]:
   def tick(i):
     if (i + 1) % max(1, steps // 4) == 0:
       print(f"  step {i + 1}/{steps}", flush=True)
+
   return tick
 
 
@@ -285,11 +330,11 @@ def main(argv=None) -> None:
   torch.set_num_threads(1)
   results = []
   for seed in _seeds(args.seeds):
-    r = compare(args.image_size, args.steps, seed, args.masks, args.data, args.hard_quantile, args.init,
-                progress=True)
+    r = compare(args.image_size, args.steps, seed, args.masks, args.data, args.hard_quantile, args.init, progress=True)
     results.append(r)
-    print(json.dumps({k: r[k] for k in ("seed", "max_rel_loss_diff", "param_rel_diff", "quantiles", "seconds")}),
-          flush=True)
+    print(
+      json.dumps({k: r[k] for k in ("seed", "max_rel_loss_diff", "param_rel_diff", "quantiles", "seconds")}), flush=True
+    )
     args.out.write_text(json.dumps(results))
 
 

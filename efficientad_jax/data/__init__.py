@@ -30,13 +30,38 @@ Validation never uses test images: LOCO's own validation/good; otherwise a seede
 
 from efficientad_jax.data.api import Datasets, build_index, make_datasets
 from efficientad_jax.data.cache import DecodedImages, decode_once
-from efficientad_jax.data.indexes import index_folder, index_mvtec_ad, index_mvtec_loco, index_visa
-from efficientad_jax.data.pipeline import eval_batches, eval_dataset, train_dataset, worker_count
+from efficientad_jax.data.indexes import (
+  index_folder,
+  index_mvtec_ad,
+  index_mvtec_loco,
+  index_visa,
+)
+from efficientad_jax.data.pipeline import (
+  eval_batches,
+  eval_dataset,
+  train_dataset,
+  worker_count,
+)
 from efficientad_jax.data.records import DataError, DefectSpec, Sample, Splits
 from efficientad_jax.data.synthetic import generate_synthetic
 
 __all__ = [
-    "DataError", "Datasets", "DecodedImages", "DefectSpec", "Sample", "Splits", "build_index",
-    "decode_once", "eval_batches", "eval_dataset", "generate_synthetic", "index_folder", "index_mvtec_ad",
-    "index_mvtec_loco", "index_visa", "make_datasets", "train_dataset", "worker_count",
+  "DataError",
+  "Datasets",
+  "DecodedImages",
+  "DefectSpec",
+  "Sample",
+  "Splits",
+  "build_index",
+  "decode_once",
+  "eval_batches",
+  "eval_dataset",
+  "generate_synthetic",
+  "index_folder",
+  "index_mvtec_ad",
+  "index_mvtec_loco",
+  "index_visa",
+  "make_datasets",
+  "train_dataset",
+  "worker_count",
 ]

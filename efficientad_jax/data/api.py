@@ -7,7 +7,8 @@ import dataclasses
 import json
 import pathlib
 import tempfile
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grain
 
@@ -48,18 +49,21 @@ class Datasets:
 def split_names(split: Sequence[Any]) -> list[str]:
   """The images of a split: `Sample` file paths, or 'tfds:<id>' of TFDS records (reading a TFDS
   record decodes it, hence a function the trainer calls once, not a field filled for every user)."""
+
   def name(record):
     if isinstance(record, records.Sample):
       return record.image
     rid = record["id"]
     return "tfds:" + (rid.decode() if isinstance(rid, bytes) else str(rid))
+
   return [name(r) for r in split]
 
 
 def check_images(names: Sequence[str]) -> None:
   """Decodes every listed image file once (`split_names` output; TFDS records are skipped: their builder
   decoded them), so a corrupt or unsupported file raises its `DataError` before training, not after it."""
-  from efficientad_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from efficientad_jax.data import preprocess
+
   for name in names:
     if not name.startswith("tfds:"):
       try:
@@ -76,10 +80,15 @@ def build_index(data_cfg, seed: int) -> tuple[Splits, pathlib.Path | str]:
   if name == "synthetic":
     root = root or str(pathlib.Path(tempfile.gettempdir()) / "efficientad_synthetic")
     base = synthetic.generate_synthetic(
-        root, layout=data_cfg.synthetic_layout, size=data_cfg.synthetic_size,
-        num_train=data_cfg.synthetic_train, seed=data_cfg.synthetic_seed,
-        category=category or "widget", num_validation=data_cfg.synthetic_validation,
-        num_test=data_cfg.synthetic_test)
+      root,
+      layout=data_cfg.synthetic_layout,
+      size=data_cfg.synthetic_size,
+      num_train=data_cfg.synthetic_train,
+      seed=data_cfg.synthetic_seed,
+      category=category or "widget",
+      num_validation=data_cfg.synthetic_validation,
+      num_test=data_cfg.synthetic_test,
+    )
     root, category = base.parent, base.name
     name = data_cfg.synthetic_layout
   if not root:
@@ -98,10 +107,13 @@ def build_index(data_cfg, seed: int) -> tuple[Splits, pathlib.Path | str]:
 
 def fetch_dataset(name: str, root: str | pathlib.Path) -> None:
   """data.download: the published archive of `name` extracted into `root`; failures become DataErrors."""
-  from efficientad_jax import download  # pylint: disable=g-import-not-at-top  (only when asked for)
+  from efficientad_jax.files import download
+
   if name not in download.DATASETS:
-    raise DataError(f"data.download: dataset {name!r} has no published archive; "
-                    f"downloadable: {sorted(set(download.DATASETS) & set(DATASETS))}")
+    raise DataError(
+      f"data.download: dataset {name!r} has no published archive; "
+      f"downloadable: {sorted(set(download.DATASETS) & set(DATASETS))}"
+    )
   try:
     download.download_dataset(name, root)
   except download.DownloadError as e:
@@ -109,7 +121,8 @@ def fetch_dataset(name: str, root: str | pathlib.Path) -> None:
 
 
 def _tfds_splits(data_cfg, seed: int) -> tuple[dict[str, Sequence[Any]], str]:
-  from efficientad_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  from efficientad_jax.data import tfds_builders
+
   return tfds_builders.load_splits(data_cfg, seed), data_cfg.root
 
 
@@ -144,31 +157,53 @@ def make_datasets(data_cfg, image_size: int, seed: int, *, training: bool = Fals
   # One cache per Datasets, shared by every train_iter and by train_eval; its file goes with them.
   decoded = [cache.decode_once(splits["train"], image_size) if training and data_cfg.decode_cache else None]
 
-  def train_iter(batch_size: int, process_index: int = 0, process_count: int = 1
-                 ) -> grain.DatasetIterator:
+  def train_iter(batch_size: int, process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
     if data_cfg.decode_cache and decoded[0] is None:
       decoded[0] = cache.decode_once(splits["train"], image_size)
-    ds = pipeline.train_dataset(splits["train"], penalty, image_size=image_size,
-                                batch_size=batch_size, seed=seed, data_cfg=data_cfg,
-                                process_index=process_index, process_count=process_count,
-                                cache=decoded[0])
+    ds = pipeline.train_dataset(
+      splits["train"],
+      penalty,
+      image_size=image_size,
+      batch_size=batch_size,
+      seed=seed,
+      data_cfg=data_cfg,
+      process_index=process_index,
+      process_count=process_count,
+      cache=decoded[0],
+    )
     return iter(ds)
 
-  make_eval = lambda s: pipeline.eval_dataset(s, image_size=image_size, data_cfg=data_cfg,  # noqa: E731
-                                              specs=specs)
-  train_eval = make_eval(splits["train"]) if decoded[0] is None else pipeline.cached_eval_dataset(
-      splits["train"], decoded[0], data_cfg=data_cfg, specs=specs)
+  make_eval = lambda s: pipeline.eval_dataset(s, image_size=image_size, data_cfg=data_cfg, specs=specs)
+  train_eval = (
+    make_eval(splits["train"])
+    if decoded[0] is None
+    else pipeline.cached_eval_dataset(splits["train"], decoded[0], data_cfg=data_cfg, specs=specs)
+  )
   loco = data_cfg.dataset == "mvtec_loco" or (
-      data_cfg.dataset == "synthetic" and data_cfg.synthetic_layout == "mvtec_loco")
+    data_cfg.dataset == "synthetic" and data_cfg.synthetic_layout == "mvtec_loco"
+  )
   category = data_cfg.category or ("widget" if data_cfg.dataset == "synthetic" else "")
-  info = {"dataset": data_cfg.dataset, "category": category, "root": str(root),
-          "loco": loco, "num_train": len(splits["train"]),
-          "num_validation": len(splits["validation"]), "num_test": len(splits["test"]),
-          "defects_config": [dataclasses.asdict(s) for s in specs], "image_size": image_size,
-          "penalty": data_cfg.penalty, "decoded_once": decoded[0] is not None}
-  return Datasets(train_iter=train_iter, train_eval=train_eval,
-                  validation=make_eval(splits["validation"]), test=make_eval(splits["test"]),
-                  info=info, listing=lambda: {k: split_names(splits[k]) for k in ("train", "validation")})
+  info = {
+    "dataset": data_cfg.dataset,
+    "category": category,
+    "root": str(root),
+    "loco": loco,
+    "num_train": len(splits["train"]),
+    "num_validation": len(splits["validation"]),
+    "num_test": len(splits["test"]),
+    "defects_config": [dataclasses.asdict(s) for s in specs],
+    "image_size": image_size,
+    "penalty": data_cfg.penalty,
+    "decoded_once": decoded[0] is not None,
+  }
+  return Datasets(
+    train_iter=train_iter,
+    train_eval=train_eval,
+    validation=make_eval(splits["validation"]),
+    test=make_eval(splits["test"]),
+    info=info,
+    listing=lambda: {k: split_names(splits[k]) for k in ("train", "validation")},
+  )
 
 
 def describe(splits: Splits) -> dict:

@@ -21,7 +21,8 @@ import os
 import shutil
 import tempfile
 import weakref
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -52,8 +53,7 @@ class DecodedImages:
     self._offsets = tuple(int(e) for e in ends)  # offset of full image i; the last one is the file size
     self._map = None
     # Only the process that wrote the file deletes it (a copy in a worker leaves it to its owner).
-    self._finalizer = (weakref.finalize(self, _remove_folder, os.path.dirname(path), os.getpid())
-                       if owner else None)
+    self._finalizer = weakref.finalize(self, _remove_folder, os.path.dirname(path), os.getpid()) if owner else None
 
   def __len__(self) -> int:
     return len(self.shapes)
@@ -74,12 +74,12 @@ class DecodedImages:
   def small(self, index: int) -> np.ndarray:
     """[S, S, 3] uint8: `preprocess.resize(decoded image, S)` of record `index` (read-only)."""
     start = self.offsets(index)[0]
-    return self._bytes()[start:start + self.size * self.size * 3].reshape(self.size, self.size, 3)
+    return self._bytes()[start : start + self.size * self.size * 3].reshape(self.size, self.size, 3)
 
   def full(self, index: int) -> np.ndarray:
     """[H, W, 3] uint8: `preprocess.decode_image` of record `index` at its original size (read-only)."""
     h, w = self.shapes[index]
-    return self._bytes()[self._offsets[index]:self._offsets[index + 1]].reshape(h, w, 3)
+    return self._bytes()[self._offsets[index] : self._offsets[index + 1]].reshape(h, w, 3)
 
   def __getstate__(self) -> dict:
     return {"path": self.path, "size": self.size, "shapes": self.shapes}
@@ -94,7 +94,7 @@ def _remove_folder(folder: str, pid: int) -> None:
 
 
 def _source(record: Any) -> tuple[Any, str]:
-  parts = pipeline._parts(record, ())  # pylint: disable=protected-access  (the pipeline's own reading)
+  parts = pipeline._parts(record, ())
   return parts["image"], parts["name"]
 
 
@@ -137,18 +137,20 @@ def _decode_into(fd: int, images: DecodedImages, records: Sequence[Any], index: 
 def _check_space(folder: str, needed: int) -> None:
   free = shutil.disk_usage(folder).free
   if free < needed:
-    raise DataError(f"{folder}: decoding the training images once needs {needed} bytes "
-                    f"({needed / 2**20:.0f} MiB), {free} are free: {_FIX}")
+    raise DataError(
+      f"{folder}: decoding the training images once needs {needed} bytes "
+      f"({needed / 2**20:.0f} MiB), {free} are free: {_FIX}"
+    )
 
 
-def _write_all(pool: concurrent.futures.ThreadPoolExecutor, folder: str, records: Sequence[Any],
-               image_size: int) -> DecodedImages:
+def _write_all(
+  pool: concurrent.futures.ThreadPoolExecutor, folder: str, records: Sequence[Any], image_size: int
+) -> DecodedImages:
   """Reads the sizes, checks the disk, then decodes and writes every record; the pool is shut down after."""
   shapes = list(pool.map(lambda i: _checked(_shape, records[i]), range(len(records))))
   images = DecodedImages(os.path.join(folder, FILE_NAME), image_size, shapes, owner=True)
   _check_space(folder, images.nbytes)
-  logger.info("decoding %d training images once (%.0f MiB) into %s", len(images), images.nbytes / 2**20,
-              folder)
+  logger.info("decoding %d training images once (%.0f MiB) into %s", len(images), images.nbytes / 2**20, folder)
   fd = os.open(images.path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
   try:
     list(pool.map(lambda i: _checked(_decode_into, fd, images, records, i), range(len(images))))

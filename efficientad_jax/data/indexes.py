@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import csv
 import pathlib
-from typing import Sequence
+from collections.abc import Sequence
 
 from PIL import Image
 
@@ -29,8 +29,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 def list_images(folder: pathlib.Path) -> list[pathlib.Path]:
   """Image files directly in `folder`, sorted by name (hidden files skipped)."""
-  return sorted(p for p in folder.iterdir()
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+  return sorted(
+    p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+  )
 
 
 def _subdirs(folder: pathlib.Path) -> list[str]:
@@ -41,14 +42,18 @@ def category_dir(root: str | pathlib.Path, category: str, marker: str = "train")
   """`root/category`, or a DataError listing the available categories (folders holding `marker`)."""
   root = pathlib.Path(root)
   if not root.is_dir():
-    raise DataError(f"dataset root {root} does not exist or is not a folder (data.root): pass "
-                    "--set data.root=<the extracted dataset>, or fetch it with `python -m experiments.download` "
-                    "(or --set data.download=true)")
+    raise DataError(
+      f"dataset root {root} does not exist or is not a folder (data.root): pass "
+      "--set data.root=<the extracted dataset>, or fetch it with `python -m experiments.download` "
+      "(or --set data.download=true)"
+    )
   path = root / category
   if not category or not (path / marker).is_dir():
     available = [d for d in _subdirs(root) if (root / d / marker).is_dir()]
-    raise DataError(f"category {category!r} not found in {root} (no {path / marker}; data.category); "
-                    f"available: {available}: pass one with --set data.category=NAME")
+    raise DataError(
+      f"category {category!r} not found in {root} (no {path / marker}; data.category); "
+      f"available: {available}: pass one with --set data.category=NAME"
+    )
   return path
 
 
@@ -72,8 +77,7 @@ def _check_same_size(image: pathlib.Path, mask: pathlib.Path) -> None:
     except (OSError, SyntaxError, ValueError) as e:
       raise DataError(f"{path}: cannot be read as an image ({e})") from None
   if sizes[0] != sizes[1]:
-    raise DataError(f"{mask}: mask size {sizes[1]} (W, H) differs from its image {image} "
-                    f"size {sizes[0]}")
+    raise DataError(f"{mask}: mask size {sizes[1]} (W, H) differs from its image {image} size {sizes[0]}")
 
 
 def _normal_samples(images: Sequence[pathlib.Path], prefix: str) -> list[Sample]:
@@ -98,8 +102,7 @@ def _masked_test(base: pathlib.Path, test: pathlib.Path, required: bool) -> list
       if not mask.is_file():
         raise DataError(f"{image}: its ground-truth mask {mask} is missing")
       _check_same_size(image, mask)
-      samples.append(Sample(image=str(image), id=f"test/{defect}/{image.stem}", label=1,
-                            defect=defect, mask=str(mask)))
+      samples.append(Sample(image=str(image), id=f"test/{defect}/{image.stem}", label=1, defect=defect, mask=str(mask)))
   if required and not samples:
     raise DataError(f"{test}: empty split (test): no defect folders with images")
   _check_orphan_masks(gt_root, samples)
@@ -113,12 +116,12 @@ def _check_orphan_masks(gt_root: pathlib.Path, samples: Sequence[Sample]) -> Non
   for defect in _subdirs(gt_root):
     for mask in list_images(gt_root / defect):
       if str(mask) not in used:
-        raise DataError(f"{mask}: ground-truth mask without a test image "
-                        f"(expected test/{defect}/{mask.stem.removesuffix('_mask')}.*)")
+        raise DataError(
+          f"{mask}: ground-truth mask without a test image (expected test/{defect}/{mask.stem.removesuffix('_mask')}.*)"
+        )
 
 
-def index_mvtec_ad(root: str | pathlib.Path, category: str, seed: int,
-                   validation_fraction: float = 0.1) -> Splits:
+def index_mvtec_ad(root: str | pathlib.Path, category: str, seed: int, validation_fraction: float = 0.1) -> Splits:
   """MVTec AD category: train/good minus a seeded hold-out, the hold-out, test with masks."""
   base = category_dir(root, category)
   train_all = _normal_samples(_images_or_error(base / "train" / "good", "train"), "train/good")
@@ -127,8 +130,7 @@ def index_mvtec_ad(root: str | pathlib.Path, category: str, seed: int,
   return Splits(train, validation, tuple(test))
 
 
-def index_folder(root: str | pathlib.Path, category: str, seed: int,
-                 validation_fraction: float = 0.1) -> Splits:
+def index_folder(root: str | pathlib.Path, category: str, seed: int, validation_fraction: float = 0.1) -> Splits:
   """Plain folder `<root>[/<category>]/train/good`, optional test/ and ground_truth/ as MVTec AD."""
   base = category_dir(root, category) if category else pathlib.Path(root)
   if not base.is_dir():
@@ -144,15 +146,13 @@ def index_mvtec_loco(root: str | pathlib.Path, category: str) -> Splits:
   base = category_dir(root, category)
   specs = records.parse_defects_config(base / "defects_config.json")
   train = _normal_samples(_images_or_error(base / "train" / "good", "train"), "train/good")
-  validation = _normal_samples(
-      _images_or_error(base / "validation" / "good", "validation"), "validation/good")
+  validation = _normal_samples(_images_or_error(base / "validation" / "good", "validation"), "validation/good")
   test_dir = base / "test"
   if not test_dir.is_dir():
     raise DataError(f"{test_dir}: missing; {base} holds folders {_subdirs(base)}")
   unknown = sorted(set(_subdirs(test_dir)) - set(records.LOCO_TYPES))
   if unknown:
-    raise DataError(f"{test_dir}: unknown folders {unknown}; MVTec LOCO test folders are "
-                    f"{records.LOCO_TYPES}")
+    raise DataError(f"{test_dir}: unknown folders {unknown}; MVTec LOCO test folders are {records.LOCO_TYPES}")
   test = []
   for loco_type in records.LOCO_TYPES:
     folder = test_dir / loco_type
@@ -162,9 +162,16 @@ def index_mvtec_loco(root: str | pathlib.Path, category: str) -> Splits:
       channels = ()
       if loco_type != "good":
         channels = _loco_channels(base, loco_type, image)
-      test.append(Sample(image=str(image), id=f"test/{loco_type}/{image.stem}",
-                         label=int(loco_type != "good"), defect=loco_type, loco_type=loco_type,
-                         channels=channels))
+      test.append(
+        Sample(
+          image=str(image),
+          id=f"test/{loco_type}/{image.stem}",
+          label=int(loco_type != "good"),
+          defect=loco_type,
+          loco_type=loco_type,
+          channels=channels,
+        )
+      )
   if not test:
     raise DataError(f"{test_dir}: empty split (test): none of {records.LOCO_TYPES} holds images")
   _check_orphan_channels(base, test)
@@ -191,15 +198,15 @@ def _check_orphan_channels(base: pathlib.Path, test: Sequence[Sample]) -> None:
       continue
     for stem in _subdirs(folder):
       if (loco_type, stem) not in ids:
-        raise DataError(f"{folder / stem}: ground truth without a test image "
-                        f"(expected {base / 'test' / loco_type / stem}.png)")
+        raise DataError(
+          f"{folder / stem}: ground truth without a test image (expected {base / 'test' / loco_type / stem}.png)"
+        )
 
 
 VISA_COLUMNS = ("object", "split", "label", "image", "mask")
 
 
-def index_visa(root: str | pathlib.Path, category: str, seed: int,
-               validation_fraction: float = 0.1) -> Splits:
+def index_visa(root: str | pathlib.Path, category: str, seed: int, validation_fraction: float = 0.1) -> Splits:
   """VisA object from `split_csv/1cls.csv`; train normals minus a seeded hold-out; test with masks."""
   root = pathlib.Path(root)
   table = root / "split_csv" / "1cls.csv"
@@ -230,8 +237,7 @@ def index_visa(root: str | pathlib.Path, category: str, seed: int,
 def _visa_sample(root: pathlib.Path, row: dict, where: str) -> Sample:
   split, label = row["split"].strip(), row["label"].strip()
   if split not in ("train", "test") or label not in ("normal", "anomaly"):
-    raise DataError(f"{where}: split must be train|test and label normal|anomaly, got "
-                    f"{split!r}, {label!r}")
+    raise DataError(f"{where}: split must be train|test and label normal|anomaly, got {split!r}, {label!r}")
   image = root / row["image"].strip()
   if not image.is_file():
     raise DataError(f"{where}: image {image} does not exist")
@@ -245,5 +251,6 @@ def _visa_sample(root: pathlib.Path, row: dict, where: str) -> Sample:
       raise DataError(f"{where}: anomalous image {image} has no mask file ({mask_path})")
     _check_same_size(image, mask_path)
     mask = str(mask_path)
-  return Sample(image=str(image), id=f"{split}/{defect}/{image.stem}", label=int(label == "anomaly"),
-                defect=defect, mask=mask)
+  return Sample(
+    image=str(image), id=f"{split}/{defect}/{image.stem}", label=int(label == "anomaly"), defect=defect, mask=mask
+  )

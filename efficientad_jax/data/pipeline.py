@@ -15,7 +15,8 @@ import json
 import os
 import pathlib
 import zlib
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -35,7 +36,8 @@ def worker_count(requested: int) -> int:
     return requested
   if requested != -1:
     raise ValueError(f"num_workers must be >= 0, or -1 (auto), got {requested}")
-  import jax  # pylint: disable=g-import-not-at-top  (the data package imports without JAX)
+  import jax
+
   if jax.default_backend() == "cpu":
     return 0
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -50,20 +52,34 @@ def sub_seed(seed: int, name: str) -> int:
 def _parts(record: Any, specs: Sequence[records.DefectSpec]) -> dict:
   """Sample or TFDS dict -> {'image','name','id','label','defect','loco_type','mask','channels','specs'}."""
   if isinstance(record, Sample):
-    return {"image": record.image, "name": record.image, "id": record.id, "label": record.label,
-            "defect": record.defect, "loco_type": record.loco_type, "mask": record.mask,
-            "channels": list(record.channels), "specs": specs}
-  text = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731
+    return {
+      "image": record.image,
+      "name": record.image,
+      "id": record.id,
+      "label": record.label,
+      "defect": record.defect,
+      "loco_type": record.loco_type,
+      "mask": record.mask,
+      "channels": list(record.channels),
+      "specs": specs,
+    }
+  text = lambda v: v.decode() if isinstance(v, bytes) else str(v)
   mask = record.get("mask")
   config = text(record.get("defects_config", b"")) if "defects_config" in record else ""
   if config:
     specs = tuple(records.parse_defect(e, "TFDS record defects_config") for e in json.loads(config))
   rid = text(record["id"])
-  return {"image": record["image"], "name": f"tfds record {rid}", "id": rid,
-          "label": int(record["label"]), "defect": text(record["defect"]),
-          "loco_type": text(record.get("loco_type", b"")),
-          "mask": mask if mask is not None and len(mask) else None,
-          "channels": list(record.get("channels", ())), "specs": specs}
+  return {
+    "image": record["image"],
+    "name": f"tfds record {rid}",
+    "id": rid,
+    "label": int(record["label"]),
+    "defect": text(record["defect"]),
+    "loco_type": text(record.get("loco_type", b"")),
+    "mask": mask if mask is not None and len(mask) else None,
+    "channels": list(record.get("channels", ())),
+    "specs": specs,
+  }
 
 
 def train_element(record: Any, rng: np.random.Generator, image_size: int, jitter: tuple[float, float]) -> dict:
@@ -77,8 +93,10 @@ def train_element(record: Any, rng: np.random.Generator, image_size: int, jitter
   parts = _parts(record, ())
   rgb = preprocess.decode_image(parts["image"], parts["name"])
   kind, factor = preprocess.draw_jitter(rng, *jitter)
-  return {"image": preprocess.resize(rgb, image_size),
-          "image_ae": preprocess.jittered_resized(rgb, kind, factor, image_size)}
+  return {
+    "image": preprocess.resize(rgb, image_size),
+    "image_ae": preprocess.jittered_resized(rgb, kind, factor, image_size),
+  }
 
 
 def cached_train_element(index: int, rng: np.random.Generator, cache: Any, jitter: tuple[float, float]) -> dict:
@@ -88,18 +106,22 @@ def cached_train_element(index: int, rng: np.random.Generator, cache: Any, jitte
   cached full-resolution image with the same `draw_jitter` draw (docs/method.md §4.1).
   """
   kind, factor = preprocess.draw_jitter(rng, *jitter)
-  return {"image": cache.small(index), "image_ae": preprocess.jittered_resized(cache.full(index), kind, factor,
-                                                                             cache.size)}
+  return {
+    "image": cache.small(index),
+    "image_ae": preprocess.jittered_resized(cache.full(index), kind, factor, cache.size),
+  }
 
 
-def penalty_element(record: Any, rng: np.random.Generator, image_size: int, resize_to: int,
-                    gray_prob: float) -> np.ndarray:
+def penalty_element(
+  record: Any, rng: np.random.Generator, image_size: int, resize_to: int, gray_prob: float
+) -> np.ndarray:
   """One penalty image (a path, or a TFDS dict with 'image') -> [S, S, 3] uint8, not yet normalised
   (`preprocess.penalty_crop`; docs/method.md §4.1)."""
   source = record["image"] if isinstance(record, dict) else record
   name = str(source) if isinstance(source, (str, pathlib.Path)) else "penalty record"
-  return preprocess.penalty_crop(preprocess.decode_image(source, name), preprocess.draw_gray(rng, gray_prob),
-                                 resize_to, image_size)
+  return preprocess.penalty_crop(
+    preprocess.decode_image(source, name), preprocess.draw_gray(rng, gray_prob), resize_to, image_size
+  )
 
 
 def _merge(pair: tuple[dict, np.ndarray]) -> dict:
@@ -108,14 +130,24 @@ def _merge(pair: tuple[dict, np.ndarray]) -> dict:
 
 def mark_flags_parsed() -> None:
   """grain's worker processes read absl flags; outside absl.app they must be marked parsed."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
-def train_dataset(samples: Sequence[Any], penalty: Sequence[Any] | None, *, image_size: int,
-                  batch_size: int, seed: int, data_cfg, process_index: int = 0,
-                  process_count: int = 1, cache: Any = None) -> grain.IterDataset:
+def train_dataset(
+  samples: Sequence[Any],
+  penalty: Sequence[Any] | None,
+  *,
+  image_size: int,
+  batch_size: int,
+  seed: int,
+  data_cfg,
+  process_index: int = 0,
+  process_count: int = 1,
+  cache: Any = None,
+) -> grain.IterDataset:
   """The infinite training stream of this process: batches of dicts of NumPy arrays.
 
   Batch: {'image': [B,S,S,3], 'image_ae': [B,S,S,3], 'penalty': [B,S,S,3]} uint8 NHWC, resized, NOT
@@ -136,21 +168,23 @@ def train_dataset(samples: Sequence[Any], penalty: Sequence[Any] | None, *, imag
     element = functools.partial(train_element, image_size=image_size, jitter=jitter)
   else:
     if len(cache) != len(samples) or cache.size != image_size:
-      raise ValueError(f"decode cache of {len(cache)} images at {cache.size} px does not match "
-                       f"{len(samples)} training images at {image_size} px")
+      raise ValueError(
+        f"decode cache of {len(cache)} images at {cache.size} px does not match "
+        f"{len(samples)} training images at {image_size} px"
+      )
     # Indices shuffle exactly as the records do (the permutation depends on the length and seed only).
     source = range(len(samples))
     element = functools.partial(cached_train_element, cache=cache, jitter=jitter)
   ds = grain.MapDataset.source(source).shuffle(sub_seed(seed, "shuffle")).repeat()
   ds = ds.random_map(element, seed=sub_seed(seed, "jitter"))
   if penalty is not None:
-    ds = grain.experimental.ZipMapDataset([ds, _penalty_images(penalty, image_size, seed, data_cfg)]
-                                          ).map(_merge)
+    ds = grain.experimental.ZipMapDataset([ds, _penalty_images(penalty, image_size, seed, data_cfg)]).map(_merge)
   # Shard after the random map: the randomness depends on the global index only, so the union
   # over processes is the single-process stream.
   ds = ds[process_index::process_count].batch(batch_size, drop_remainder=True)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, data_cfg.prefetch),
-                                            prefetch_buffer_size=data_cfg.prefetch))
+  it = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=max(1, data_cfg.prefetch), prefetch_buffer_size=data_cfg.prefetch)
+  )
   workers = worker_count(data_cfg.num_workers)
   if workers > 0:
     mark_flags_parsed()
@@ -163,13 +197,27 @@ def _penalty_images(penalty: Sequence[Any], image_size: int, seed: int, data_cfg
   if not len(penalty):
     raise DataError("the penalty source is empty")
   pen = grain.MapDataset.source(penalty).shuffle(sub_seed(seed, "penalty_shuffle")).repeat()
-  return pen.random_map(functools.partial(
-      penalty_element, image_size=image_size, resize_to=data_cfg.penalty_resize,
-      gray_prob=data_cfg.penalty_grayscale_prob), seed=sub_seed(seed, "penalty"))
+  return pen.random_map(
+    functools.partial(
+      penalty_element,
+      image_size=image_size,
+      resize_to=data_cfg.penalty_resize,
+      gray_prob=data_cfg.penalty_grayscale_prob,
+    ),
+    seed=sub_seed(seed, "penalty"),
+  )
 
 
-def penalty_batches(penalty: Sequence[Any], *, image_size: int, batch_size: int, seed: int, data_cfg,
-                    process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+def penalty_batches(
+  penalty: Sequence[Any],
+  *,
+  image_size: int,
+  batch_size: int,
+  seed: int,
+  data_cfg,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> grain.MapDataset:
   """Penalty images alone, in batches indexed by step: `ds[k]` is [B, S, S, 3] float32, normalised, a pure
   function of (k, seed), so a resumed run needs no iterator state. B = batch_size (this process's share); the
   same stream, seeds and process slicing as the penalty images of `train_dataset`."""
@@ -178,8 +226,7 @@ def penalty_batches(penalty: Sequence[Any], *, image_size: int, batch_size: int,
   return pen[process_index::process_count].batch(batch_size, drop_remainder=True).map(normalise)
 
 
-def eval_element(record: Any, image_size: int, mean, std,
-                 specs: Sequence[records.DefectSpec] = ()) -> dict:
+def eval_element(record: Any, image_size: int, mean, std, specs: Sequence[records.DefectSpec] = ()) -> dict:
   """One evaluation image -> its record (docs/method.md §7, §9). Masks stay at the original resolution.
 
   Returns:
@@ -193,8 +240,9 @@ def eval_element(record: Any, image_size: int, mean, std,
   return _eval_record(p, rgb.shape[:2], preprocess.model_input(rgb, image_size, mean, std))
 
 
-def cached_eval_element(index: int, samples: Sequence[Any], cache: Any, mean, std,
-                        specs: Sequence[records.DefectSpec] = ()) -> dict:
+def cached_eval_element(
+  index: int, samples: Sequence[Any], cache: Any, mean, std, specs: Sequence[records.DefectSpec] = ()
+) -> dict:
   """`eval_element` of training record `index`, its image read from a decode cache (the same record)."""
   x = preprocess.network_input(cache.small(index), mean, std)
   return _eval_record(_parts(samples[index], specs), cache.shapes[index], x)
@@ -214,27 +262,40 @@ def _eval_record(p: dict, hw: tuple[int, int], x: np.ndarray) -> dict:
       raise DataError(f"{name}: mask size {raw.shape} (H, W) differs from its image's {hw}")
     channels.append(records.loco_channel(raw, p["specs"], name))
     mask |= channels[-1]["mask"]
-  return {"image": x, "orig_size": np.asarray(hw, np.int32), "label": p["label"],
-          "defect": p["defect"], "loco_type": p["loco_type"], "id": p["id"], "mask": mask,
-          "channels": tuple(channels)}
+  return {
+    "image": x,
+    "orig_size": np.asarray(hw, np.int32),
+    "label": p["label"],
+    "defect": p["defect"],
+    "loco_type": p["loco_type"],
+    "id": p["id"],
+    "mask": mask,
+    "channels": tuple(channels),
+  }
 
 
 def _name(source: Any, image_name: str, what: str) -> str:
   return str(source) if isinstance(source, (str, pathlib.Path)) else f"{image_name} ({what})"
 
 
-def eval_dataset(samples: Sequence[Any], *, image_size: int, data_cfg,
-                 specs: Sequence[records.DefectSpec] = ()) -> grain.MapDataset:
+def eval_dataset(
+  samples: Sequence[Any], *, image_size: int, data_cfg, specs: Sequence[records.DefectSpec] = ()
+) -> grain.MapDataset:
   """Ordered, unshuffled evaluation records (format: `eval_element`); index it or iterate it."""
-  return grain.MapDataset.source(samples).map(functools.partial(
-      eval_element, image_size=image_size, mean=data_cfg.mean, std=data_cfg.std, specs=specs))
+  return grain.MapDataset.source(samples).map(
+    functools.partial(eval_element, image_size=image_size, mean=data_cfg.mean, std=data_cfg.std, specs=specs)
+  )
 
 
-def cached_eval_dataset(samples: Sequence[Any], cache: Any, *, data_cfg,
-                        specs: Sequence[records.DefectSpec] = ()) -> grain.MapDataset:
+def cached_eval_dataset(
+  samples: Sequence[Any], cache: Any, *, data_cfg, specs: Sequence[records.DefectSpec] = ()
+) -> grain.MapDataset:
   """`eval_dataset` of the training split whose images `cache` holds (`cache.decode_once(samples, S)`)."""
-  return grain.MapDataset.source(range(len(samples))).map(functools.partial(
-      cached_eval_element, samples=samples, cache=cache, mean=data_cfg.mean, std=data_cfg.std, specs=specs))
+  return grain.MapDataset.source(range(len(samples))).map(
+    functools.partial(
+      cached_eval_element, samples=samples, cache=cache, mean=data_cfg.mean, std=data_cfg.std, specs=specs
+    )
+  )
 
 
 def collate_eval(elements: Sequence[dict]) -> dict:
@@ -251,29 +312,31 @@ def eval_batches(ds: grain.MapDataset, batch_size: int) -> grain.MapDataset:
 
 
 def penalty_source(spec: str, tfds_data_dir: str = "") -> Sequence[Any] | None:
-  """"" -> None; "tfds:<name>" -> tfds.data_source(<name>, split='train'); else an image folder.
+  """ "" -> None; "tfds:<name>" -> tfds.data_source(<name>, split='train'); else an image folder.
 
   A folder is searched recursively for .jpg/.jpeg/.png files (sorted paths).
   """
   if not spec:
     return None
   if spec.startswith("tfds:"):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    return tfds.data_source(spec[len("tfds:"):], split="train", data_dir=tfds_data_dir or None,
-                            download=False)
+    import tensorflow_datasets as tfds
+
+    return tfds.data_source(spec[len("tfds:") :], split="train", data_dir=tfds_data_dir or None, download=False)
   folder = pathlib.Path(spec)
   if not folder.is_dir():
-    raise DataError(f"penalty folder {folder} does not exist (data.penalty): pass --set data.penalty=<an "
-                    "ImageNet-like image folder>, tfds:imagenette, or nothing (training without the penalty)")
-  paths = sorted(str(p) for p in folder.rglob("*")
-                 if p.is_file() and p.suffix.lower() in PENALTY_SUFFIXES)
+    raise DataError(
+      f"penalty folder {folder} does not exist (data.penalty): pass --set data.penalty=<an "
+      "ImageNet-like image folder>, tfds:imagenette, or nothing (training without the penalty)"
+    )
+  paths = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in PENALTY_SUFFIXES)
   if not paths:
     raise DataError(f"penalty folder {folder}: no {'/'.join(PENALTY_SUFFIXES)} images")
   return paths
 
 
-def size_batches(records: Iterable[tuple[int, dict]], batch_size: int
-                 ) -> Iterator[tuple[tuple[int, int], list[int], np.ndarray]]:
+def size_batches(
+  records: Iterable[tuple[int, dict]], batch_size: int
+) -> Iterator[tuple[tuple[int, int], list[int], np.ndarray]]:
   """Groups (index, record) by original size into batches of exactly `batch_size` images.
 
   A size's last batch is padded by repeating its last image, so each original size has one batch

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import io
 import pathlib
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageStat
 
 from efficientad_jax.data.records import DataError
 
-ImageSource = Union[str, pathlib.Path, bytes, np.ndarray]
+ImageSource = str | pathlib.Path | bytes | np.ndarray
 
 
 def _open(source: ImageSource, name: str) -> Image.Image:
@@ -31,8 +31,7 @@ def _open(source: ImageSource, name: str) -> Image.Image:
     image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     image.load()  # decode now: a truncated file fails here, not later in a worker
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise DataError(f"{name}: corrupt, truncated or not an image ({type(e).__name__}: {e})"
-                    ) from None
+    raise DataError(f"{name}: corrupt, truncated or not an image ({type(e).__name__}: {e})") from None
   return image
 
 
@@ -53,8 +52,7 @@ def _to_rgb_array(image: Image.Image, name: str) -> np.ndarray:
     return np.asarray(image)
   if mode in ("P", "PA", "CMYK", "YCbCr", "RGBX", "LAB", "HSV"):
     return np.asarray(image.convert("RGB"))
-  raise DataError(f"{name}: unsupported image mode {mode!r} (expected 8-bit gray/RGB/RGBA, "
-                  "palette or 16-bit gray)")
+  raise DataError(f"{name}: unsupported image mode {mode!r} (expected 8-bit gray/RGB/RGBA, palette or 16-bit gray)")
 
 
 def array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
@@ -99,8 +97,7 @@ def load_mask(source: ImageSource, image_hw: tuple[int, int], name: str = "") ->
   """A ground-truth mask -> [H, W] bool (nonzero = anomalous); its size must match the image's."""
   mask = decode_gray(source, name)
   if mask.shape != tuple(image_hw):
-    raise DataError(f"{name or 'mask'}: mask size {mask.shape} (H, W) differs from its image's "
-                    f"{tuple(image_hw)}")
+    raise DataError(f"{name or 'mask'}: mask size {mask.shape} (H, W) differs from its image's {tuple(image_hw)}")
   return mask != 0
 
 
@@ -190,8 +187,9 @@ def model_input(image: np.ndarray, size: int, mean: Sequence[float], std: Sequen
   return network_input(resize(image, size), mean, std)
 
 
-def autoencoder_input(image: np.ndarray, kind: str, factor: float, size: int, mean: Sequence[float],
-                      std: Sequence[float]) -> np.ndarray:
+def autoencoder_input(
+  image: np.ndarray, kind: str, factor: float, size: int, mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
   """The autoencoder's training input: `adjust_color` at full resolution, then `model_input`.
 
   Args:
@@ -215,7 +213,7 @@ def penalty_crop(image: np.ndarray, gray: bool, resize_to: int, size: int) -> np
   if gray:
     pil = pil.convert("L").convert("RGB")  # torchvision rgb_to_grayscale on PIL: the same luma
   top = int(round((resize_to - size) / 2.0))  # torchvision CenterCrop's offset
-  return np.asarray(pil)[top:top + size, top:top + size]
+  return np.asarray(pil)[top : top + size, top : top + size]
 
 
 def draw_gray(rng: np.random.Generator, gray_prob: float) -> bool:
@@ -223,13 +221,21 @@ def draw_gray(rng: np.random.Generator, gray_prob: float) -> bool:
   return bool(rng.uniform() < gray_prob)
 
 
-def penalty_transform(image: np.ndarray, gray: bool, resize_to: int, size: int, mean: Sequence[float],
-                      std: Sequence[float]) -> np.ndarray:
+def penalty_transform(
+  image: np.ndarray, gray: bool, resize_to: int, size: int, mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
   """`penalty_crop`, then `ToTensor`, `Normalize`: [H, W, 3] uint8 -> [size, size, 3] float32, normalised."""
   return network_input(penalty_crop(image, gray, resize_to, size), mean, std)
 
 
-def penalty_image(image: np.ndarray, rng: np.random.Generator, resize_to: int, size: int,
-                  gray_prob: float, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+def penalty_image(
+  image: np.ndarray,
+  rng: np.random.Generator,
+  resize_to: int,
+  size: int,
+  gray_prob: float,
+  mean: Sequence[float],
+  std: Sequence[float],
+) -> np.ndarray:
   """`penalty_transform` with the grayscale decision drawn: gray with probability `gray_prob`."""
   return penalty_transform(image, draw_gray(rng, gray_prob), resize_to, size, mean, std)

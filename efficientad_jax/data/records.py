@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -55,7 +55,7 @@ class Splits:
   train: tuple[Sample, ...]
   validation: tuple[Sample, ...]
   test: tuple[Sample, ...]
-  defects_config: tuple["DefectSpec", ...] = ()  # MVTec LOCO only
+  defects_config: tuple[DefectSpec, ...] = ()  # MVTec LOCO only
 
   def __getitem__(self, split: str) -> tuple[Sample, ...]:
     if split not in SPLITS:
@@ -106,11 +106,9 @@ def parse_defect(entry: object, where: str) -> DefectSpec:
   if not isinstance(relative, bool):
     raise DataError(f"{where} ({name}): relative_saturation must be true/false, got {relative!r}")
   if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold <= 0:
-    raise DataError(f"{where} ({name}): saturation_threshold must be a positive number, "
-                    f"got {threshold!r}")
+    raise DataError(f"{where} ({name}): saturation_threshold must be a positive number, got {threshold!r}")
   if relative and threshold > 1:
-    raise DataError(f"{where} ({name}): a relative saturation_threshold must be in (0, 1], "
-                    f"got {threshold!r}")
+    raise DataError(f"{where} ({name}): a relative saturation_threshold must be in (0, 1], got {threshold!r}")
   return DefectSpec(name, value, float(threshold), relative)
 
 
@@ -127,17 +125,21 @@ def loco_channel(mask: np.ndarray, specs: Sequence[DefectSpec], path: str) -> di
   by_value = {s.pixel_value: s for s in specs}
   unknown = [int(v) for v in values if int(v) not in by_value]
   if unknown:
-    raise DataError(f"{path}: pixel values {unknown} are not in defects_config.json "
-                    f"(known: {sorted(by_value)})")
+    raise DataError(f"{path}: pixel values {unknown} are not in defects_config.json (known: {sorted(by_value)})")
   if len(values) != 1:
-    raise DataError(f"{path}: a LOCO channel must hold exactly one defect value besides 0, "
-                    f"got {[int(v) for v in values]}")
+    raise DataError(
+      f"{path}: a LOCO channel must hold exactly one defect value besides 0, got {[int(v) for v in values]}"
+    )
   spec = by_value[int(values[0])]
   binary = mask != 0
   area = int(binary.sum())
-  return {"mask": binary, "defect": spec.defect_name, "pixel_value": spec.pixel_value,
-          "area": area, "saturation_area": saturation_area(area, spec.saturation_threshold,
-                                                                  spec.relative_saturation)}
+  return {
+    "mask": binary,
+    "defect": spec.defect_name,
+    "pixel_value": spec.pixel_value,
+    "area": area,
+    "saturation_area": saturation_area(area, spec.saturation_threshold, spec.relative_saturation),
+  }
 
 
 def hold_out_count(n: int, fraction: float) -> int:
@@ -153,8 +155,7 @@ def hold_out_count(n: int, fraction: float) -> int:
   return min(n - int((1.0 - fraction) * n), max(n - 1, 0))
 
 
-def hold_out_positions(ids: Sequence[str], fraction: float, seed: int
-                       ) -> tuple[list[int], list[int]]:
+def hold_out_positions(ids: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
   """Positions (into `ids`) of the training and the held-out validation images.
 
   `hold_out_count(n, fraction)` images are held out, chosen by a seeded permutation. Deterministic
@@ -169,8 +170,7 @@ def hold_out_positions(ids: Sequence[str], fraction: float, seed: int
   return train, validation
 
 
-def hold_out(samples: Sequence[Sample], fraction: float, seed: int
-             ) -> tuple[tuple[Sample, ...], tuple[Sample, ...]]:
+def hold_out(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[tuple[Sample, ...], tuple[Sample, ...]]:
   """Splits normal training samples into (train, validation) by `hold_out_positions`."""
   train, validation = hold_out_positions([s.id for s in samples], fraction, seed)
   return tuple(samples[i] for i in train), tuple(samples[i] for i in validation)

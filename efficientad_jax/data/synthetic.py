@@ -33,16 +33,27 @@ RED, BLUE, YELLOW, BOARD = (200, 40, 40), (40, 70, 200), (230, 200, 40), (40, 11
 
 # defects_config.json of the LOCO layout: pixel values, saturation as in the official format. The
 # absolute scratch threshold is scaled with the image area in `_defects_config`.
-_CONFIG = (("missing_item", 255, 1.0, True), ("extra_item", 254, 1.0, True),
-           ("wrong_position", 253, 1.0, True), ("wrong_colour", 252, 1.0, True),
-           ("scratch", 251, None, False), ("stain", 250, 0.5, True),
-           ("missing_material", 249, 0.75, True))
+_CONFIG = (
+  ("missing_item", 255, 1.0, True),
+  ("extra_item", 254, 1.0, True),
+  ("wrong_position", 253, 1.0, True),
+  ("wrong_colour", 252, 1.0, True),
+  ("scratch", 251, None, False),
+  ("stain", 250, 0.5, True),
+  ("missing_material", 249, 0.75, True),
+)
 
 
 def _defects_config(size: int) -> list[dict]:
-  return [{"defect_name": name, "pixel_value": value,
-           "saturation_threshold": threshold if threshold else max(1, round(0.01 * size * size)),
-           "relative_saturation": relative} for name, value, threshold, relative in _CONFIG]
+  return [
+    {
+      "defect_name": name,
+      "pixel_value": value,
+      "saturation_threshold": threshold if threshold else max(1, round(0.01 * size * size)),
+      "relative_saturation": relative,
+    }
+    for name, value, threshold, relative in _CONFIG
+  ]
 
 
 def _rng(seed: int, *keys: object) -> np.random.Generator:
@@ -52,12 +63,18 @@ def _rng(seed: int, *keys: object) -> np.random.Generator:
 
 def _layout(size: int, rng: np.random.Generator) -> dict:
   """Nominal part geometry (pixel centres and sizes) with small random jitter."""
-  j = lambda: rng.uniform(-0.02, 0.02, 2) * size  # noqa: E731
+  j = lambda: rng.uniform(-0.02, 0.02, 2) * size
   shift = rng.uniform(-0.02, 0.02, 2) * size
-  at = lambda x, y: np.array([x, y]) * size + shift + j()  # noqa: E731
-  return {"discs": [at(0.3, 0.3), at(0.7, 0.3)], "square": at(0.3, 0.7), "bar": at(0.7, 0.7),
-          "r": 0.1 * size, "half": 0.1 * size, "bar_half": (0.14 * size, 0.05 * size),
-          "shift": shift}
+  at = lambda x, y: np.array([x, y]) * size + shift + j()
+  return {
+    "discs": [at(0.3, 0.3), at(0.7, 0.3)],
+    "square": at(0.3, 0.7),
+    "bar": at(0.7, 0.7),
+    "r": 0.1 * size,
+    "half": 0.1 * size,
+    "bar_half": (0.14 * size, 0.05 * size),
+    "shift": shift,
+  }
 
 
 def _background(size: int, rng: np.random.Generator, shift: np.ndarray) -> np.ndarray:
@@ -97,8 +114,7 @@ def _mask(size: int, paint) -> np.ndarray:
   return np.asarray(m) > 0
 
 
-def _logical(defect: str, size: int, g: dict, rng: np.random.Generator
-             ) -> tuple[Image.Image, np.ndarray]:
+def _logical(defect: str, size: int, g: dict, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
   """Draws normal-looking parts in a wrong count, position or colour; returns (image, mask)."""
   image = Image.fromarray(_background(size, rng, g["shift"]))
   colours, skip = [RED, RED], -1
@@ -106,23 +122,22 @@ def _logical(defect: str, size: int, g: dict, rng: np.random.Generator
   k = int(rng.integers(2))
   if defect == "missing_item":
     skip = k
-    paint = lambda d: _disc(d, g["discs"][k], g["r"], 1)  # noqa: E731
+    paint = lambda d: _disc(d, g["discs"][k], g["r"], 1)
   elif defect == "wrong_colour":
     colours[k] = YELLOW
-    paint = lambda d: _disc(d, g["discs"][k], g["r"], 1)  # noqa: E731
+    paint = lambda d: _disc(d, g["discs"][k], g["r"], 1)
   elif defect == "wrong_position":
     old, g = g["square"], dict(g, square=np.array([0.5, 0.52]) * size + g["shift"])
-    paint = lambda d: (_square(d, old, g["half"], 1), _square(d, g["square"], g["half"], 1))  # noqa: E731
+    paint = lambda d: (_square(d, old, g["half"], 1), _square(d, g["square"], g["half"], 1))
   _draw_parts(image, g, colours, skip)
   if defect == "extra_item":
     centre = np.array([0.5, 0.52]) * size + g["shift"]
     _disc(ImageDraw.Draw(image), centre, g["r"], RED)
-    paint = lambda d: _disc(d, centre, g["r"], 1)  # noqa: E731
+    paint = lambda d: _disc(d, centre, g["r"], 1)
   return image, _mask(size, paint)
 
 
-def _structural(defect: str, size: int, image: Image.Image, g: dict, rng: np.random.Generator
-                ) -> np.ndarray:
+def _structural(defect: str, size: int, image: Image.Image, g: dict, rng: np.random.Generator) -> np.ndarray:
   """Damages `image` in place; returns the [size, size] bool mask of the damage."""
   draw = ImageDraw.Draw(image)
   if defect == "scratch":
@@ -130,25 +145,24 @@ def _structural(defect: str, size: int, image: Image.Image, g: dict, rng: np.ran
     centre, angle = rng.uniform(0.3, 0.7, 2) * size, rng.uniform(0, np.pi)
     half = 0.25 * size * np.array([np.cos(angle), np.sin(angle)])  # half of a 0.5 * size line
     a, b = centre - half, centre + half
-    paint = lambda d, fill: d.line([*a, *b], fill=fill, width=width)  # noqa: E731
+    paint = lambda d, fill: d.line([*a, *b], fill=fill, width=width)
     paint(draw, (235, 235, 235))
   elif defect == "stain":
     c, (rx, ry) = rng.uniform(0.2, 0.8, 2) * size, rng.uniform(0.07, 0.11, 2) * size
-    paint = lambda d, fill: d.ellipse([c[0] - rx, c[1] - ry, c[0] + rx, c[1] + ry], fill=fill)  # noqa: E731
+    paint = lambda d, fill: d.ellipse([c[0] - rx, c[1] - ry, c[0] + rx, c[1] + ry], fill=fill)
     paint(draw, (90, 50, 20))
   elif defect == "missing_material":
     part = [g["discs"][0], g["discs"][1], g["square"], g["bar"]][int(rng.integers(4))]
     c = part + rng.uniform(-0.06, 0.06, 2) * size
     h = 0.07 * size
-    paint = lambda d, fill: d.rectangle([c[0] - h, c[1] - h, c[0] + h, c[1] + h], fill=fill)  # noqa: E731
+    paint = lambda d, fill: d.rectangle([c[0] - h, c[1] - h, c[0] + h, c[1] + h], fill=fill)
     paint(draw, (15, 15, 15))
   else:
     raise ValueError(f"unknown structural defect {defect!r}; known: {STRUCTURAL}")
   return _mask(size, lambda d: paint(d, 1))
 
 
-def render(size: int, seed: int, split: str, defect: str, index: int
-           ) -> tuple[np.ndarray, np.ndarray]:
+def render(size: int, seed: int, split: str, defect: str, index: int) -> tuple[np.ndarray, np.ndarray]:
   """One image of the part: ([size, size, 3] uint8, [size, size] bool mask; all False if normal)."""
   rng = _rng(seed, split, defect, index)
   g = _layout(size, rng)
@@ -191,8 +205,7 @@ def _write_tree(base: pathlib.Path, layout: str, size: int, seed: int, counts: d
       defect = defects[i % len(defects)]  # the defects take turns within the type's folder
       image, mask = render(size, seed, "test", defect, i)
       _save(base / "test" / loco_type / f"{i:03d}.png", image)
-      _save(base / "ground_truth" / loco_type / f"{i:03d}" / "000.png",
-            mask.astype(np.uint8) * values[defect])
+      _save(base / "ground_truth" / loco_type / f"{i:03d}" / "000.png", mask.astype(np.uint8) * values[defect])
 
 
 def _made_with(stamp: pathlib.Path, params: dict) -> bool:
@@ -202,9 +215,16 @@ def _made_with(stamp: pathlib.Path, params: dict) -> bool:
     return False
 
 
-def generate_synthetic(root: str | pathlib.Path, layout: str = "mvtec_ad", size: int = 64,
-                       num_train: int = 40, seed: int = 0, category: str = "widget",
-                       num_validation: int = 8, num_test: int = 8) -> pathlib.Path:
+def generate_synthetic(
+  root: str | pathlib.Path,
+  layout: str = "mvtec_ad",
+  size: int = 64,
+  num_train: int = 40,
+  seed: int = 0,
+  category: str = "widget",
+  num_validation: int = 8,
+  num_test: int = 8,
+) -> pathlib.Path:
   """Writes the synthetic dataset to `root/category` (cached) and returns that folder.
 
   Args:
@@ -223,10 +243,11 @@ def generate_synthetic(root: str | pathlib.Path, layout: str = "mvtec_ad", size:
   if layout not in ("mvtec_ad", "mvtec_loco"):
     raise ValueError(f"synthetic layout must be 'mvtec_ad' or 'mvtec_loco', got {layout!r}")
   if size < 16 or min(num_train, num_test) < 1:
-    raise ValueError(f"synthetic dataset needs size >= 16 and at least one image per split, got "
-                     f"size={size}, num_train={num_train}, num_test={num_test}")
-  counts = {"train": num_train, "validation": num_validation if layout == "mvtec_loco" else 0,
-            "test": num_test}
+    raise ValueError(
+      f"synthetic dataset needs size >= 16 and at least one image per split, got "
+      f"size={size}, num_train={num_train}, num_test={num_test}"
+    )
+  counts = {"train": num_train, "validation": num_validation if layout == "mvtec_loco" else 0, "test": num_test}
   params = {"layout": layout, "size": size, "seed": seed, "counts": counts, "version": 1}
   root = pathlib.Path(root)
   target = root / category

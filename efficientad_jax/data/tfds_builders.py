@@ -23,7 +23,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -31,44 +32,92 @@ import tensorflow_datasets as tfds
 from efficientad_jax.data import indexes, preprocess, records
 from efficientad_jax.data.records import DataError
 
-MVTEC_AD = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
-            "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
+MVTEC_AD = (
+  "bottle",
+  "cable",
+  "capsule",
+  "carpet",
+  "grid",
+  "hazelnut",
+  "leather",
+  "metal_nut",
+  "pill",
+  "screw",
+  "tile",
+  "toothbrush",
+  "transistor",
+  "wood",
+  "zipper",
+)
 MVTEC_LOCO = ("breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicing_connectors")
-VISA = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1",
-        "pcb2", "pcb3", "pcb4", "pipe_fryum")
+VISA = (
+  "candle",
+  "capsules",
+  "cashew",
+  "chewinggum",
+  "fryum",
+  "macaroni1",
+  "macaroni2",
+  "pcb1",
+  "pcb2",
+  "pcb3",
+  "pcb4",
+  "pipe_fryum",
+)
 
-_BYTES = lambda: tfds.features.Tensor(shape=(), dtype=np.object_)  # noqa: E731
+_BYTES = lambda: tfds.features.Tensor(shape=(), dtype=np.object_)
 
 
 def _features(loco: bool) -> tfds.features.FeaturesDict:
-  feats = {"image": _BYTES(), "id": tfds.features.Text(), "label": tfds.features.Scalar(np.int64),
-           "defect": tfds.features.Text(), "loco_type": tfds.features.Text(),
-           "height": tfds.features.Scalar(np.int64), "width": tfds.features.Scalar(np.int64),
-           "mask": _BYTES()}
+  feats = {
+    "image": _BYTES(),
+    "id": tfds.features.Text(),
+    "label": tfds.features.Scalar(np.int64),
+    "defect": tfds.features.Text(),
+    "loco_type": tfds.features.Text(),
+    "height": tfds.features.Scalar(np.int64),
+    "width": tfds.features.Scalar(np.int64),
+    "mask": _BYTES(),
+  }
   if loco:
-    feats.update({"channels": tfds.features.Sequence(_BYTES()),
-                  "channel_defects": tfds.features.Sequence(tfds.features.Text()),
-                  "channel_areas": tfds.features.Sequence(tfds.features.Scalar(np.int64)),
-                  # float: an absolute saturation threshold may be fractional (min(threshold, area))
-                  "channel_saturation_areas": tfds.features.Sequence(tfds.features.Scalar(np.float64)),
-                  "defects_config": tfds.features.Text()})
+    feats.update(
+      {
+        "channels": tfds.features.Sequence(_BYTES()),
+        "channel_defects": tfds.features.Sequence(tfds.features.Text()),
+        "channel_areas": tfds.features.Sequence(tfds.features.Scalar(np.int64)),
+        # float: an absolute saturation threshold may be fractional (min(threshold, area))
+        "channel_saturation_areas": tfds.features.Sequence(tfds.features.Scalar(np.float64)),
+        "defects_config": tfds.features.Text(),
+      }
+    )
   return tfds.features.FeaturesDict(feats)
 
 
 def _example(sample: records.Sample, specs: Sequence[records.DefectSpec], loco: bool) -> dict:
   data = pathlib.Path(sample.image).read_bytes()
   height, width = preprocess.decode_image(data, sample.image).shape[:2]  # validates the file
-  ex = {"image": data, "id": sample.id, "label": sample.label, "defect": sample.defect,
-        "loco_type": sample.loco_type, "height": height, "width": width,
-        "mask": pathlib.Path(sample.mask).read_bytes() if sample.mask else b""}
+  ex = {
+    "image": data,
+    "id": sample.id,
+    "label": sample.label,
+    "defect": sample.defect,
+    "loco_type": sample.loco_type,
+    "height": height,
+    "width": width,
+    "mask": pathlib.Path(sample.mask).read_bytes() if sample.mask else b"",
+  }
   if loco:
     pngs = [pathlib.Path(c).read_bytes() for c in sample.channels]
-    info = [records.loco_channel(preprocess.decode_gray(png, c), specs, c)
-            for png, c in zip(pngs, sample.channels)]
-    ex.update({"channels": pngs, "channel_defects": [i["defect"] for i in info],
-               "channel_areas": [i["area"] for i in info],
-               "channel_saturation_areas": [i["saturation_area"] for i in info],
-               "defects_config": json.dumps([dataclasses.asdict(s) for s in specs])})
+    info = [records.loco_channel(preprocess.decode_gray(png, c), specs, c) for png, c in zip(pngs, sample.channels)]
+    ex.update(
+      {
+        "channels": pngs,
+        "channel_defects": [i["defect"] for i in info],
+        "channel_areas": [i["area"] for i in info],
+        "channel_saturation_areas": [i["saturation_area"] for i in info],
+        "defects_config": json.dumps([dataclasses.asdict(s) for s in specs]),
+      }
+    )
   return ex
 
 
@@ -76,8 +125,10 @@ class _AnomalyBuilder(tfds.core.GeneratorBasedBuilder):
   """Shared logic: index the manual_dir with our indexers, yield one example per image."""
 
   VERSION = tfds.core.Version("1.1.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release (efficientad_jax).",
-                   "1.1.0": "LOCO channel saturation areas as float (fractional absolute thresholds)."}
+  RELEASE_NOTES = {
+    "1.0.0": "Initial release (efficientad_jax).",
+    "1.1.0": "LOCO channel saturation areas as float (fractional absolute thresholds).",
+  }
   LOCO = False
   # tfds' own `code_path` needs the `importlib_resources` backport, which tfds 4.9.10 does not
   # declare; the module file is what it would find.
@@ -85,8 +136,9 @@ class _AnomalyBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     # DatasetInfo directly: dataset_info_from_configs wants metadata files beside the module.
-    return tfds.core.DatasetInfo(builder=self, features=_features(self.LOCO),
-                                 description=self.__doc__, supervised_keys=None)
+    return tfds.core.DatasetInfo(
+      builder=self, features=_features(self.LOCO), description=self.__doc__, supervised_keys=None
+    )
 
   def _index(self, manual_dir: pathlib.Path) -> records.Splits:
     raise NotImplementedError
@@ -109,9 +161,11 @@ class MvtecAd(_AnomalyBuilder):
   """MVTec AD (Bergmann et al., CVPR 2019); manual download, one config per category."""
 
   BUILDER_CONFIGS = _configs(MVTEC_AD)
-  MANUAL_DOWNLOAD_INSTRUCTIONS = ("Download mvtec_anomaly_detection.tar.xz from "
-                                  "https://www.mvtec.com/company/research/datasets/mvtec-ad, "
-                                  "extract it, and pass the folder holding bottle/, cable/, ...")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+    "Download mvtec_anomaly_detection.tar.xz from "
+    "https://www.mvtec.com/company/research/datasets/mvtec-ad, "
+    "extract it, and pass the folder holding bottle/, cable/, ..."
+  )
 
   def _index(self, manual_dir):
     return indexes.index_mvtec_ad(manual_dir, self.builder_config.name, 0, 0.0)
@@ -122,9 +176,11 @@ class MvtecLoco(_AnomalyBuilder):
 
   LOCO = True
   BUILDER_CONFIGS = _configs(MVTEC_LOCO)
-  MANUAL_DOWNLOAD_INSTRUCTIONS = ("Download mvtec_loco_anomaly_detection.tar.xz from "
-                                  "https://www.mvtec.com/company/research/datasets/mvtec-loco, "
-                                  "extract it, and pass the folder holding breakfast_box/, ...")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+    "Download mvtec_loco_anomaly_detection.tar.xz from "
+    "https://www.mvtec.com/company/research/datasets/mvtec-loco, "
+    "extract it, and pass the folder holding breakfast_box/, ..."
+  )
 
   def _index(self, manual_dir):
     return indexes.index_mvtec_loco(manual_dir, self.builder_config.name)
@@ -134,9 +190,11 @@ class Visa(_AnomalyBuilder):
   """VisA (Zou et al., ECCV 2022), split_csv/1cls.csv; manual download, one config per object."""
 
   BUILDER_CONFIGS = _configs(VISA)
-  MANUAL_DOWNLOAD_INSTRUCTIONS = ("Download VisA_20220922.tar from "
-                                  "https://github.com/amazon-science/spot-diff, extract it, and "
-                                  "pass the folder holding split_csv/ and candle/, ...")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+    "Download VisA_20220922.tar from "
+    "https://github.com/amazon-science/spot-diff, extract it, and "
+    "pass the folder holding split_csv/ and candle/, ..."
+  )
 
   def _index(self, manual_dir):
     return indexes.index_visa(manual_dir, self.builder_config.name, 0, 0.0)
@@ -172,13 +230,16 @@ def load_splits(data_cfg, seed: int) -> dict[str, Sequence[Any]]:
   if category not in known:
     raise DataError(f"category {category!r} is not a {name} config; available: {known}")
   if not data_cfg.root:
-    raise DataError(f"dataset {name!r} via TFDS needs data.root (the extracted archive, the "
-                    "builder's manual_dir) for its first build")
+    raise DataError(
+      f"dataset {name!r} via TFDS needs data.root (the extracted archive, the builder's manual_dir) for its first build"
+    )
   sources = tfds.data_source(
-      f"{name}/{category}", data_dir=data_cfg.tfds_data_dir or None, download=True,
-      builder_kwargs={"file_format": "array_record"},  # tfds' default, TFRecord, needs TF
-      download_and_prepare_kwargs={"download_config": tfds.download.DownloadConfig(
-          manual_dir=data_cfg.root)})
+    f"{name}/{category}",
+    data_dir=data_cfg.tfds_data_dir or None,
+    download=True,
+    builder_kwargs={"file_format": "array_record"},  # tfds' default, TFRecord, needs TF
+    download_and_prepare_kwargs={"download_config": tfds.download.DownloadConfig(manual_dir=data_cfg.root)},
+  )
   if builder_cls.LOCO:
     return {k: sources[k] for k in ("train", "validation", "test")}
   train = sources["train"]

@@ -7,16 +7,59 @@
 """
 
 from efficientad_jax.metrics.curves import trapezoid
-from efficientad_jax.metrics.pro import PRO_LIMITS, au_pro, label_regions, pro_curve
-from efficientad_jax.metrics.results import mvtec_ad_metrics, mvtec_loco_metrics
-from efficientad_jax.metrics.roc import (auroc, auroc_and_f1, f1_optimal, image_auroc, image_f1, image_scores,
-                                         pixel_auroc, pixel_auroc_and_f1, pixel_f1, roc_curve)
-from efficientad_jax.metrics.spro import (SPRO_LIMITS, DefectChannel, au_spro, channel_from_gt, saturation_area,
-                                          spro_curve)
+from efficientad_jax.metrics.pro import (
+  PRO_LIMITS,
+  au_pro,
+  label_regions,
+  pro_curve,
+)
+from efficientad_jax.metrics.results import (
+  mvtec_ad_metrics,
+  mvtec_loco_metrics,
+)
+from efficientad_jax.metrics.roc import (
+  auroc,
+  auroc_and_f1,
+  f1_optimal,
+  image_auroc,
+  image_f1,
+  image_scores,
+  pixel_auroc,
+  pixel_auroc_and_f1,
+  pixel_f1,
+  roc_curve,
+)
+from efficientad_jax.metrics.spro import (
+  SPRO_LIMITS,
+  DefectChannel,
+  au_spro,
+  channel_from_gt,
+  saturation_area,
+  spro_curve,
+)
 
 __all__ = [
-    "PRO_LIMITS", "SPRO_LIMITS", "DefectChannel", "au_pro", "au_spro", "auroc", "auroc_and_f1", "channel_from_gt",
-    "f1_optimal", "image_auroc", "image_f1", "image_scores", "label_regions", "mvtec_ad_metrics",
-    "mvtec_loco_metrics", "pixel_auroc", "pixel_auroc_and_f1", "pixel_f1", "pro_curve", "roc_curve", "saturation_area",
-    "spro_curve", "trapezoid",
+  "PRO_LIMITS",
+  "SPRO_LIMITS",
+  "DefectChannel",
+  "au_pro",
+  "au_spro",
+  "auroc",
+  "auroc_and_f1",
+  "channel_from_gt",
+  "f1_optimal",
+  "image_auroc",
+  "image_f1",
+  "image_scores",
+  "label_regions",
+  "mvtec_ad_metrics",
+  "mvtec_loco_metrics",
+  "pixel_auroc",
+  "pixel_auroc_and_f1",
+  "pixel_f1",
+  "pro_curve",
+  "roc_curve",
+  "saturation_area",
+  "spro_curve",
+  "trapezoid",
 ]

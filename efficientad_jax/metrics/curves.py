@@ -8,7 +8,7 @@ MVTec AD / MVTec LOCO evaluations treat ties, and makes one curve point per dist
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -38,8 +38,9 @@ def as_map_list(maps: Sequence[np.ndarray] | np.ndarray, name: str = "maps") -> 
   return out
 
 
-def as_mask_list(masks: Sequence[np.ndarray] | np.ndarray, maps: Sequence[np.ndarray],
-                 name: str = "masks") -> list[np.ndarray]:
+def as_mask_list(
+  masks: Sequence[np.ndarray] | np.ndarray, maps: Sequence[np.ndarray], name: str = "masks"
+) -> list[np.ndarray]:
   """Returns ground-truth masks as boolean (H_i, W_i) arrays (nonzero = anomalous), one per map."""
   if isinstance(masks, np.ndarray) and masks.ndim == 3:
     masks = list(masks)

@@ -17,7 +17,7 @@ curve points.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -43,8 +43,9 @@ def _region_weights(mask: np.ndarray) -> tuple[np.ndarray, int]:
   return inverse[labeled.reshape(-1)], num
 
 
-def pro_curve(maps: Sequence[np.ndarray] | np.ndarray,
-              masks: Sequence[np.ndarray] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pro_curve(
+  maps: Sequence[np.ndarray] | np.ndarray, masks: Sequence[np.ndarray] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
   """Exact PRO curve of a set of images (see the module docstring for the equations).
 
   The FPRs are rounded to float32 exactly as the official code does (its FP counts are divided in
@@ -80,8 +81,11 @@ def pro_curve(maps: Sequence[np.ndarray] | np.ndarray,
   return np.concatenate([[0.0], fpr, [1.0]]), np.concatenate([[0.0], pro, [1.0]])
 
 
-def au_pro(maps: Sequence[np.ndarray] | np.ndarray, masks: Sequence[np.ndarray] | np.ndarray,
-           limits: Iterable[float] = PRO_LIMITS) -> dict[float, float]:
+def au_pro(
+  maps: Sequence[np.ndarray] | np.ndarray,
+  masks: Sequence[np.ndarray] | np.ndarray,
+  limits: Iterable[float] = PRO_LIMITS,
+) -> dict[float, float]:
   """Normalised area under the PRO curve up to each FPR limit.
 
   AU-PRO(L) = trapezoid(FPR, PRO, up to L) / L (module docstring). Shapes as in `pro_curve`.

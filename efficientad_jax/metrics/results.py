@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from efficientad_jax.metrics import curves, pro, roc, spro
 
 LOCO_SPLITS = ("structural", "logical")
-_LOCO_ALIASES = {"good": "good", "structural_anomalies": "structural", "structural": "structural",
-                 "logical_anomalies": "logical", "logical": "logical"}
+_LOCO_ALIASES = {
+  "good": "good",
+  "structural_anomalies": "structural",
+  "structural": "structural",
+  "logical_anomalies": "logical",
+  "logical": "logical",
+}
 
 
 def _f1_entries(prefix: str, result: dict[str, float]) -> dict[str, float]:
   return {f"{prefix}_{key}": value for key, value in result.items()}
 
 
-def mvtec_ad_metrics(maps: Sequence[np.ndarray] | np.ndarray, masks: Sequence[np.ndarray] | np.ndarray,
-                     labels: Sequence[int] | np.ndarray,
-                     pro_limits: Iterable[float] = pro.PRO_LIMITS) -> dict:
+def mvtec_ad_metrics(
+  maps: Sequence[np.ndarray] | np.ndarray,
+  masks: Sequence[np.ndarray] | np.ndarray,
+  labels: Sequence[int] | np.ndarray,
+  pro_limits: Iterable[float] = pro.PRO_LIMITS,
+) -> dict:
   """MVTec AD-style metrics of one category.
 
   Args:
@@ -37,19 +45,21 @@ def mvtec_ad_metrics(maps: Sequence[np.ndarray] | np.ndarray, masks: Sequence[np
   masks = curves.as_mask_list(masks, maps)
   pixel_auroc, pixel_f1 = roc.pixel_auroc_and_f1(maps, masks)
   result = {
-      "image_auroc": roc.image_auroc(maps, labels),
-      "pixel_auroc": pixel_auroc,
-      "au_pro": pro.au_pro(maps, masks, pro_limits),
+    "image_auroc": roc.image_auroc(maps, labels),
+    "pixel_auroc": pixel_auroc,
+    "au_pro": pro.au_pro(maps, masks, pro_limits),
   }
   result.update(_f1_entries("image", roc.image_f1(maps, labels)))
   result.update(_f1_entries("pixel", pixel_f1))
   return result
 
 
-def mvtec_loco_metrics(maps: Sequence[np.ndarray] | np.ndarray,
-                       channels: Sequence[Sequence[spro.DefectChannel | tuple]],
-                       splits: Sequence[str],
-                       spro_limits: Iterable[float] = spro.SPRO_LIMITS) -> dict:
+def mvtec_loco_metrics(
+  maps: Sequence[np.ndarray] | np.ndarray,
+  channels: Sequence[Sequence[spro.DefectChannel | tuple]],
+  splits: Sequence[str],
+  spro_limits: Iterable[float] = spro.SPRO_LIMITS,
+) -> dict:
   """MVTec LOCO AD metrics of one object, per anomaly split and their mean.
 
   Each split is evaluated on its own anomalous images plus all good images; "mean" averages the two
@@ -79,12 +89,14 @@ def mvtec_loco_metrics(maps: Sequence[np.ndarray] | np.ndarray,
     sub_channels = [channels[i] for i in keep]
     labels = [names[i] != "good" for i in keep]
     result[split] = {
-        "image_auroc": roc.image_auroc(sub_maps, labels),
-        "au_spro": spro.au_spro(sub_maps, sub_channels, spro_limits),
+      "image_auroc": roc.image_auroc(sub_maps, labels),
+      "au_spro": spro.au_spro(sub_maps, sub_channels, spro_limits),
     }
   result["mean"] = {
-      "image_auroc": float(np.mean([result[s]["image_auroc"] for s in LOCO_SPLITS])),
-      "au_spro": {limit: float(np.mean([result[s]["au_spro"][limit] for s in LOCO_SPLITS]))
-                  for limit in result[LOCO_SPLITS[0]]["au_spro"]},
+    "image_auroc": float(np.mean([result[s]["image_auroc"] for s in LOCO_SPLITS])),
+    "au_spro": {
+      limit: float(np.mean([result[s]["au_spro"][limit] for s in LOCO_SPLITS]))
+      for limit in result[LOCO_SPLITS[0]]["au_spro"]
+    },
   }
   return result

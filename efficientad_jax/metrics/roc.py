@@ -8,7 +8,7 @@ O(N log N), no loop over thresholds, fast enough for 1e8 pixels.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -88,10 +88,10 @@ def _f1_from_counts(thresholds: np.ndarray, tp: np.ndarray, fp: np.ndarray) -> d
   f1 = 2.0 * tp / (tp + fp + num_pos)  # denominators >= num_pos > 0
   best = int(np.argmax(f1))  # first maximum = highest threshold
   return {
-      "f1": float(f1[best]),
-      "precision": float(tp[best] / (tp[best] + fp[best])),
-      "recall": float(tp[best] / num_pos),
-      "threshold": float(thresholds[best]),
+    "f1": float(f1[best]),
+    "precision": float(tp[best] / (tp[best] + fp[best])),
+    "recall": float(tp[best] / num_pos),
+    "threshold": float(thresholds[best]),
   }
 
 
@@ -138,8 +138,7 @@ def image_auroc(maps: Sequence[np.ndarray] | np.ndarray, labels: Sequence[int] |
   return auroc(scores, _image_labels(labels, scores.size))
 
 
-def image_f1(maps: Sequence[np.ndarray] | np.ndarray,
-             labels: Sequence[int] | np.ndarray) -> dict[str, float]:
+def image_f1(maps: Sequence[np.ndarray] | np.ndarray, labels: Sequence[int] | np.ndarray) -> dict[str, float]:
   """`f1_optimal` of the map maxima. maps: N (H, W) maps; labels: (N,), nonzero = anomalous."""
   scores = image_scores(maps)
   return f1_optimal(scores, _image_labels(labels, scores.size))
@@ -149,8 +148,7 @@ def _pixels(maps, masks) -> tuple[np.ndarray, np.ndarray]:
   """All pixels of all maps and masks, flattened: ((P,) scores, (P,) bool labels)."""
   maps = curves.as_map_list(maps)
   masks = curves.as_mask_list(masks, maps)
-  return (np.concatenate([m.reshape(-1) for m in maps]),
-          np.concatenate([m.reshape(-1) for m in masks]))
+  return (np.concatenate([m.reshape(-1) for m in maps]), np.concatenate([m.reshape(-1) for m in masks]))
 
 
 def pixel_auroc(maps: Sequence[np.ndarray] | np.ndarray, masks: Sequence[np.ndarray] | np.ndarray) -> float:
@@ -163,13 +161,13 @@ def pixel_auroc(maps: Sequence[np.ndarray] | np.ndarray, masks: Sequence[np.ndar
   return auroc(*_pixels(maps, masks))
 
 
-def pixel_f1(maps: Sequence[np.ndarray] | np.ndarray,
-             masks: Sequence[np.ndarray] | np.ndarray) -> dict[str, float]:
+def pixel_f1(maps: Sequence[np.ndarray] | np.ndarray, masks: Sequence[np.ndarray] | np.ndarray) -> dict[str, float]:
   """`f1_optimal` over all pixels of all images; shapes as in `pixel_auroc`."""
   return f1_optimal(*_pixels(maps, masks))
 
 
-def pixel_auroc_and_f1(maps: Sequence[np.ndarray] | np.ndarray,
-                       masks: Sequence[np.ndarray] | np.ndarray) -> tuple[float, dict[str, float]]:
+def pixel_auroc_and_f1(
+  maps: Sequence[np.ndarray] | np.ndarray, masks: Sequence[np.ndarray] | np.ndarray
+) -> tuple[float, dict[str, float]]:
   """(`pixel_auroc`, `pixel_f1`) from one sort of all pixels; shapes as in `pixel_auroc`."""
   return auroc_and_f1(*_pixels(maps, masks))

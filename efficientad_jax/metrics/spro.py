@@ -24,7 +24,8 @@ large tie groups; the official adaptive-threshold scheme fails there, this does 
 from __future__ import annotations
 
 import pathlib
-from typing import Iterable, Mapping, NamedTuple, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -51,8 +52,9 @@ def saturation_area(defect_area: int, saturation_threshold: float, relative: boo
   return float(min(saturation_threshold, defect_area))
 
 
-def channel_from_gt(gt: np.ndarray | str | pathlib.Path,
-                    defects_config: Sequence[Mapping]) -> tuple[DefectChannel, dict]:
+def channel_from_gt(
+  gt: np.ndarray | str | pathlib.Path, defects_config: Sequence[Mapping]
+) -> tuple[DefectChannel, dict]:
   """Reads one ground-truth channel and derives its saturation area from defects_config.json.
 
   Args:
@@ -64,7 +66,10 @@ def channel_from_gt(gt: np.ndarray | str | pathlib.Path,
     (DefectChannel(mask, saturation_area), the matching defects_config entry).
   """
   if isinstance(gt, (str, pathlib.Path)):
-    from PIL import Image  # only needed for paths; keeps the module importable without Pillow
+    from PIL import (
+      Image,  # only needed for paths; keeps the module importable without Pillow
+    )
+
     with Image.open(gt) as image:
       gt = np.asarray(image)
   gt = np.asarray(gt)
@@ -92,8 +97,9 @@ def _channel_events(scores: np.ndarray, sat: float) -> tuple[np.ndarray, np.ndar
   return top, np.diff(cumulative)
 
 
-def spro_curve(maps: Sequence[np.ndarray] | np.ndarray,
-               channels: Sequence[Sequence[DefectChannel | tuple]]) -> tuple[np.ndarray, np.ndarray]:
+def spro_curve(
+  maps: Sequence[np.ndarray] | np.ndarray, channels: Sequence[Sequence[DefectChannel | tuple]]
+) -> tuple[np.ndarray, np.ndarray]:
   """Exact sPRO curve of a set of test images (equations in the module docstring).
 
   Args:
@@ -144,8 +150,11 @@ def spro_curve(maps: Sequence[np.ndarray] | np.ndarray,
   return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], spro])
 
 
-def au_spro(maps: Sequence[np.ndarray] | np.ndarray, channels: Sequence[Sequence[DefectChannel | tuple]],
-            limits: Iterable[float] = SPRO_LIMITS) -> dict[float, float]:
+def au_spro(
+  maps: Sequence[np.ndarray] | np.ndarray,
+  channels: Sequence[Sequence[DefectChannel | tuple]],
+  limits: Iterable[float] = SPRO_LIMITS,
+) -> dict[float, float]:
   """Normalised area under the sPRO curve up to each FPR limit; arguments as in `spro_curve`.
 
   Returns:

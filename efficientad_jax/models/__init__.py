@@ -13,8 +13,17 @@ from efficientad_jax.config import ModelConfig
 from efficientad_jax.models.autoencoder import Autoencoder, decoder_sizes, resize
 from efficientad_jax.models.pdn import PDN, pdn_output_size
 
-__all__ = ["PDN", "Autoencoder", "Models", "build", "init_params", "pdn_output_size", "decoder_sizes",
-           "resize", "count_params"]
+__all__ = [
+  "PDN",
+  "Autoencoder",
+  "Models",
+  "build",
+  "init_params",
+  "pdn_output_size",
+  "decoder_sizes",
+  "resize",
+  "count_params",
+]
 
 
 class Models(NamedTuple):
@@ -31,10 +40,11 @@ def build(cfg: ModelConfig, *, padded_teacher: bool = False) -> Models:
   if min(out_size) < 1:
     raise ValueError(f"image_size {cfg.image_size} is too small for PDN-{cfg.size}")
   return Models(
-      teacher=PDN(cfg.size, c, padded=padded_teacher, dtype=dtype, conv_impl=cfg.conv_impl),
-      student=PDN(cfg.size, 2 * c, dtype=dtype, conv_impl=cfg.conv_impl),
-      autoencoder=Autoencoder(out_size=out_size, out_channels=c, dropout=cfg.ae_dropout, dtype=dtype,
-                              conv_impl=cfg.conv_impl),
+    teacher=PDN(cfg.size, c, padded=padded_teacher, dtype=dtype, conv_impl=cfg.conv_impl),
+    student=PDN(cfg.size, 2 * c, dtype=dtype, conv_impl=cfg.conv_impl),
+    autoencoder=Autoencoder(
+      out_size=out_size, out_channels=c, dropout=cfg.ae_dropout, dtype=dtype, conv_impl=cfg.conv_impl
+    ),
   )
 
 
@@ -52,9 +62,9 @@ def _init(models: Models, key: jax.Array, image_size: int) -> dict:
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   kt, ks, ka = jax.random.split(key, 3)
   return {
-      "teacher": models.teacher.init(kt, x)["params"],
-      "student": models.student.init(ks, x)["params"],
-      "autoencoder": models.autoencoder.init(ka, x)["params"],
+    "teacher": models.teacher.init(kt, x)["params"],
+    "student": models.student.init(ks, x)["params"],
+    "autoencoder": models.autoencoder.init(ka, x)["params"],
   }
 
 

@@ -8,7 +8,8 @@ Bilinear resizes use half-pixel centres and NO antialias (PyTorch `interpolate(a
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -58,19 +59,23 @@ class Autoencoder(nn.Module):
     h, w = x.shape[1:3]
     x = x.astype(self.dtype)
     for i, (cin, cout) in enumerate(_ENCODER, start=1):
-      x = nn.relu(conv(cout, 4, cin, padding=1, stride=2, dtype=self.dtype, impl=self.conv_impl,
-                        name=f"enc{i}")(x))
+      x = nn.relu(conv(cout, 4, cin, padding=1, stride=2, dtype=self.dtype, impl=self.conv_impl, name=f"enc{i}")(x))
     kh, kw = bottleneck_kernel(h), bottleneck_kernel(w)
     # Linear bottleneck (no ReLU). Rectangular kernel for non-square inputs: still a 1x1 code.
-    x = nn.Conv(_LATENT, (kh, kw), padding="VALID", dtype=self.dtype, param_dtype=jnp.float32,
-                kernel_init=torch_default_init(_LATENT * kh * kw),
-                bias_init=torch_default_init(_LATENT * kh * kw), name="enc6")(x)
+    x = nn.Conv(
+      _LATENT,
+      (kh, kw),
+      padding="VALID",
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=torch_default_init(_LATENT * kh * kw),
+      bias_init=torch_default_init(_LATENT * kh * kw),
+      name="enc6",
+    )(x)
     for i, size in enumerate(zip(decoder_sizes(h), decoder_sizes(w)), start=1):
       x = resize(x, size)
-      x = nn.relu(conv(_LATENT, 4, _LATENT, padding=2, dtype=self.dtype, impl=self.conv_impl,
-                        name=f"dec{i}")(x))
+      x = nn.relu(conv(_LATENT, 4, _LATENT, padding=2, dtype=self.dtype, impl=self.conv_impl, name=f"dec{i}")(x))
       x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
     x = resize(x, self.out_size)
     x = nn.relu(conv(_LATENT, 3, _LATENT, padding=1, dtype=self.dtype, impl=self.conv_impl, name="dec7")(x))
     return conv(self.out_channels, 3, _LATENT, padding=1, dtype=self.dtype, impl=self.conv_impl, name="dec8")(x)
-

@@ -26,7 +26,8 @@ Implementations (`ModelConfig.conv_impl`):
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,7 @@ XLA_WGRAD_MIN_CHANNELS = 128
 
 
 def resolve_impl(impl: str) -> str:
-  """"auto" -> CPU_IMPL on the CPU backend, "xla" elsewhere; other names are checked and returned."""
+  """ "auto" -> CPU_IMPL on the CPU backend, "xla" elsewhere; other names are checked and returned."""
   if impl not in IMPLS:
     raise ValueError(f"conv_impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
@@ -48,25 +49,39 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
-def _forward(x: jnp.ndarray, w: jnp.ndarray, strides: tuple[int, int],
-             padding: tuple[tuple[int, int], tuple[int, int]]) -> jnp.ndarray:
+def _forward(
+  x: jnp.ndarray, w: jnp.ndarray, strides: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]]
+) -> jnp.ndarray:
   """The forward conv, NHWC x HWIO -> NHWC: the very call `nn.Conv` makes, so the numbers are identical."""
   dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
   return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn)
 
 
-def _shifted_inputs(x: jnp.ndarray, kernel: tuple[int, int], strides: tuple[int, int],
-                    padding: tuple[tuple[int, int], tuple[int, int]],
-                    out_hw: tuple[int, int]) -> list[jnp.ndarray]:
+def _shifted_inputs(
+  x: jnp.ndarray,
+  kernel: tuple[int, int],
+  strides: tuple[int, int],
+  padding: tuple[tuple[int, int], tuple[int, int]],
+  out_hw: tuple[int, int],
+) -> list[jnp.ndarray]:
   """The kh*kw strided views of the padded input, one per kernel offset (i, j), each [B, Ho, Wo, Cin]."""
   xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   (sh, sw), (ho, wo) = strides, out_hw
-  return [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
-          for i in range(kernel[0]) for j in range(kernel[1])]
+  return [
+    xp[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
+    for i in range(kernel[0])
+    for j in range(kernel[1])
+  ]
 
 
-def weight_grad(x: jnp.ndarray, g: jnp.ndarray, kernel_shape: Sequence[int], strides: tuple[int, int],
-                padding: tuple[tuple[int, int], tuple[int, int]], method: str = "shifted") -> jnp.ndarray:
+def weight_grad(
+  x: jnp.ndarray,
+  g: jnp.ndarray,
+  kernel_shape: Sequence[int],
+  strides: tuple[int, int],
+  padding: tuple[tuple[int, int], tuple[int, int]],
+  method: str = "shifted",
+) -> jnp.ndarray:
   """dL/dW [kh, kw, Cin, Cout] (float32 accumulation) from x [B, H, W, Cin], output grad g [B, Ho, Wo, Cout].
 
   method "im2col": one matmul over materialised patches; "shifted": one matmul per kernel offset.
@@ -80,8 +95,7 @@ def weight_grad(x: jnp.ndarray, g: jnp.ndarray, kernel_shape: Sequence[int], str
     patches = jnp.stack(cols, axis=3).reshape(n, kh * kw * cin)  # column order (i, j, c) = HWI
     dw = lax.dot_general(patches, g2, contract, preferred_element_type=jnp.float32)
   elif method == "shifted":
-    dw = jnp.stack([lax.dot_general(c.reshape(n, cin), g2, contract, preferred_element_type=jnp.float32)
-                    for c in cols])
+    dw = jnp.stack([lax.dot_general(c.reshape(n, cin), g2, contract, preferred_element_type=jnp.float32) for c in cols])
   else:
     raise ValueError(f"unknown weight-gradient method {method!r}")
   return dw.reshape(kh, kw, cin, cout)
@@ -108,8 +122,7 @@ def _conv_bwd(strides, padding, method, residuals, g):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _is_plain_2d(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                 feature_group_count) -> bool:
+def _is_plain_2d(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count) -> bool:
   """True for the convs this project uses: 2-D NHWC/HWIO, explicit padding, no dilation, no groups."""
   if lhs.ndim != 4 or isinstance(padding, str) or feature_group_count != 1:
     return False
@@ -125,20 +138,43 @@ def conv_general_dilated(impl: str = "auto") -> Callable[..., jnp.ndarray]:
   Anything other than a plain 2-D NHWC conv (dilation, groups, string padding) falls back to lax.
   """
 
-  def conv_fn(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-              dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
-              preferred_element_type=None) -> jnp.ndarray:
+  def conv_fn(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+  ) -> jnp.ndarray:
     method = resolve_impl(impl)
-    plain = (batch_group_count == 1 and precision is None and preferred_element_type is None
-             and _is_plain_2d(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                              feature_group_count))
+    plain = (
+      batch_group_count == 1
+      and precision is None
+      and preferred_element_type is None
+      and _is_plain_2d(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count)
+    )
     if method == "mixed" and plain:
       wide = rhs.shape[2] >= XLA_WGRAD_MIN_CHANNELS and all(int(s) == 1 for s in window_strides)
       method = "xla" if wide else "shifted"
     if method == "xla" or not plain:
-      return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                      dimension_numbers, feature_group_count, batch_group_count, precision,
-                                      preferred_element_type)
+      return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        batch_group_count,
+        precision,
+        preferred_element_type,
+      )
     strides = tuple(int(s) for s in window_strides)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     return _conv(lhs, rhs, strides, pads, method)
@@ -147,7 +183,7 @@ def conv_general_dilated(impl: str = "auto") -> Callable[..., jnp.ndarray]:
   return conv_fn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def conv_fn_for(impl: str) -> Callable[..., Any]:
   """One function object per impl name, so equal modules stay equal (flax modules compare by fields)."""
   resolve_impl(impl)  # validates the name early

@@ -8,7 +8,8 @@ sees a 33x33 patch. Padded only for teacher distillation: 256x256 -> 64x64.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -19,18 +20,18 @@ from efficientad_jax.models.conv import conv_fn_for
 # (kernel, in_channels_or_None_for_input, out_channels_or_None_for_C, padding_units, relu_after, pool_after)
 # padding_units is multiplied by p = 1 if padded else 0 (docs/method.md §2.1: padding "3p", "p").
 _SMALL = (
-    (4, 3, 128, 3, True, True),
-    (4, 128, 256, 3, True, True),
-    (3, 256, 256, 1, True, False),
-    (4, 256, None, 0, False, False),
+  (4, 3, 128, 3, True, True),
+  (4, 128, 256, 3, True, True),
+  (3, 256, 256, 1, True, False),
+  (4, 256, None, 0, False, False),
 )
 _MEDIUM = (
-    (4, 3, 256, 3, True, True),
-    (4, 256, 512, 3, True, True),
-    (1, 512, 512, 0, True, False),
-    (3, 512, 512, 1, True, False),
-    (4, 512, None, 0, True, False),
-    (1, None, None, 0, False, False),
+  (4, 3, 256, 3, True, True),
+  (4, 256, 512, 3, True, True),
+  (1, 512, 512, 0, True, False),
+  (3, 512, 512, 1, True, False),
+  (4, 512, None, 0, True, False),
+  (1, None, None, 0, False, False),
 )
 ARCHITECTURES = {"small": _SMALL, "medium": _MEDIUM}
 
@@ -48,17 +49,35 @@ def torch_default_init(fan_in: int):
   return init
 
 
-def conv(features: int, kernel: int, in_channels: int, *, padding: int = 0, stride: int = 1,
-         dtype: Any = jnp.float32, impl: str = "auto", name: str) -> nn.Conv:
+def conv(
+  features: int,
+  kernel: int,
+  in_channels: int,
+  *,
+  padding: int = 0,
+  stride: int = 1,
+  dtype: Any = jnp.float32,
+  impl: str = "auto",
+  name: str,
+) -> nn.Conv:
   """A PyTorch-equivalent Conv2d: symmetric zero padding, bias, PyTorch default init, float32 params.
 
   `impl` (ModelConfig.conv_impl) picks the backward pass only (models/conv.py: XLA:CPU's own weight gradient
   is ~20x slower than a matmul); parameters and forward numbers are those of `nn.Conv` whatever the impl.
   """
   init = torch_default_init(in_channels * kernel * kernel)
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((padding, padding), (padding, padding)), dtype=dtype, param_dtype=jnp.float32,
-                 kernel_init=init, bias_init=init, conv_general_dilated=conv_fn_for(impl), name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((padding, padding), (padding, padding)),
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=init,
+    bias_init=init,
+    conv_general_dilated=conv_fn_for(impl),
+    name=name,
+  )
 
 
 class PDN(nn.Module):

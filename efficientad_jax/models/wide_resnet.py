@@ -19,14 +19,18 @@ Weights come from torchvision's `wide_resnet101_2` state_dict (`.pth`, read with
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficientad_jax.weights import WeightsError, load_state_dict  # one error for weights that do not fit
+from efficientad_jax.models.weights import (  # one error for weights that do not fit
+  WeightsError,
+  load_state_dict,
+)
 
 WRN101_2 = {"blocks": (3, 4, 23), "planes": (64, 128, 256), "width_factor": 2, "stem": 64}
 EXPANSION = 4  # bottleneck output channels = planes * 4
@@ -36,13 +40,20 @@ _IGNORED = re.compile(r"^(fc|layer4)\.|\.num_batches_tracked$")  # in the file, 
 
 
 def _conv(features: int, kernel: int, stride: int, pad: int, dtype: Any, name: str) -> nn.Conv:
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                 use_bias=False, dtype=dtype, param_dtype=jnp.float32, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    use_bias=False,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+  )
 
 
 def _bn(dtype: Any, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=True, epsilon=_BN_EPS, dtype=dtype, param_dtype=jnp.float32,
-                      name=name)
+  return nn.BatchNorm(use_running_average=True, epsilon=_BN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 class Bottleneck(nn.Module):
@@ -61,8 +72,7 @@ class Bottleneck(nn.Module):
     y = nn.relu(_bn(self.dtype, "bn2")(_conv(self.width, 3, self.stride, 1, self.dtype, "conv2")(y)))
     y = _bn(self.dtype, "bn3")(_conv(out_channels, 1, 1, 0, self.dtype, "conv3")(y))
     if self.downsample:
-      x = _bn(self.dtype, "downsample_bn")(_conv(out_channels, 1, self.stride, 0, self.dtype,
-                                                 "downsample_conv")(x))
+      x = _bn(self.dtype, "downsample_bn")(_conv(out_channels, 1, self.stride, 0, self.dtype, "downsample_conv")(x))
     return nn.relu(y + x)
 
 
@@ -86,9 +96,14 @@ class WideResNet(nn.Module):
     for layer, (n, planes, stride) in enumerate(zip(self.blocks, self.planes, _STRIDES), start=1):
       for b in range(n):
         first = b == 0
-        x = Bottleneck(planes, planes * self.width_factor, stride if first else 1,
-                       downsample=first and (stride != 1 or channels != planes * EXPANSION),
-                       dtype=self.dtype, name=f"layer{layer}_{b}")(x)
+        x = Bottleneck(
+          planes,
+          planes * self.width_factor,
+          stride if first else 1,
+          downsample=first and (stride != 1 or channels != planes * EXPANSION),
+          dtype=self.dtype,
+          name=f"layer{layer}_{b}",
+        )(x)
         channels = planes * EXPANSION
       outputs.append(x)
     return outputs[1], outputs[2]
@@ -96,8 +111,9 @@ class WideResNet(nn.Module):
 
 def from_config(cfg: Any, dtype: Any = jnp.float32) -> WideResNet:
   """The backbone of a config section with fields blocks, planes, width, stem (`WideResNetConfig`)."""
-  return WideResNet(blocks=tuple(cfg.blocks), planes=tuple(cfg.planes), width_factor=cfg.width, stem=cfg.stem,
-                    dtype=dtype)
+  return WideResNet(
+    blocks=tuple(cfg.blocks), planes=tuple(cfg.planes), width_factor=cfg.width, stem=cfg.stem, dtype=dtype
+  )
 
 
 def abstract_variables(net: WideResNet) -> dict:
@@ -107,8 +123,13 @@ def abstract_variables(net: WideResNet) -> dict:
 
 
 # Flax leaf -> torch suffix; torch names the bn affine `weight`, Flax `scale`.
-_LEAF = {("params", "kernel"): "weight", ("params", "scale"): "weight", ("params", "bias"): "bias",
-         ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
+_LEAF = {
+  ("params", "kernel"): "weight",
+  ("params", "scale"): "weight",
+  ("params", "bias"): "bias",
+  ("batch_stats", "mean"): "running_mean",
+  ("batch_stats", "var"): "running_var",
+}
 _MODULE = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
 
 
@@ -150,12 +171,15 @@ def variables_from_state(state: Mapping[str, Any], net: WideResNet, *, source: s
   missing = sorted(expected - set(state))
   unexpected = sorted(k for k in set(state) - expected if not _IGNORED.search(k))
   if missing or unexpected:
-    raise WeightsError(f"{source}: not a state_dict of this WideResNet (blocks {tuple(net.blocks)}, planes "
-                       f"{tuple(net.planes)}, width x{net.width_factor}): {len(missing)} missing keys "
-                       f"{missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}")
+    raise WeightsError(
+      f"{source}: not a state_dict of this WideResNet (blocks {tuple(net.blocks)}, planes "
+      f"{tuple(net.planes)}, width x{net.width_factor}): {len(missing)} missing keys "
+      f"{missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}"
+    )
   if errors:
-    raise WeightsError(f"{source}: shape mismatch: " + "; ".join(errors[:8])
-                       + (f" (+{len(errors) - 8} more)" if len(errors) > 8 else ""))
+    raise WeightsError(
+      f"{source}: shape mismatch: " + "; ".join(errors[:8]) + (f" (+{len(errors) - 8} more)" if len(errors) > 8 else "")
+    )
   return out
 
 
@@ -164,5 +188,5 @@ def _torch_shape(hwio: tuple) -> tuple:
 
 
 def load_backbone(path: str, net: WideResNet) -> dict:
-  """`variables_from_state` of a `.pth` file, read without torch (efficientad_jax.pth)."""
+  """`variables_from_state` of a `.pth` file, read without torch (efficientad_jax.files.pth)."""
   return variables_from_state(load_state_dict(path), net, source=str(path))

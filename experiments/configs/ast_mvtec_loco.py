@@ -8,12 +8,13 @@ As ast_mvtec_ad.py; validation normals are LOCO's own validation/good (early sto
 Published: image AU-ROC 73.3, AU-sPRO 73.5 (mean over the 5 objects). Not reproduced in this repository.
 """
 
-from efficientad_jax.ast.config import AstConfig
 from efficientad_jax.config import DataConfig
+from efficientad_jax.efficientad_ast.config import AstConfig
 
 
 def get_config(arg: str = ""):
   del arg  # one size only
   # The penalty (off until data.penalty names a source) is resized to 2 x 768 and centre-cropped, as EfficientAD's.
-  return AstConfig(data=DataConfig(dataset="mvtec_loco", root="data/mvtec_loco", category="breakfast_box",
-                                   penalty_resize=2 * 768))
+  return AstConfig(
+    data=DataConfig(dataset="mvtec_loco", root="data/mvtec_loco", category="breakfast_box", penalty_resize=2 * 768)
+  )

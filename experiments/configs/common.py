@@ -1,6 +1,12 @@
 """Shared pieces of the experiment configs."""
 
-from efficientad_jax.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
+from efficientad_jax.config import (
+  Config,
+  ConfigError,
+  DataConfig,
+  ModelConfig,
+  TrainConfig,
+)
 
 SIZES = {"s": "small", "small": "small", "m": "medium", "medium": "medium"}
 
@@ -10,8 +16,10 @@ def parse_size(arg: str) -> str:
   key = (arg or "small").strip().lower()
   if key not in SIZES:
     tiny = "tiny" in key.split(",")
-    raise ConfigError(f"model size {arg!r} (--size): use S/small or M/medium" + (
-        "; the tiny variants ('small,tiny') exist for --dataset synthetic only" if tiny else ""))
+    raise ConfigError(
+      f"model size {arg!r} (--size): use S/small or M/medium"
+      + ("; the tiny variants ('small,tiny') exist for --dataset synthetic only" if tiny else "")
+    )
   return SIZES[key]
 
 
@@ -22,7 +30,7 @@ def paper(dataset: str, size_arg: str, root: str, category: str) -> Config:
   folder), or at `tfds:imagenette` once that TFDS dataset is built.
   """
   return Config(
-      model=ModelConfig(size=parse_size(size_arg)),
-      data=DataConfig(dataset=dataset, root=root, category=category, penalty="data/imagenet/train"),
-      train=TrainConfig(steps=70_000, checkpoint_every=5_000, log_every=100),
+    model=ModelConfig(size=parse_size(size_arg)),
+    data=DataConfig(dataset=dataset, root=root, category=category, penalty="data/imagenet/train"),
+    train=TrainConfig(steps=70_000, checkpoint_every=5_000, log_every=100),
   )

@@ -15,7 +15,11 @@ conv), the padded PDN forward+backward at 256^2 110 GFLOP (S) / 370 GFLOP (M); 9
 
 import dataclasses
 
-from efficientad_jax.distill_config import DistillConfig, DistillModelConfig, TargetConfig
+from efficientad_jax.distillation.config import (
+  DistillConfig,
+  DistillModelConfig,
+  TargetConfig,
+)
 from experiments.configs.common import parse_size
 
 
@@ -26,9 +30,11 @@ def get_config(arg: str = "small") -> DistillConfig:
   if "tiny" in parts:
     # Same code, shrunk: WideResNet [1, 1, 2] blocks with narrow planes, 32^2 student / 64^2 backbone.
     cfg = dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, image_size=32),
-        backbone=dataclasses.replace(cfg.backbone, blocks=(1, 1, 2), planes=(4, 8, 16), stem=8, image_size=64),
-        target=TargetConfig(layer_dim=256, num_stat_images=4),
-        optim=dataclasses.replace(cfg.optim, learning_rate=1e-3),
-        train=dataclasses.replace(cfg.train, steps=20, batch_size=2, checkpoint_every=10, log_every=1))
+      cfg,
+      model=dataclasses.replace(cfg.model, image_size=32),
+      backbone=dataclasses.replace(cfg.backbone, blocks=(1, 1, 2), planes=(4, 8, 16), stem=8, image_size=64),
+      target=TargetConfig(layer_dim=256, num_stat_images=4),
+      optim=dataclasses.replace(cfg.optim, learning_rate=1e-3),
+      train=dataclasses.replace(cfg.train, steps=20, batch_size=2, checkpoint_every=10, log_every=1),
+    )
   return cfg

@@ -1,0 +1,150 @@
+"""Predicting on image files of any size with a saved model of any method (docs/method.md §7).
+
+Every prediction goes through the model's own predict function (`saved_model.Method.predict`; for EfficientAD
+`inference.predict`, the one inference path), jitted once per config and compiled once per output size and
+batch shape. `load`, `model_dir` and `LoadedModel` are `saved_model`'s, named here for the callers' ease:
+
+  model = load("runs/widget")                      # RUN or RUN/model, either method
+  result = predict_file(model, "part.png")         # score, decision, full-resolution map
+  results, failures = predict_paths(model, list_images("images/*.png"), out_dir="pred")
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from efficientad_jax.data import DataError, preprocess
+from efficientad_jax.serving.saved_model import LoadedModel, load, model_dir  # noqa: F401  (predict.load: CLIs, notebooks)
+
+# --- Single images.
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  """One image's result: score = max of anomaly_map [H, W] (original size); anomalous = score > threshold."""
+
+  name: str
+  score: float
+  anomalous: bool
+  anomaly_map: np.ndarray
+  rgb: np.ndarray  # [H, W, 3] uint8, the decoded input (for overlays)
+
+
+def prepare(
+  source: preprocess.ImageSource, image_size: int, mean: Sequence[float], std: Sequence[float], name: str = ""
+) -> tuple[np.ndarray, np.ndarray]:
+  """Image file/bytes/array -> (network input [S, S, 3] float32, decoded RGB [H, W, 3] uint8).
+
+  The same decode -> resize -> normalise as the evaluation records (grayscale and RGBA handled by
+  `preprocess.decode_image`); raises `DataError` naming the file when it cannot be read.
+  """
+  rgb = preprocess.decode_image(source, name)
+  x = preprocess.model_input(rgb, image_size, mean, std)
+  return x, rgb
+
+
+def predict_image(model: LoadedModel, source: preprocess.ImageSource, name: str = "") -> Prediction:
+  """Predicts one image of any size; its map comes back at the image's own size."""
+  x, rgb = prepare(source, model.image_size, model.inputs.mean, model.inputs.std, name)
+  out = model.predict_fn(model.detector, x[None], out_size=rgb.shape[:2])
+  score = float(out["score"][0])
+  return Prediction(
+    name=name or str(source),
+    score=score,
+    anomalous=score > model.threshold,
+    anomaly_map=np.asarray(out["anomaly_map"][0]),
+    rgb=rgb,
+  )
+
+
+def predict_file(model: LoadedModel, path: str | pathlib.Path) -> Prediction:
+  return predict_image(model, pathlib.Path(path), str(path))
+
+
+# --- Many files (the predict CLI).
+
+
+def list_images(spec: str | pathlib.Path) -> list[pathlib.Path]:
+  """A folder (its files, sorted, hidden ones skipped), a glob pattern or one file -> file paths.
+
+  Every file is returned, images or not: non-images are rejected one by one, with their name, by
+  `predict_paths`, rather than silently skipped.
+  """
+  path = pathlib.Path(spec)
+  if path.is_dir():
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+      raise FileNotFoundError(
+        f"no image files in the folder {spec} (--images; subfolders are not searched): "
+        f"pass a quoted glob such as '{path / '**' / '*.png'}'"
+      )
+    return files
+  if path.is_file():
+    return [path]
+  matches = sorted(pathlib.Path(p) for p in glob.glob(str(spec), recursive=True))
+  files = [p for p in matches if p.is_file()]
+  if not files:
+    raise FileNotFoundError(f"{spec}: no such file or folder, and no files match it as a glob pattern")
+  return files
+
+
+def _unique_stem(path: pathlib.Path, used: set[str]) -> str:
+  stem, k = path.stem, 1
+  while stem in used:  # same file name in two folders of a glob: keep both outputs
+    stem, k = f"{path.stem}-{k}", k + 1
+  used.add(stem)
+  return stem
+
+
+def write_outputs(result: Prediction, out_dir: pathlib.Path, stem: str, display_max: float) -> None:
+  """<out>/<stem>.tiff (float32 map, original size) and <out>/<stem>_overlay.png."""
+  from efficientad_jax import pictures
+
+  out_dir.mkdir(parents=True, exist_ok=True)
+  tifffile.imwrite(out_dir / f"{stem}.tiff", result.anomaly_map.astype(np.float32))
+  overlay = pictures.overlay(result.rgb, result.anomaly_map, 0.0, display_max)
+  pictures.save_png(overlay, out_dir / f"{stem}_overlay.png")
+
+
+def predict_paths(
+  model: LoadedModel,
+  paths: Sequence[pathlib.Path],
+  out_dir: str | pathlib.Path | None = None,
+  on_result: Callable[[Prediction], Any] | None = None,
+) -> tuple[list[Prediction], list[tuple[str, str]]]:
+  """Predicts each file; unreadable ones are collected as (path, reason) and the others go on.
+
+  Args:
+    paths: image files (any size, gray/RGB/RGBA).
+    out_dir: if given, writes each map (TIFF) and overlay (PNG), and predictions.csv.
+    on_result: called with each Prediction as soon as it exists (e.g. to print it).
+  Returns:
+    (predictions, failures).
+  """
+  out = pathlib.Path(out_dir) if out_dir is not None else None
+  results, failures, used, rows = [], [], set(), [("file", "score", "anomalous")]
+  for path in paths:
+    try:
+      result = predict_file(model, path)
+    except DataError as e:
+      failures.append((str(path), str(e)))
+      continue
+    results.append(result)
+    if on_result is not None:
+      on_result(result)
+    if out is not None:
+      write_outputs(result, out, _unique_stem(path, used), display_max=2.0 * model.threshold)
+      rows.append((str(path), f"{result.score:.6g}", int(result.anomalous)))
+  if out is not None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.csv", "w", newline="") as f:
+      csv.writer(f).writerows(rows)  # quotes paths that hold commas
+  return results, failures
