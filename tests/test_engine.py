@@ -95,13 +95,18 @@ def test_early_stop_ends_the_stage_and_a_rerun_stays_stopped(tmp_path):
   assert float(state2["x"]) == float(state["x"])
 
 
-def test_prepare_run_checks_before_anything_is_written(tmp_path):
+def test_run_directory_checks_before_anything_is_written(tmp_path):
   cfg = config_lib.Config()
-  saved, running, workdir = engine.prepare_run(cfg, tmp_path / "run")
-  assert saved == cfg and running.data.root == str(workdir / "data") and not workdir.exists()
-  with pytest.raises(config_lib.ConfigError, match="train.steps"):
-    engine.prepare_run(config_lib.override(cfg, ["train.steps=0"]), tmp_path / "run")
-  engine.write_config(workdir, saved)
+  bad = config_lib.override(cfg, ["train.steps=0"])
+  with pytest.raises(config_lib.ConfigError, match="train.steps"), engine.run_directory(bad, tmp_path / "run", "x"):
+    pass
+  assert not (tmp_path / "run").exists()
+  with engine.run_directory(cfg, tmp_path / "run", "training") as (saved, running, workdir):
+    assert saved == cfg and running.data.root == str(workdir / "data")
+    assert [p.name for p in workdir.iterdir()] == [".lock"]  # held, nothing else written yet
+  assert not workdir.exists()  # a run that wrote nothing leaves nothing
+  with engine.run_directory(cfg, tmp_path / "run", "training") as (saved, _, workdir):
+    engine.write_config(workdir, saved)
   assert json.loads((workdir / "config.json").read_text())["data"]["root"] == ""
 
 

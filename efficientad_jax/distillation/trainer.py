@@ -60,7 +60,13 @@ def distill(
 ) -> tuple[pathlib.Path, list[tuple[int, float]]]:
   """Distils the teacher, resuming from RUN/checkpoints; returns (RUN/teacher, [(step, loss)] logged here)."""
   check_sizes(cfg)
-  saved_cfg, cfg, workdir = engine.prepare_run(cfg, workdir)
+  with engine.run_directory(cfg, workdir, "teacher distillation") as run:
+    return _distill(*run, progress=progress)
+
+
+def _distill(
+  saved_cfg: DistillConfig, cfg: DistillConfig, workdir: pathlib.Path, *, progress: bool
+) -> tuple[pathlib.Path, list[tuple[int, float]]]:
 
   # --- Networks, frozen backbone, data, mesh.
   student = PDN(cfg.model.size, cfg.model.channels, padded=True)

@@ -153,7 +153,11 @@ def checked_datasets(cfg: Config) -> Datasets:
 
 def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) -> pathlib.Path:
   """Trains, calibrates and saves the complete model; returns RUN/model. Resumes from RUN/checkpoints."""
-  saved_cfg, cfg, workdir = engine.prepare_run(cfg, workdir)
+  with engine.run_directory(cfg, workdir, "training") as run:
+    return _train(*run, progress=progress)
+
+
+def _train(saved_cfg: Config, cfg: Config, workdir: pathlib.Path, *, progress: bool) -> pathlib.Path:
   init_key, teacher_key, step_key = jax.random.split(jax.random.key(cfg.train.seed), 3)
 
   # --- Data, networks, teacher, mesh, disk: all checked before the run directory records anything.

@@ -206,7 +206,11 @@ def train_student(
 
 def train_ast(cfg: AstConfig, workdir: str | pathlib.Path, *, progress: bool = True) -> pathlib.Path:
   """Trains both stages, calibrates the threshold and saves the complete model; returns RUN/model."""
-  saved_cfg, cfg, workdir = engine.prepare_run(cfg, workdir)
+  with engine.run_directory(cfg, workdir, "training (EfficientAD-AST)") as run:
+    return _train_ast(*run, progress=progress)
+
+
+def _train_ast(saved_cfg: AstConfig, cfg: AstConfig, workdir: pathlib.Path, *, progress: bool) -> pathlib.Path:
   engine.write_config(workdir, saved_cfg)
   init_key, step_key = jax.random.split(jax.random.key(cfg.train.seed))
   mesh = parallel.data_mesh()

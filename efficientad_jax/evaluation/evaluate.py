@@ -35,6 +35,7 @@ from efficientad_jax import metrics as metrics_lib
 from efficientad_jax import pictures
 from efficientad_jax.data import make_datasets, pipeline
 from efficientad_jax.serving import saved_model
+from efficientad_jax.training import lock
 
 log = logging.getLogger("efficientad_jax")
 
@@ -237,8 +238,15 @@ def evaluate(
      'metrics': `mvtec_ad_metrics` or `mvtec_loco_metrics` result, 'decision': `decision_metrics`}.
   """
   workdir = pathlib.Path(workdir).absolute()
-  model = saved_model.load(workdir)
   folder = saved_model.model_dir(workdir)
+  run = folder.parent if (folder / "meta").exists() else workdir  # no model yet: RUN itself
+  # One process per run directory: refused while a training (or another evaluation) holds it.
+  with lock.hold(run if out_dir is None else pathlib.Path(out_dir), "evaluation"):
+    return _evaluate(workdir, folder, cfg, out_dir, max_overlays, batch_size, progress)
+
+
+def _evaluate(workdir, folder, cfg, out_dir, max_overlays, batch_size, progress) -> dict:
+  model = saved_model.load(workdir)
   from efficientad_jax.training.engine import resolve_paths
 
   cfg = resolve_paths(cfg or model.cfg, folder.parent)  # synthetic data: RUN/data

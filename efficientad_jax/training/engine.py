@@ -4,8 +4,9 @@ A method brings its own pieces: a state pytree (what the step updates), a frozen
 never updates: teacher, statistics, backbone), a jitted `advance` of one unit (a step, or an AST epoch), and
 JSON progress (the data iterator's position, early-stopping counters). The engine brings the rest:
 
-  run directory   `prepare_run`: RUN/config.json written once every check passed; after the first
-                  checkpoint only `config.RESUMABLE` fields may change (README "Run directory").
+  run directory   `run_directory`: one process per RUN (a lock), RUN/config.json written once every check
+                  passed; after the first checkpoint only `config.RESUMABLE` fields may change (README "Run
+                  directory").
   resume          `Stage` + `run_stage`: restore from RUN/checkpoints[/<stage>]/<unit> into a template, or
                   start fresh.
   loop            progress bar, TensorBoard scalars, a NaN stop checked BEFORE each save (a diverged state
@@ -16,20 +17,21 @@ The state factory and the data-parallel jit live in `parallel.py`, the one optim
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import pathlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import tqdm
 
 from efficientad_jax import config as config_lib
-from efficientad_jax.training import checkpoint
+from efficientad_jax.training import checkpoint, lock
 
 log = logging.getLogger("efficientad_jax")
 
@@ -93,15 +95,22 @@ def write_config(workdir: pathlib.Path, cfg: Any) -> None:
   (workdir / "config.json").write_text(config_lib.to_json(cfg))
 
 
-def prepare_run(cfg: Any, workdir: str | pathlib.Path) -> tuple[Any, Any, pathlib.Path]:
-  """(config as given, config as run, absolute workdir): the config is range-checked and a refused resume
-  fails now, before anything is read or written; the caller writes RUN/config.json (`write_config`) once its
-  own checks (data, teacher, disk space) have passed. The config as given is what RUN/config.json and the
-  model keep (no generated paths)."""
+@contextlib.contextmanager
+def run_directory(cfg: Any, workdir: str | pathlib.Path, what: str) -> Iterator[tuple[Any, Any, pathlib.Path]]:
+  """Holds the run directory for one run of a method: yields (config as given, config as run, absolute workdir).
+
+  In this order: the config is range-checked (a bad value fails before anything exists); the directory is
+  locked (`lock.hold`: a second process on the same RUN is refused at once, naming the holder; in a multi-host
+  run only the primary process, the writer, takes it); a refused resume fails (`config_changes`) before any
+  data is read or anything written. The caller writes RUN/config.json (`write_config`) once its own checks
+  (data, teacher, disk space) have passed; the config as given is what RUN/config.json and the model keep (no
+  generated paths). The lock is released when the block ends, however it ends.
+  """
   workdir = pathlib.Path(workdir).absolute()
   saved = config_lib.validate(cfg)
-  config_changes(workdir, saved)
-  return saved, resolve_paths(cfg, workdir), workdir
+  with lock.hold(workdir, what, primary=jax.process_index() == 0):
+    config_changes(workdir, saved)
+    yield saved, resolve_paths(cfg, workdir), workdir
 
 
 def log_writer(workdir: pathlib.Path):

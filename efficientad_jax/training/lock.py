@@ -5,7 +5,8 @@ at once would overwrite each other's work. `hold(RUN, what)` takes an exclusive 
 who holds it (pid, host, since when, what) into the file; a second command on the same RUN is refused at once with
 `RunInUse`, one line naming the holder. The kernel releases a `flock` when its process ends however it ends
 (SIGKILL included), and the file's content is only a note, so a lock left by a killed process never blocks a
-resume; after a power loss no process holds it either. Within one process the lock is re-entrant (a training
+resume; after a power loss no process holds it either. A run that stops before writing anything into a directory
+it created leaves no directory behind. Within one process the lock is re-entrant (a training
 that evaluates its own run at the end holds it once). In a multi-host run only the primary process writes, so
 only it takes the lock (`hold(..., primary=jax.process_index() == 0)`).
 
@@ -57,6 +58,7 @@ def hold(workdir: str | pathlib.Path, what: str, *, primary: bool = True) -> Ite
     return
   workdir = pathlib.Path(workdir).absolute()
   path = workdir / LOCK_NAME
+  created = not workdir.exists()
   if _held.get(path):
     _held[path] += 1
     try:
@@ -88,6 +90,9 @@ def hold(workdir: str | pathlib.Path, what: str, *, primary: bool = True) -> Ite
       yield
     finally:
       del _held[path]
-      os.ftruncate(fd, 0)  # the note goes with the lock; the empty file stays (removing it would race)
+      os.ftruncate(fd, 0)  # the note goes with the lock; the empty file stays (removing it could race) ...
+      if created and [p.name for p in workdir.iterdir()] == [LOCK_NAME]:
+        path.unlink()  # ... unless the run failed before writing anything: then it leaves no directory
+        workdir.rmdir()
   finally:
     os.close(fd)  # releases the flock
