@@ -34,12 +34,22 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 MODEL_SIZES = ("small", "medium")
 DTYPES = ("float32", "bfloat16", "float16")
-CONV_IMPLS = ("auto", "xla", "im2col", "shifted", "mixed")  # models/conv.py IMPLS
-DATASETS = ("synthetic", "mvtec_ad", "mvtec_loco", "visa", "folder")  # data/api.py DATASETS
+CONV_IMPLS = ("auto", "xla", "im2col", "shifted", "mixed")  # conv backward passes (models/conv.py)
+DATASETS = ("synthetic", "mvtec_ad", "mvtec_loco", "visa", "folder")  # the dataset layouts (data/indexes.py)
 
 
 def unit(v: float) -> bool:
   return 0 <= v <= 1
+
+
+def _autoencoder_sizes(size: int) -> str:
+  """The autoencoder's size rule (docs/method.md §3) and the valid sizes nearest `size`."""
+  below, above = max(64, size // 32 * 32), max(64, -(-size // 32) * 32)
+  nearest = f"{below}" if below == above or size < 64 else f"{below} or {above}"
+  return (
+    f"a multiple of 32, at least 64 (the autoencoder's encoder halves the image five times and its "
+    f"bottleneck spans the rest): nearest valid {nearest}"
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +70,7 @@ class ModelConfig:
     return [
       ("size", self.size in MODEL_SIZES, f"one of {MODEL_SIZES}"),
       ("teacher_channels", self.teacher_channels >= 1, ">= 1"),
-      ("image_size", self.image_size >= 40, ">= 40 (smaller inputs leave the PDN an empty map)"),
+      ("image_size", self.image_size % 32 == 0 and self.image_size >= 64, _autoencoder_sizes(self.image_size)),
       ("dtype", self.dtype in DTYPES, f"one of {DTYPES}"),
       ("ae_dropout", 0 <= self.ae_dropout < 1, "in [0, 1)"),
       ("conv_impl", self.conv_impl in CONV_IMPLS, f"one of {CONV_IMPLS}"),

@@ -15,13 +15,14 @@ import jax
 import numpy as np
 
 from efficientad_jax import models
+from efficientad_jax.config import CONV_IMPLS as MODEL_CONV_IMPLS
 from efficientad_jax.config import Config, DataConfig, ModelConfig, TrainConfig
 from efficientad_jax.data import make_datasets
 from efficientad_jax.efficientad import normalization, train_step, trainer
 from efficientad_jax.models import conv as conv_lib
 from efficientad_jax.training import parallel
 
-CONV_IMPLS = ("xla", "im2col", "shifted", "mixed")  # every backward a model can train with ("auto" picks one)
+CONV_IMPLS = tuple(i for i in MODEL_CONV_IMPLS if i != "auto")  # every backward a model can train with
 
 
 def summarize(seconds: list[float]) -> dict:

@@ -12,10 +12,11 @@ from typing import Any
 
 import grain
 
+from efficientad_jax import config
 from efficientad_jax.data import cache, indexes, pipeline, records, synthetic
 from efficientad_jax.data.records import DataError, Splits
 
-DATASETS = ("synthetic", "mvtec_ad", "mvtec_loco", "visa", "folder")
+DATASETS = config.DATASETS  # defined with the config that names them
 
 
 @dataclasses.dataclass(frozen=True)

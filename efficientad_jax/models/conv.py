@@ -33,7 +33,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("auto", "xla", "im2col", "shifted", "mixed")
+from efficientad_jax.config import CONV_IMPLS
+
+IMPLS = CONV_IMPLS  # defined with the config that names them
 CPU_IMPL = "mixed"  # what "auto" picks on CPU: the fastest there (`experiments.benchmark --mode conv`)
 # "mixed" keeps XLA's own weight gradient from this many input channels up (stride 1): there XLA:CPU's own is
 # as fast as the matmuls, below it far slower (BUILD_NOTES.md, "Performance").
