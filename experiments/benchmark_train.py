@@ -105,7 +105,7 @@ def bench_train(cfg: ModelConfig, per_dispatch: int, args: argparse.Namespace) -
     "warmup_and_compile_s": compile_s,
     "dataset_setup_s": setup_s,
     "final_loss": final_loss,
-    "penalty": bool(ds.info["penalty"]),
+    "penalty": bool(ds.info.penalty),
   }
 
 

@@ -129,17 +129,17 @@ def test_folder_removed_with_its_owner_only(samples, temp_dir):
 
 def test_datasets_own_their_cache(syn_root, temp_dir):
   ds = api.make_datasets(_cfg(syn_root), 32, seed=0, training=True)
-  assert ds.info["decoded_once"] and len(list(temp_dir.iterdir())) == 1
+  assert ds.info.decoded_once and len(list(temp_dir.iterdir())) == 1
   next(ds.train_iter(2))
   next(ds.train_iter(2))
   assert len(list(temp_dir.iterdir())) == 1  # one cache for every train_iter
   del ds
   assert _empty_soon(temp_dir)
   # Evaluation builds none; decode_cache=false never does.
-  assert not api.make_datasets(_cfg(syn_root), 32, seed=0).info["decoded_once"]
+  assert not api.make_datasets(_cfg(syn_root), 32, seed=0).info.decoded_once
   off = api.make_datasets(_cfg(syn_root, decode_cache=False), 32, seed=0, training=True)
   next(off.train_iter(2))
-  assert not off.info["decoded_once"] and not list(temp_dir.iterdir())
+  assert not off.info.decoded_once and not list(temp_dir.iterdir())
 
 
 @pytest.mark.parametrize("with_penalty", [False, True])
@@ -147,7 +147,7 @@ def test_stream_is_the_same_with_and_without_the_cache(syn_root, tmp_path, with_
   extra = {"penalty": str(_penalty_folder(tmp_path / "pen")), "penalty_resize": 40} if with_penalty else {}
   on = api.make_datasets(_cfg(syn_root, **extra), 32, seed=3, training=True)
   off = api.make_datasets(_cfg(syn_root, decode_cache=False, **extra), 32, seed=3, training=True)
-  assert on.info["decoded_once"] and not off.info["decoded_once"]
+  assert on.info.decoded_once and not off.info.decoded_once
   cached, decoded = _take(on.train_iter(3), 6), _take(off.train_iter(3), 6)  # past an epoch of 10 images
   assert set(cached[0]) == ({"image", "image_ae", "penalty"} if with_penalty else {"image", "image_ae"})
   assert _equal(cached, decoded)
@@ -171,7 +171,7 @@ def test_tfds_records_through_the_cache(fixtures, tmp_path):
   )
   on = api.make_datasets(cfg, 24, seed=0, training=True)
   off = api.make_datasets(dataclasses.replace(cfg, decode_cache=False), 24, seed=0, training=True)
-  assert on.info["decoded_once"]
+  assert on.info.decoded_once
   _same_records(on.train_eval, off.train_eval)
   assert _equal(_take(on.train_iter(2), 3), _take(off.train_iter(2), 3))
 

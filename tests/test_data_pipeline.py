@@ -277,7 +277,7 @@ def test_eval_records_loco_saturation_areas(fixtures):
 def test_loco_synthetic_make_datasets(tmp_path):
   cfg = dataclasses.replace(_cfg(tmp_path), synthetic_layout="mvtec_loco", synthetic_validation=3)
   ds = api.make_datasets(cfg, 32, seed=0)
-  assert ds.info["loco"] and ds.info["num_validation"] == 3 and len(ds.info["defects_config"]) == 7
+  assert ds.info.loco and ds.info.num_validation == 3 and len(ds.info.defects_config) == 7
   recs = list(ds.test)
   assert {r["loco_type"] for r in recs} == {"good", "logical_anomalies", "structural_anomalies"}
   assert all(len(r["channels"]) == r["label"] for r in recs)
@@ -289,7 +289,7 @@ def test_multiprocess_workers_match_in_process(syn_root):
   cfg = _cfg(syn_root)
   ref = _take(api.make_datasets(dataclasses.replace(cfg, decode_cache=False), 32, seed=0).train_iter(2), 3)
   ds = api.make_datasets(dataclasses.replace(cfg, num_workers=2), 32, seed=0, training=True)
-  assert ds.info["decoded_once"]
+  assert ds.info.decoded_once
   assert _equal(ref, _take(ds.train_iter(2), 3))
 
 

@@ -71,7 +71,7 @@ def test_loco_tfds_records_and_saturation(fixtures, tmp_path):
   via_tfds, via_files = _both(cfg)
   _same_records(via_tfds.test, via_files.test)
   _same_records(via_tfds.validation, via_files.validation)
-  assert via_tfds.info["defects_config"] == via_files.info["defects_config"]
+  assert via_tfds.info.defects_config == via_files.info.defects_config
   import tensorflow_datasets as tfds
 
   raw = tfds.data_source(f"mvtec_loco/{loco.category}", split="test", data_dir=str(tmp_path / "tfds"), download=False)

@@ -12,7 +12,7 @@ Entry point (what the trainer calls)::
 
 `training=True` with `DataConfig.decode_cache` (the default) decodes every training image once into a
 memory-mapped file (`cache.decode_once`) that the stream, its worker processes and `train_eval` read;
-`info['decoded_once']` says so. `DataConfig.num_workers=-1` picks the worker processes (`worker_count`).
+`info.decoded_once` says so. `DataConfig.num_workers=-1` picks the worker processes (`worker_count`).
 
 Eval record (`pipeline.eval_element`): {'image': [S,S,3] float32 normalised, 'orig_size': int32
 [2] (H, W), 'label': 0|1, 'defect': str, 'loco_type': '' | 'good' | 'logical_anomalies' |
@@ -28,7 +28,7 @@ Validation never uses test images: LOCO's own validation/good; otherwise a seede
 `validation_fraction` of train, held out of training. Bad input raises `DataError` naming the file.
 """
 
-from efficientad_jax.data.api import Datasets, build_index, make_datasets
+from efficientad_jax.data.api import DatasetInfo, Datasets, build_index, make_datasets
 from efficientad_jax.data.cache import DecodedImages, decode_once
 from efficientad_jax.data.indexes import (
   index_folder,
@@ -46,6 +46,7 @@ from efficientad_jax.data.records import DataError, DefectSpec, Sample, Splits
 from efficientad_jax.data.synthetic import generate_synthetic
 
 __all__ = [
+  "DatasetInfo",
   "DataError",
   "Datasets",
   "DecodedImages",

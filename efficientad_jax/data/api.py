@@ -20,6 +20,23 @@ DATASETS = config.DATASETS  # defined with the config that names them
 
 
 @dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What a run records about its data."""
+
+  dataset: str  # one of config.DATASETS
+  category: str  # the category / object ('widget' for the synthetic default)
+  root: str  # the resolved dataset root
+  loco: bool  # MVTec LOCO layout: logical and structural anomalies, AU-sPRO
+  num_train: int
+  num_validation: int
+  num_test: int
+  defects_config: list[dict]  # LOCO: each defect's saturation rule (`records.DefectSpec` as dicts)
+  image_size: int
+  penalty: str  # the penalty source ('' = off)
+  decoded_once: bool  # every training image is already in the decode cache, so known to be readable
+
+
+@dataclasses.dataclass(frozen=True)
 class Datasets:
   """What training and evaluation need.
 
@@ -31,10 +48,7 @@ class Datasets:
       records: for the teacher channel statistics (docs/method.md §5.1).
     validation: normal images for map calibration (docs/method.md §7.2), eval records.
     test: test images, eval records (`pipeline.eval_element`).
-    info: {'dataset','category','root','loco','num_train','num_validation','num_test',
-      'defects_config' (list of dicts, LOCO), 'image_size','penalty','decoded_once'}; 'decoded_once':
-      every training image was decoded into the decode cache already, so it is known to be readable
-      (`check_images` need not read the training split again).
+    info: `DatasetInfo`, what the run and its model record about the data.
     listing: `listing()` -> {'train': [...], 'validation': [...]}, the images of both splits (file
       paths, or 'tfds:<id>' for TFDS records), for auditing a run's split (`split_names`).
   """
@@ -43,7 +57,7 @@ class Datasets:
   train_eval: grain.MapDataset
   validation: grain.MapDataset
   test: grain.MapDataset
-  info: dict
+  info: DatasetInfo
   listing: Callable[[], dict[str, list[str]]]
 
 
@@ -184,19 +198,19 @@ def make_datasets(data_cfg, image_size: int, seed: int, *, training: bool = Fals
     data_cfg.dataset == "synthetic" and data_cfg.synthetic_layout == "mvtec_loco"
   )
   category = data_cfg.category or ("widget" if data_cfg.dataset == "synthetic" else "")
-  info = {
-    "dataset": data_cfg.dataset,
-    "category": category,
-    "root": str(root),
-    "loco": loco,
-    "num_train": len(splits["train"]),
-    "num_validation": len(splits["validation"]),
-    "num_test": len(splits["test"]),
-    "defects_config": [dataclasses.asdict(s) for s in specs],
-    "image_size": image_size,
-    "penalty": data_cfg.penalty,
-    "decoded_once": decoded[0] is not None,
-  }
+  info = DatasetInfo(
+    dataset=data_cfg.dataset,
+    category=category,
+    root=str(root),
+    loco=loco,
+    num_train=len(splits["train"]),
+    num_validation=len(splits["validation"]),
+    num_test=len(splits["test"]),
+    defects_config=[dataclasses.asdict(s) for s in specs],
+    image_size=image_size,
+    penalty=data_cfg.penalty,
+    decoded_once=decoded[0] is not None,
+  )
   return Datasets(
     train_iter=train_iter,
     train_eval=train_eval,

@@ -96,8 +96,8 @@ def write_splits(workdir: pathlib.Path, ds: Datasets, cfg: Config) -> None:
     return
   listing = ds.listing()
   doc = {
-    "dataset": ds.info["dataset"],
-    "category": ds.info["category"],
+    "dataset": ds.info.dataset,
+    "category": ds.info.category,
     "seed": cfg.train.seed,
     "validation_fraction": cfg.data.validation_fraction,
     "num_train": len(listing["train"]),
@@ -140,14 +140,14 @@ def checked_datasets(cfg: Config) -> Datasets:
   data.decode_cache is off), then the checks that would otherwise fail only after training: a validation split
   to calibrate on, and every training and validation image decodable (a corrupt file fails in seconds)."""
   ds = make_datasets(cfg.data, image_size=cfg.model.image_size, seed=cfg.train.seed, training=True)
-  if not ds.info["num_validation"]:
+  if not ds.info.num_validation:
     raise DataError(
-      f"{ds.info['root']}: no validation images (data.validation_fraction="
-      f"{cfg.data.validation_fraction}, {ds.info['num_train']} training images): calibration needs "
+      f"{ds.info.root}: no validation images (data.validation_fraction="
+      f"{cfg.data.validation_fraction}, {ds.info.num_train} training images): calibration needs "
       "at least one; add training images or raise data.validation_fraction (LOCO: validation/good)"
     )
   listing = ds.listing()
-  check_images(listing["validation"] if ds.info["decoded_once"] else listing["train"] + listing["validation"])
+  check_images(listing["validation"] if ds.info.decoded_once else listing["train"] + listing["validation"])
   return ds
 
 
@@ -179,7 +179,7 @@ def _train(saved_cfg: Config, cfg: Config, workdir: pathlib.Path, *, progress: b
   )
   write_splits(workdir, ds, cfg)
   it = ds.train_iter(local_batch, jax.process_index(), jax.process_count())
-  if not ds.info["penalty"]:
+  if not ds.info.penalty:
     log.warning(
       "no data.penalty source: training WITHOUT the ImageNet penalty (recorded in the model as "
       "'penalty: off'); pass data.penalty=<image folder> or tfds:imagenette"
@@ -223,7 +223,7 @@ def _train(saved_cfg: Config, cfg: Config, workdir: pathlib.Path, *, progress: b
     "model_size": cfg.model.size,
     "image_size": cfg.model.image_size,
     "teacher": teacher_source,
-    "penalty": "on" if ds.info["penalty"] else "off",
+    "penalty": "on" if ds.info.penalty else "off",
     "threshold": threshold,
     "threshold_rule": f"{cfg.maps.threshold_quantile} quantile of validation image scores",
     "steps": cfg.train.steps,

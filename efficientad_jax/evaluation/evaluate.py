@@ -252,7 +252,7 @@ def _evaluate(workdir, folder, cfg, out_dir, max_overlays, batch_size, progress)
   cfg = resolve_paths(cfg or model.cfg, folder.parent)  # synthetic data: RUN/data
   out = pathlib.Path(out_dir) if out_dir is not None else folder.parent / "eval"
   ds = make_datasets(cfg.data, image_size=model.image_size, seed=model.method.inputs(cfg).seed)
-  category = ds.info["category"] or "default"
+  category = ds.info.category or "default"
 
   # --- Maps of every test image, at the original resolution.
   keep = overlay_indices(len(ds.test), max_overlays)
@@ -260,7 +260,7 @@ def _evaluate(workdir, folder, cfg, out_dir, max_overlays, batch_size, progress)
 
   # --- Metrics.
   m = {
-    "dataset": ds.info["dataset"],
+    "dataset": ds.info.dataset,
     "category": category,
     "model": {
       "path": str(folder),

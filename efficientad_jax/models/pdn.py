@@ -106,7 +106,7 @@ class PDN(nn.Module):
       if relu:
         x = nn.relu(x)
       if pool:
-        x = nn.avg_pool(x, (2, 2), strides=(2, 2), padding=((p, p), (p, p)), count_include_pad=True)
+        x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2), padding=((p, p), (p, p)), count_include_pad=True)
     return x
 
 
