@@ -2,6 +2,8 @@
 
 Encoder: 5 strided convs (k4 s2 p1) and a linear bottleneck conv that collapses the grid to 1x1 (k8 at 256).
 Decoder: 6 x [bilinear resize, conv k4 s1 p2, ReLU, dropout], resize to the PDN output size, two k3 convs.
+`ARCHITECTURE` is that list, layer by layer: the Flax module, the PyTorch weight mapping (`models.weights`) and
+the ONNX graph (`serving.onnx_graph`) all read it.
 Bilinear resizes use half-pixel centres and NO antialias (PyTorch `interpolate(align_corners=False)`);
 `jax.image.resize` antialiases when shrinking unless told not to.
 """
@@ -9,7 +11,7 @@ Bilinear resizes use half-pixel centres and NO antialias (PyTorch `interpolate(a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -17,8 +19,34 @@ import jax.numpy as jnp
 
 from efficientad_jax.models.pdn import conv, torch_default_init
 
-_ENCODER = ((3, 32), (32, 32), (32, 64), (64, 64), (64, 64))  # (in, out) of the strided convs
-_LATENT = 64
+
+class Layer(NamedTuple):
+  """One conv of the autoencoder and what surrounds it; `ARCHITECTURE` lists them in order."""
+
+  name: str  # the parameter name (anomalib's)
+  kernel: int  # 0: the bottleneck, whose kernel spans the encoder's grid (`bottleneck_kernel`)
+  cin: int
+  cout: int | None  # None: the output width C (the teacher's channels)
+  stride: int
+  pad: int  # symmetric zero padding
+  relu: bool
+  resize: int | None  # a bilinear resize before the conv: index into `decoder_sizes`, -1 the output size
+  dropout: bool  # training only, after the ReLU
+  torch_index: int  # the module's index in nelson1425's nn.Sequential (PyTorch weight files)
+
+
+# docs/method.md §3: 5 strided convs, the linear bottleneck, 6 x (resize, conv, ReLU, dropout), resize, 2 convs.
+ARCHITECTURE = (
+  Layer("enc1", 4, 3, 32, 2, 1, True, None, False, 0),
+  Layer("enc2", 4, 32, 32, 2, 1, True, None, False, 2),
+  Layer("enc3", 4, 32, 64, 2, 1, True, None, False, 4),
+  Layer("enc4", 4, 64, 64, 2, 1, True, None, False, 6),
+  Layer("enc5", 4, 64, 64, 2, 1, True, None, False, 8),
+  Layer("enc6", 0, 64, 64, 1, 0, False, None, False, 10),
+  *(Layer(f"dec{i}", 4, 64, 64, 1, 2, True, i - 1, True, 12 + 4 * (i - 1)) for i in range(1, 7)),
+  Layer("dec7", 3, 64, 64, 1, 1, True, -1, False, 36),
+  Layer("dec8", 3, 64, None, 1, 1, False, None, False, 38),
+)
 
 
 def decoder_sizes(n: int) -> tuple[int, ...]:
@@ -58,24 +86,37 @@ class Autoencoder(nn.Module):
   def __call__(self, x: jnp.ndarray, *, deterministic: bool = True) -> jnp.ndarray:
     h, w = x.shape[1:3]
     x = x.astype(self.dtype)
-    for i, (cin, cout) in enumerate(_ENCODER, start=1):
-      x = nn.relu(conv(cout, 4, cin, padding=1, stride=2, dtype=self.dtype, impl=self.conv_impl, name=f"enc{i}")(x))
-    kh, kw = bottleneck_kernel(h), bottleneck_kernel(w)
-    # Linear bottleneck (no ReLU). Rectangular kernel for non-square inputs: still a 1x1 code.
-    x = nn.Conv(
-      _LATENT,
-      (kh, kw),
-      padding="VALID",
-      dtype=self.dtype,
-      param_dtype=jnp.float32,
-      kernel_init=torch_default_init(_LATENT * kh * kw),
-      bias_init=torch_default_init(_LATENT * kh * kw),
-      name="enc6",
-    )(x)
-    for i, size in enumerate(zip(decoder_sizes(h), decoder_sizes(w)), start=1):
-      x = resize(x, size)
-      x = nn.relu(conv(_LATENT, 4, _LATENT, padding=2, dtype=self.dtype, impl=self.conv_impl, name=f"dec{i}")(x))
-      x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
-    x = resize(x, self.out_size)
-    x = nn.relu(conv(_LATENT, 3, _LATENT, padding=1, dtype=self.dtype, impl=self.conv_impl, name="dec7")(x))
-    return conv(self.out_channels, 3, _LATENT, padding=1, dtype=self.dtype, impl=self.conv_impl, name="dec8")(x)
+    sizes = tuple(zip(decoder_sizes(h), decoder_sizes(w)))
+    for layer in ARCHITECTURE:
+      if layer.resize is not None:
+        x = resize(x, self.out_size if layer.resize < 0 else sizes[layer.resize])
+      cout = layer.cout or self.out_channels
+      if layer.kernel:
+        x = conv(
+          cout,
+          layer.kernel,
+          layer.cin,
+          padding=layer.pad,
+          stride=layer.stride,
+          dtype=self.dtype,
+          impl=self.conv_impl,
+          name=layer.name,
+        )(x)
+      else:  # the bottleneck: a rectangular kernel for non-square inputs, still a 1x1 code
+        kh, kw = bottleneck_kernel(h), bottleneck_kernel(w)
+        fan_in = layer.cin * kh * kw
+        x = nn.Conv(
+          cout,
+          (kh, kw),
+          padding="VALID",
+          dtype=self.dtype,
+          param_dtype=jnp.float32,
+          kernel_init=torch_default_init(fan_in),
+          bias_init=torch_default_init(fan_in),
+          name=layer.name,
+        )(x)
+      if layer.relu:
+        x = nn.relu(x)
+      if layer.dropout:
+        x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
+    return x

@@ -19,19 +19,18 @@ from typing import Any
 import numpy as np
 
 from efficientad_jax.files import pth
+from efficientad_jax.models.autoencoder import ARCHITECTURE as AUTOENCODER
+from efficientad_jax.models.autoencoder import bottleneck_kernel
 from efficientad_jax.models.pdn import ARCHITECTURES
 
-# (flax layer, nelson nn.Sequential index, HWIO kernel shape); 'C' is the output width, read from the file.
-_AE_SPEC = (
-  ("enc1", 0, (4, 4, 3, 32)),
-  ("enc2", 2, (4, 4, 32, 32)),
-  ("enc3", 4, (4, 4, 32, 64)),
-  ("enc4", 6, (4, 4, 64, 64)),
-  ("enc5", 8, (4, 4, 64, 64)),
-  ("enc6", 10, (8, 8, 64, 64)),
-  *((f"dec{i}", 12 + 4 * (i - 1), (4, 4, 64, 64)) for i in range(1, 7)),  # resize, conv, ReLU, dropout
-  ("dec7", 36, (3, 3, 64, 64)),
-  ("dec8", 38, (3, 3, 64, "C")),
+AUTOENCODER_WEIGHTS_SIZE = 256  # the image size nelson1425's and anomalib's autoencoder weights are for
+
+# (flax layer, nelson nn.Sequential index, HWIO kernel shape) from the autoencoder's layer table; 'C' is the
+# output width, read from the file. The bottleneck's kernel is the one of the reference size, 256.
+_AE_SPEC = tuple(
+  (layer.name, layer.torch_index, (k, k, layer.cin, layer.cout or "C"))
+  for layer in AUTOENCODER
+  for k in (layer.kernel or bottleneck_kernel(AUTOENCODER_WEIGHTS_SIZE),)
 )
 LAYOUTS = ("nelson", "anomalib")
 TEACHER_FORMAT = 1  # bump when the saved teacher layout changes

@@ -25,13 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from efficientad_jax.models.autoencoder import ARCHITECTURE as AUTOENCODER
 from efficientad_jax.models.autoencoder import bottleneck_kernel, decoder_sizes
 from efficientad_jax.models.pdn import ARCHITECTURES, pdn_output_size
 
 FORMAT = "efficientad_jax.onnx/1"
 DEFAULT_OPSET = 18  # Resize's `antialias` and `axes` attributes exist from opset 18
-_AE_ENCODER_STRIDED = 5  # enc1..enc5: conv k4 s2 p1 + ReLU; enc6: the linear bottleneck
-_AE_DECODER_BLOCKS = 6  # dec1..dec6: resize, conv k4 p2, ReLU (dropout is training only)
 
 
 class OnnxExportError(ValueError):
@@ -90,20 +89,17 @@ def _pdn(g: _Graph, x: str, params: dict, size: str, name: str) -> str:
 
 
 def _autoencoder(g: _Graph, x: str, params: dict, image_size: int, out_size: Sequence[int]) -> str:
-  """The autoencoder (models/autoencoder.py) on NCHW `x` [N, 3, S, S], inference mode (no dropout)."""
-  for i in range(1, _AE_ENCODER_STRIDED + 1):
-    x = g.op("Relu", _conv(g, x, params[f"enc{i}"], stride=2, pad=1, name=f"ae_enc{i}"))
-  k = np.shape(params["enc6"]["kernel"])[0]
-  if k != bottleneck_kernel(image_size):
-    raise OnnxExportError(f"autoencoder bottleneck kernel {k} does not fit image size {image_size}")
-  x = _conv(g, x, params["enc6"], name="ae_enc6")  # linear bottleneck: no ReLU
+  """The autoencoder (`models.autoencoder.ARCHITECTURE`) on NCHW `x` [N, 3, S, S], inference mode (no dropout)."""
   sizes = decoder_sizes(image_size)
-  for i in range(1, _AE_DECODER_BLOCKS + 1):
-    x = _resize(g, x, (sizes[i - 1], sizes[i - 1]))
-    x = g.op("Relu", _conv(g, x, params[f"dec{i}"], pad=2, name=f"ae_dec{i}"))
-  x = _resize(g, x, out_size)
-  x = g.op("Relu", _conv(g, x, params["dec7"], pad=1, name="ae_dec7"))
-  return _conv(g, x, params["dec8"], pad=1, name="ae_dec8")
+  for layer in AUTOENCODER:
+    if layer.resize is not None:
+      x = _resize(g, x, out_size if layer.resize < 0 else (sizes[layer.resize],) * 2)
+    if not layer.kernel and np.shape(params[layer.name]["kernel"])[0] != bottleneck_kernel(image_size):
+      raise OnnxExportError(f"autoencoder bottleneck kernel does not fit image size {image_size}")
+    x = _conv(g, x, params[layer.name], stride=layer.stride, pad=layer.pad, name=f"ae_{layer.name}")
+    if layer.relu:
+      x = g.op("Relu", x)
+  return x
 
 
 def _channel_mse(g: _Graph, a: str, b: str) -> str:
