@@ -404,5 +404,10 @@ def cli_main(argv=None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def command() -> None:
+  """The `efficientad-benchmark` console script (pyproject.toml [project.scripts])."""
   sys.exit(cli.run(cli_main))
+
+
+if __name__ == "__main__":
+  command()

@@ -60,5 +60,10 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def command() -> None:
+  """The `efficientad-download` console script (pyproject.toml [project.scripts])."""
   sys.exit(cli.run(main))
+
+
+if __name__ == "__main__":
+  command()

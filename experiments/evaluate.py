@@ -59,5 +59,10 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def command() -> None:
+  """The `efficientad-evaluate` console script (pyproject.toml [project.scripts])."""
   sys.exit(cli.run(main))
+
+
+if __name__ == "__main__":
+  command()

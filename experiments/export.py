@@ -73,5 +73,10 @@ def export_onnx(args: argparse.Namespace) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def command() -> None:
+  """The `efficientad-export` console script (pyproject.toml [project.scripts])."""
   sys.exit(cli.run(main))
+
+
+if __name__ == "__main__":
+  command()

@@ -51,5 +51,10 @@ def main(argv=None) -> int:
   return 1 if failures else 0
 
 
-if __name__ == "__main__":
+def command() -> None:
+  """The `efficientad-predict` console script (pyproject.toml [project.scripts])."""
   sys.exit(cli.run(main))
+
+
+if __name__ == "__main__":
+  command()

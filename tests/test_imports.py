@@ -68,3 +68,19 @@ def test_public_api_resolves_lazily():
 def test_public_api_names_do_not_shadow_submodules():
   submodules = {name.split(".")[1] for name in package_modules() if name.count(".") >= 1}
   assert not set(efficientad_jax.__all__) & submodules
+
+
+def test_console_scripts_are_the_experiments_commands():
+  """pyproject's [project.scripts] entries exist after `pip install` and run the same CLIs."""
+  import shutil
+  import tomllib
+
+  scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+  assert {"efficientad-train", "efficientad-evaluate", "efficientad-predict", "efficientad-export"} <= set(scripts)
+  for name, target in scripts.items():
+    module, _, function = target.partition(":")
+    assert (REPO / (module.replace(".", "/") + ".py")).exists() and function == "command", (name, target)
+  exe = shutil.which("efficientad-train")
+  assert exe, "efficientad-train is not on PATH: pip install -e . installs it"
+  proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "usage: efficientad-train" in proc.stdout, proc.stderr[-2000:]
