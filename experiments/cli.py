@@ -5,7 +5,6 @@ import errno
 import logging
 import os
 import pathlib
-import subprocess
 import sys
 import threading
 import zipfile
@@ -107,8 +106,6 @@ def run(main, argv=None) -> int:
   debug = "--debug" in args
   if not debug:  # orbax logs each failed background write with its traceback; the error line says it once
     logging.getLogger("absl").addFilter(lambda record: record.levelno < logging.ERROR)
-    if argv is None:  # a real process (python -m experiments.<cli>): its fd 2 goes through stderr_filter.py
-      _filter_stderr()
   try:
     return main(argv)
   except KeyboardInterrupt:
@@ -126,32 +123,11 @@ def run(main, argv=None) -> int:
     return status
 
 
-def _filter_stderr() -> None:
-  """Routes file descriptor 2 through `experiments/stderr_filter.py`, a separate process that leaves out the
-  'Event loop is closed' tracebacks tensorstore prints at the C level after a failed asynchronous write (no
-  Python-level hook sees them) and passes everything else on at once. Without a pipe, nothing changes."""
-  try:
-    read_end, write_end = os.pipe()
-    terminal = os.dup(2)
-    subprocess.Popen(
-      [sys.executable, "-S", "-u", str(pathlib.Path(__file__).with_name("stderr_filter.py"))],
-      stdin=read_end,
-      stdout=terminal,
-      stderr=subprocess.DEVNULL,
-      close_fds=True,
-    )
-  except OSError:
-    return
-  os.close(read_end)
-  os.close(terminal)
-  sys.stderr.flush()
-  os.dup2(write_end, 2)
-  os.close(write_end)
-
-
 def _quiet_shutdown() -> None:
-  """After the error line: background threads of dependencies (orbax's writers after a full disk) that fail
-  while the interpreter shuts down must not bury it under their tracebacks, so stderr goes to /dev/null."""
+  """After the error line: background threads of dependencies (orbax's and tensorstore's writers after a full
+  disk) that fail while the interpreter shuts down must not bury it under their tracebacks, some printed by
+  C++ threads straight to file descriptor 2, so fd 2 goes to /dev/null (BUILD_NOTES.md, "Errors and resuming
+  with other settings")."""
   sys.unraisablehook = lambda unraisable: None
   threading.excepthook = lambda args: None
   logging.disable(logging.CRITICAL)
