@@ -15,7 +15,7 @@ import json
 import os
 import pathlib
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -362,6 +362,23 @@ def size_batches(
   for size, bucket in buckets.items():
     if bucket:
       yield (size, *stack(bucket))
+
+
+def map_batches(
+  fn: Callable[[np.ndarray, tuple[int, int]], Any], batches: Iterable[tuple[tuple[int, int], list[int], np.ndarray]]
+) -> Iterator[tuple[list[int], Any]]:
+  """Applies a (jitted) `fn(images, out_size)` to each batch of `size_batches` / `ordered_batches`.
+
+  The one way every method runs a network over records: calibration, evaluation, teacher statistics and AST's
+  features. Yields (indices of the real images, fn's output on the host with the padding images dropped: an
+  array, or a dict of arrays).
+  """
+  for size, indices, images in batches:
+    out, n = fn(images, size), len(indices)
+    if isinstance(out, dict):
+      yield indices, {k: np.asarray(v)[:n] for k, v in out.items()}
+    else:
+      yield indices, np.asarray(out)[:n]
 
 
 def ordered_batches(records: Any, batch_size: int) -> Iterator[tuple[tuple[int, int], list[int], np.ndarray]]:

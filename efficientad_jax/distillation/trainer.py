@@ -100,11 +100,9 @@ def _distill(
     return step_fn(state, backbone_vars, stats, parallel.shard_batch(next(it), mesh))
 
   stage = engine.Stage.of_schedule(cfg.train)
-  writer = engine.log_writer(workdir)
   hooks = engine.Hooks(fresh=fresh, template=template, progress=it.get_state, resume=it.set_state)
-  state, _, history = engine.run_stage(stage, workdir, advance, hooks, writer=writer, show_progress=progress)
-  if writer is not None:
-    writer.close()
+  with engine.log_writer(workdir) as writer:
+    state, _, history = engine.run_stage(stage, workdir, advance, hooks, writer=writer, show_progress=progress)
 
   # --- The teacher: same names and shapes in the unpadded PDN that training uses.
   path = workdir / "teacher"

@@ -19,7 +19,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from efficientad_jax import config as config_lib
@@ -27,7 +26,7 @@ from efficientad_jax import models
 from efficientad_jax.config import Config
 from efficientad_jax.data import Datasets, make_datasets
 from efficientad_jax.data.api import check_images
-from efficientad_jax.data.pipeline import ordered_batches
+from efficientad_jax.data.pipeline import map_batches, ordered_batches
 from efficientad_jax.data.records import DataError
 from efficientad_jax.efficientad import inference, normalization, train_step
 from efficientad_jax.models import weights
@@ -127,12 +126,9 @@ def load_teacher(cfg: Config, nets: models.Models, key: jax.Array) -> tuple[dict
 def fit_teacher_stats(nets: models.Models, teacher: dict, ds: Datasets, batch_size: int) -> normalization.TeacherStats:
   """Channel statistics of the teacher over the (un-augmented) training images (docs/method.md §5.1)."""
   apply = compiler.jit(lambda p, x: nets.teacher.apply({"params": p}, x))
-
-  def features(batch):
-    _, indices, images = batch
-    return np.asarray(apply(teacher, images))[: len(indices)]  # drop the padding images of the last batch
-
-  return normalization.fit_teacher_stats(features, lambda: ordered_batches(ds.train_eval, batch_size))
+  run = lambda images, _: apply(teacher, images)
+  features = lambda: (out for _, out in map_batches(run, ordered_batches(ds.train_eval, batch_size)))
+  return normalization.fit_teacher_stats(lambda t: t, features)
 
 
 def checked_datasets(cfg: Config) -> Datasets:
@@ -208,9 +204,9 @@ def _train(saved_cfg: Config, cfg: Config, workdir: pathlib.Path, *, progress: b
     resume=it.set_state,
   )
   stage = engine.Stage.of_schedule(cfg.train, per_dispatch=cfg.train.steps_per_dispatch)
-  writer = engine.log_writer(workdir)
   try:
-    state, frozen, _ = engine.run_stage(stage, workdir, advance, hooks, writer=writer, show_progress=progress)
+    with engine.log_writer(workdir) as writer:
+      state, frozen, _ = engine.run_stage(stage, workdir, advance, hooks, writer=writer, show_progress=progress)
   finally:  # stops grain's worker processes now: left to exit, they leak their shared memory (and say so)
     it.close()
 
@@ -231,7 +227,5 @@ def _train(saved_cfg: Config, cfg: Config, workdir: pathlib.Path, *, progress: b
     "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
   }
   path = saved_model.save(workdir / "model", "efficientad", detector, meta)  # every process: the primary writes
-  if writer is not None:
-    writer.close()
   log.info("saved the model to %s (threshold %.4f)", path, threshold)
   return path

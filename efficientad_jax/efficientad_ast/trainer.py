@@ -52,10 +52,8 @@ def load_backbone(cfg: AstConfig, params: dict) -> tuple[dict, str]:
 def extract(nets: method.Nets, backbone: dict, records, batch_size: int) -> np.ndarray:
   """Backbone features of eval records, in order: float32 [N, g, g, C] on the host."""
   fn = compiler.jit(lambda p, x: method.features(nets, p, x))
-  out = [
-    np.asarray(fn(backbone, images))[: len(indices)]
-    for _, indices, images in pipeline.ordered_batches(records, batch_size)
-  ]
+  run = lambda images, _: fn(backbone, images)
+  out = [f for _, f in pipeline.map_batches(run, pipeline.ordered_batches(records, batch_size))]
   return np.concatenate(out) if out else np.zeros((0, nets.grid, nets.grid, nets.channels), np.float32)
 
 
@@ -204,6 +202,29 @@ def train_student(
   }
 
 
+def _both_stages(
+  cfg, nets, params, feats, val_feats, workdir, step_key, mesh, progress, penalty, eval_batch, writer
+) -> tuple[dict, dict]:
+  """Stage 1, the teacher flow; stage 2, student + autoencoder on the frozen teacher's outputs. Returns the
+  trained parameters (flow, and the best student and autoencoder)."""
+  params = dict(params)
+  params["flow"] = train_flow(
+    cfg, nets, params["flow"], feats, {"backbone": params["backbone"]}, workdir, mesh, progress, writer
+  )
+  # Stage 2 reads the flow's outputs as its targets.
+  teach = compiler.jit(lambda p, f: method.teacher(nets, p, f))
+  targets = lambda f: np.concatenate(
+    [np.asarray(teach(params["flow"], f[i : i + eval_batch])) for i in range(0, len(f), eval_batch)] or [f[:0]]
+  )
+  train = {"features": feats, "target": targets(feats)}
+  val = {"features": val_feats, "target": targets(val_feats)}
+  frozen = {"backbone": params["backbone"], "flow": params["flow"]}
+  best, summary = train_student(
+    cfg, nets, params, train, val, frozen, workdir, step_key, mesh, progress, penalty, writer
+  )
+  return {**best, "flow": params["flow"]}, summary
+
+
 def train_ast(cfg: AstConfig, workdir: str | pathlib.Path, *, progress: bool = True) -> pathlib.Path:
   """Trains both stages, calibrates the threshold and saves the complete model; returns RUN/model."""
   with engine.run_directory(cfg, workdir, "training (EfficientAD-AST)") as run:
@@ -211,7 +232,6 @@ def train_ast(cfg: AstConfig, workdir: str | pathlib.Path, *, progress: bool = T
 
 
 def _train_ast(saved_cfg: AstConfig, cfg: AstConfig, workdir: pathlib.Path, *, progress: bool) -> pathlib.Path:
-  engine.write_config(workdir, saved_cfg)
   init_key, step_key = jax.random.split(jax.random.key(cfg.train.seed))
   mesh = parallel.data_mesh()
   if cfg.train.batch_size % jax.device_count():
@@ -234,26 +254,12 @@ def _train_ast(saved_cfg: AstConfig, cfg: AstConfig, workdir: pathlib.Path, *, p
   if len(feats) < cfg.train.batch_size:
     raise ValueError(f"{len(feats)} training images, fewer than train.batch_size {cfg.train.batch_size}")
 
-  # --- Stage 1: the teacher flow.
-  writer = engine.log_writer(workdir)
-  params["flow"] = train_flow(
-    cfg, nets, params["flow"], feats, {"backbone": params["backbone"]}, workdir, mesh, progress, writer
-  )
-
-  # --- Stage 2: student + autoencoder on the frozen teacher's outputs.
-  teach = compiler.jit(lambda p, f: method.teacher(nets, p, f))
-  targets = lambda f: np.concatenate(
-    [np.asarray(teach(params["flow"], f[i : i + eval_batch])) for i in range(0, len(f), eval_batch)] or [f[:0]]
-  )
-  train = {"features": feats, "target": targets(feats)}
-  val = {"features": val_feats, "target": targets(val_feats)}
-  frozen = {"backbone": params["backbone"], "flow": params["flow"]}
-  best, summary = train_student(
-    cfg, nets, params, train, val, frozen, workdir, step_key, mesh, progress, penalty, writer
-  )
-  params.update(best)
-  if writer is not None:
-    writer.close()
+  engine.write_config(workdir, saved_cfg)  # every check passed: the run directory records the run
+  with engine.log_writer(workdir) as writer:
+    trained, summary = _both_stages(
+      cfg, nets, params, feats, val_feats, workdir, step_key, mesh, progress, penalty, eval_batch, writer
+    )
+  params.update(trained)
 
   # --- Threshold from validation normals, then the complete model.
   _, predict_fn = method.compiled_predict(cfg)

@@ -69,11 +69,14 @@ def predict_records(
       yield i, record
 
   with tqdm.tqdm(total=n, desc="evaluate", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-    for size, indices, images in pipeline.size_batches(indexed(), batch_size):
+
+    def run(images, size):
       out = model.predict_fn(model.detector, images, out_size=size)
-      batch_maps, batch_scores = np.asarray(out["anomaly_map"]), np.asarray(out["score"])
+      return {"anomaly_map": out["anomaly_map"], "score": out["score"]}
+
+    for indices, out in pipeline.map_batches(run, pipeline.size_batches(indexed(), batch_size)):
       for j, i in enumerate(indices):
-        maps[i], scores[i] = batch_maps[j], batch_scores[j]
+        maps[i], scores[i] = out["anomaly_map"][j], out["score"][j]
       bar.update(len(indices))
   return infos, maps, scores, kept
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from efficientad_jax.data.pipeline import ordered_batches
+from efficientad_jax.data.pipeline import map_batches, ordered_batches
 
 Predict = Callable[..., dict]  # fn(detector, images [B, S, S, 3], out_size=(H, W)) -> {'score', 'map_st', ...}
 
@@ -26,9 +26,12 @@ def outputs(
   """{key: [N, ...] host array} of `predict_fn`'s outputs for the N eval records (padding images dropped)."""
   keys = tuple(keys)
   collected: dict[int, dict[str, np.ndarray]] = {}
-  for size, indices, images in ordered_batches(records, batch_size):
+
+  def run(images, size):
     out = predict_fn(detector, images, out_size=size)
-    host = {k: np.asarray(out[k]) for k in keys}
+    return {k: out[k] for k in keys}
+
+  for indices, host in map_batches(run, ordered_batches(records, batch_size)):
     for j, i in enumerate(indices):
       collected[i] = {k: host[k][j] for k in keys}
   if not collected:

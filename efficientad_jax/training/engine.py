@@ -113,16 +113,23 @@ def run_directory(cfg: Any, workdir: str | pathlib.Path, what: str) -> Iterator[
     yield saved, resolve_paths(cfg, workdir), workdir
 
 
-def log_writer(workdir: pathlib.Path):
-  """A TensorBoard writer on RUN/tensorboard for the primary process; None elsewhere or without tensorboardX."""
-  if jax.process_index() != 0:
-    return None
+@contextlib.contextmanager
+def log_writer(workdir: pathlib.Path) -> Iterator[Any]:
+  """A TensorBoard writer on RUN/tensorboard for the primary process (None elsewhere or without tensorboardX),
+  closed when the block ends, however it ends."""
+  writer = None
+  if jax.process_index() == 0:
+    try:
+      from tensorboardX import SummaryWriter  # optional
+    except ImportError:
+      log.warning("tensorboardX is not installed: no TensorBoard scalars")
+    else:
+      writer = SummaryWriter(str(workdir / "tensorboard"))
   try:
-    from tensorboardX import SummaryWriter  # optional
-  except ImportError:
-    log.warning("tensorboardX is not installed: no TensorBoard scalars")
-    return None
-  return SummaryWriter(str(workdir / "tensorboard"))
+    yield writer
+  finally:
+    if writer is not None:
+      writer.close()
 
 
 def check_finite(metrics: dict[str, float], where: str) -> None:
