@@ -18,7 +18,7 @@ from PIL import Image
 from efficientad_jax import config as config_lib
 from efficientad_jax import metrics, models
 from efficientad_jax.config import Config, DataConfig, ModelConfig
-from efficientad_jax.data import generate_synthetic, make_datasets, pipeline
+from efficientad_jax.data import batches, generate_synthetic, make_datasets
 from efficientad_jax.efficientad import inference, normalization
 from efficientad_jax.evaluation import evaluate
 from efficientad_jax.serving import predict, saved_model
@@ -192,14 +192,14 @@ def test_loco_metrics_equal_direct_computation(loco):
 def test_size_batches_groups_sizes_and_pads():
   sizes = [(4, 6), (5, 5), (4, 6), (4, 6), (5, 5), (4, 6), (4, 6)]
   records = [(i, {"orig_size": np.array(s), "image": np.full((2, 2, 3), i, np.float32)}) for i, s in enumerate(sizes)]
-  batches = list(pipeline.size_batches(records, 3))
-  assert sorted(i for _, idx, _ in batches for i in idx) == list(range(len(sizes)))
-  for size, idx, images in batches:
+  grouped = list(batches.size_batches(records, 3))
+  assert sorted(i for _, idx, _ in grouped for i in idx) == list(range(len(sizes)))
+  for size, idx, images in grouped:
     assert images.shape == (3, 2, 2, 3)  # always full: one compile per size
     assert all(sizes[i] == size for i in idx)
     np.testing.assert_array_equal(images[: len(idx), 0, 0, 0], idx)
     np.testing.assert_array_equal(images[len(idx) :, 0, 0, 0], idx[-1])  # padded with the last image
-  assert [len(idx) for _, idx, _ in batches] == [3, 2, 2]
+  assert [len(idx) for _, idx, _ in grouped] == [3, 2, 2]
 
 
 def test_decision_metrics_by_hand():

@@ -26,7 +26,7 @@ from efficientad_jax import models
 from efficientad_jax.config import Config
 from efficientad_jax.data import Datasets, make_datasets
 from efficientad_jax.data.api import check_images
-from efficientad_jax.data.pipeline import map_batches, ordered_batches
+from efficientad_jax.data.batches import map_batches, ordered_batches
 from efficientad_jax.data.records import DataError
 from efficientad_jax.efficientad import inference, normalization, train_step
 from efficientad_jax.models import weights

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficientad_jax import config as config_lib
-from efficientad_jax.data import make_datasets, pipeline
+from efficientad_jax.data import batches, make_datasets, pipeline
 from efficientad_jax.efficientad_ast import inference as method
 from efficientad_jax.efficientad_ast import train_step
 from efficientad_jax.efficientad_ast.config import AstConfig
@@ -53,7 +53,7 @@ def extract(nets: method.Nets, backbone: dict, records, batch_size: int) -> np.n
   """Backbone features of eval records, in order: float32 [N, g, g, C] on the host."""
   fn = compiler.jit(lambda p, x: method.features(nets, p, x))
   run = lambda images, _: fn(backbone, images)
-  out = [f for _, f in pipeline.map_batches(run, pipeline.ordered_batches(records, batch_size))]
+  out = [f for _, f in batches.map_batches(run, batches.ordered_batches(records, batch_size))]
   return np.concatenate(out) if out else np.zeros((0, nets.grid, nets.grid, nets.channels), np.float32)
 
 

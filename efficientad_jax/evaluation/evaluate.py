@@ -33,7 +33,7 @@ import tqdm
 
 from efficientad_jax import metrics as metrics_lib
 from efficientad_jax import pictures
-from efficientad_jax.data import make_datasets, pipeline
+from efficientad_jax.data import batches, make_datasets
 from efficientad_jax.serving import saved_model
 from efficientad_jax.training import lock
 
@@ -62,7 +62,7 @@ def predict_records(
   infos, maps, scores, kept = [None] * n, [None] * n, np.zeros(n, np.float32), {}
 
   def indexed():
-    for i, record in enumerate(pipeline.ordered(records)):
+    for i, record in enumerate(batches.ordered(records)):
       infos[i] = {k: v for k, v in record.items() if k != "image"}  # masks stay, images go
       if i in keep:
         kept[i] = record["image"]
@@ -74,7 +74,7 @@ def predict_records(
       out = model.predict_fn(model.detector, images, out_size=size)
       return {"anomaly_map": out["anomaly_map"], "score": out["score"]}
 
-    for indices, out in pipeline.map_batches(run, pipeline.size_batches(indexed(), batch_size)):
+    for indices, out in batches.map_batches(run, batches.size_batches(indexed(), batch_size)):
       for j, i in enumerate(indices):
         maps[i], scores[i] = out["anomaly_map"][j], out["score"][j]
       bar.update(len(indices))

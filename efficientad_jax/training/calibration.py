@@ -4,7 +4,7 @@ Test images are never used. EfficientAD fits its map quantiles on the validation
 maps (`efficientad.inference.calibrate`); every method's decision threshold is the `threshold_quantile` of the
 validation
 images' scores under the finished model (`threshold`). Both run the method's one jitted predict function in
-fixed-size batches grouped by original size (`data.pipeline.size_batches`), as evaluation does, so calibration and
+fixed-size batches grouped by original size (`data.batches.size_batches`), as evaluation does, so calibration and
 evaluation compile the same programs.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from efficientad_jax.data.pipeline import map_batches, ordered_batches
+from efficientad_jax.data.batches import map_batches, ordered_batches
 
 Predict = Callable[..., dict]  # fn(detector, images [B, S, S, 3], out_size=(H, W)) -> {'score', 'map_st', ...}
 
