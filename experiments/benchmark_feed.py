@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from efficientad_jax.config import Config, DataConfig, ModelConfig, TrainConfig
-from efficientad_jax.data import make_datasets, pipeline, preprocess
+from efficientad_jax.data import indexes, make_datasets, pipeline, preprocess
 from efficientad_jax.data.api import build_index
 from efficientad_jax.efficientad import trainer
 from efficientad_jax.training import engine, parallel
@@ -102,7 +102,7 @@ def _legacy_penalty_element(path: str, rng: np.random.Generator, image_size: int
 def legacy_stream(data: DataConfig, image_size: int) -> grain.DatasetIterator:
   """The training stream before the decode cache: the same grain structure and seeds, float32 output."""
   samples = build_index(data, 0)[0].train
-  penalty = pipeline.penalty_source(data.penalty)
+  penalty = indexes.penalty_source(data.penalty)
   ds = (
     grain.MapDataset.source(samples)
     .shuffle(pipeline.sub_seed(0, "shuffle"))

@@ -168,7 +168,7 @@ def make_datasets(data_cfg, image_size: int, seed: int, *, training: bool = Fals
   for split in ("train", "test"):
     if not len(splits[split]):
       raise DataError(f"{root}: empty split ({split})")
-  penalty = pipeline.penalty_source(data_cfg.penalty, data_cfg.tfds_data_dir)
+  penalty = indexes.penalty_source(data_cfg.penalty, data_cfg.tfds_data_dir)
   # One cache per Datasets, shared by every train_iter and by train_eval; its file goes with them.
   decoded = [cache.decode_once(splits["train"], image_size) if training and data_cfg.decode_cache else None]
 

@@ -18,11 +18,14 @@ from __future__ import annotations
 import csv
 import pathlib
 from collections.abc import Sequence
+from typing import Any
 
 from PIL import Image
 
 from efficientad_jax.data import records
 from efficientad_jax.data.records import DataError, Sample, Splits
+
+PENALTY_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -254,3 +257,26 @@ def _visa_sample(root: pathlib.Path, row: dict, where: str) -> Sample:
   return Sample(
     image=str(image), id=f"{split}/{defect}/{image.stem}", label=int(label == "anomaly"), defect=defect, mask=mask
   )
+
+
+def penalty_source(spec: str, tfds_data_dir: str = "") -> Sequence[Any] | None:
+  """ "" -> None; "tfds:<name>" -> tfds.data_source(<name>, split='train'); else an image folder.
+
+  A folder is searched recursively for .jpg/.jpeg/.png files (sorted paths).
+  """
+  if not spec:
+    return None
+  if spec.startswith("tfds:"):
+    import tensorflow_datasets as tfds
+
+    return tfds.data_source(spec[len("tfds:") :], split="train", data_dir=tfds_data_dir or None, download=False)
+  folder = pathlib.Path(spec)
+  if not folder.is_dir():
+    raise DataError(
+      f"penalty folder {folder} does not exist (data.penalty): pass --set data.penalty=<an "
+      "ImageNet-like image folder>, tfds:imagenette, or nothing (training without the penalty)"
+    )
+  paths = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in PENALTY_SUFFIXES)
+  if not paths:
+    raise DataError(f"penalty folder {folder}: no {'/'.join(PENALTY_SUFFIXES)} images")
+  return paths

@@ -24,7 +24,6 @@ import numpy as np
 from efficientad_jax.data import preprocess, records
 from efficientad_jax.data.records import DataError, Sample
 
-PENALTY_SUFFIXES = (".jpg", ".jpeg", ".png")
 MAX_AUTO_WORKERS = 16  # num_workers=-1 never starts more worker processes than this
 
 
@@ -309,26 +308,3 @@ def collate_eval(elements: Sequence[dict]) -> dict:
 def eval_batches(ds: grain.MapDataset, batch_size: int) -> grain.MapDataset:
   """`eval_dataset` in batches (the last one smaller), for batched inference."""
   return ds.batch(batch_size, drop_remainder=False, batch_fn=collate_eval)
-
-
-def penalty_source(spec: str, tfds_data_dir: str = "") -> Sequence[Any] | None:
-  """ "" -> None; "tfds:<name>" -> tfds.data_source(<name>, split='train'); else an image folder.
-
-  A folder is searched recursively for .jpg/.jpeg/.png files (sorted paths).
-  """
-  if not spec:
-    return None
-  if spec.startswith("tfds:"):
-    import tensorflow_datasets as tfds
-
-    return tfds.data_source(spec[len("tfds:") :], split="train", data_dir=tfds_data_dir or None, download=False)
-  folder = pathlib.Path(spec)
-  if not folder.is_dir():
-    raise DataError(
-      f"penalty folder {folder} does not exist (data.penalty): pass --set data.penalty=<an "
-      "ImageNet-like image folder>, tfds:imagenette, or nothing (training without the penalty)"
-    )
-  paths = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in PENALTY_SUFFIXES)
-  if not paths:
-    raise DataError(f"penalty folder {folder}: no {'/'.join(PENALTY_SUFFIXES)} images")
-  return paths

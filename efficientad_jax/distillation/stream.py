@@ -19,19 +19,15 @@ import numpy as np
 from PIL import Image
 
 from efficientad_jax.data import preprocess
-from efficientad_jax.data.pipeline import (
-  mark_flags_parsed,
-  penalty_source,
-  sub_seed,
-  worker_count,
-)
+from efficientad_jax.data.indexes import penalty_source
+from efficientad_jax.data.pipeline import mark_flags_parsed, sub_seed, worker_count
 from efficientad_jax.data.records import DataError
 from efficientad_jax.distillation.config import DistillConfig
 
 
 def image_source(spec: str, tfds_data_dir: str = "") -> Sequence[Any]:
   """An image folder (recursive .jpg/.jpeg/.png) or "tfds:imagenet2012" (its train split) as a random-access
-  source; the same resolution as the training penalty images (`data.pipeline.penalty_source`)."""
+  source; the same resolution as the training penalty images (`data.indexes.penalty_source`)."""
   if not spec:
     raise DataError("no ImageNet source: pass --imagenet DIR or --imagenet tfds:imagenet2012")
   return penalty_source(spec, tfds_data_dir)

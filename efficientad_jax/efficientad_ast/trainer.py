@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficientad_jax import config as config_lib
-from efficientad_jax.data import batches, make_datasets, pipeline
+from efficientad_jax.data import batches, indexes, make_datasets, pipeline
 from efficientad_jax.efficientad_ast import inference as method
 from efficientad_jax.efficientad_ast import train_step
 from efficientad_jax.efficientad_ast.config import AstConfig
@@ -109,7 +109,7 @@ def train_flow(
 def penalty_features(cfg: AstConfig, nets: method.Nets, backbone: dict) -> Callable[[int], np.ndarray] | None:
   """fn(step) -> backbone features [B / P, g, g, C] of this process's penalty images for student step `step`;
   None when `data.penalty` is off (said loudly, as in EfficientAD)."""
-  source = pipeline.penalty_source(cfg.data.penalty, cfg.data.tfds_data_dir)
+  source = indexes.penalty_source(cfg.data.penalty, cfg.data.tfds_data_dir)
   if source is None:
     log.warning(
       "no data.penalty source: training the AST student WITHOUT the ImageNet penalty (recorded in the "
