@@ -3,7 +3,10 @@
   python -m experiments.predict --model RUN --images photos/            # a folder
   python -m experiments.predict --model RUN/model --images 'parts/*.png' --out predictions/
 
-Prints `<file>\t<score>\t<anomalous|normal>` (anomalous when score > the model's saved threshold).
+Prints `<file>\t<score>\t<anomalous|normal>\t<normalized score>`: anomalous when score > the threshold, the
+model's saved one (the 0.99 quantile of its validation normals' scores) unless --threshold gives a number or
+--fpr a false-positive rate on those normals; the normalized score is 0 at the validation normals' median and
+0.5 at the threshold (efficientad_jax/serving/thresholds.py).
 Any image size; grayscale and RGBA are converted. Unreadable or non-image files are reported on stderr
 with their name, the others still run, and the exit code is 1 if any failed.
 With --out: <out>/<name>.tiff (float32 map at the image's size), <out>/<name>_overlay.png, predictions.csv.
@@ -23,6 +26,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--model", required=True, help="run directory (holding model/) or the model folder")
   p.add_argument("--images", required=True, help="a folder, an image file or a glob pattern (quote it)")
   p.add_argument("--out", help="folder for maps (TIFF), overlays (PNG) and predictions.csv")
+  rule = p.add_mutually_exclusive_group()
+  rule.add_argument("--threshold", type=float, help="decision threshold (default: the model's saved one)")
+  rule.add_argument("--fpr", type=float, help="threshold for this false-positive rate on validation normals")
   cli.add_debug_flag(p)
   return p.parse_args(argv)
 
@@ -32,18 +38,21 @@ def main(argv=None) -> int:
   if args.out:
     cli.writable_folder(args.out, "--out")
   cli.setup_logging(logging.WARNING)
-  from efficientad_jax.serving import (
-    predict,  # after argument parsing: --help stays fast
-  )
+  from efficientad_jax.serving import predict, thresholds  # after argument parsing: --help stays fast
 
   try:
     paths = predict.list_images(args.images)
     model = predict.load(args.model)
+    threshold, rule = thresholds.choose(
+      model.threshold, model.validation_scores, threshold=args.threshold, fpr=args.fpr
+    )
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}") from None
-  print(f"# threshold {model.threshold:.6g} (score > threshold: anomalous)", flush=True)
-  show = lambda r: print(f"{r.name}\t{r.score:.6g}\t{'anomalous' if r.anomalous else 'normal'}", flush=True)
-  results, failures = predict.predict_paths(model, paths, args.out, on_result=show)
+  print(f"# threshold {threshold:.6g} ({rule}; score > threshold: anomalous)", flush=True)
+  show = lambda r: print(
+    f"{r.name}\t{r.score:.6g}\t{'anomalous' if r.anomalous else 'normal'}\t{r.normalized_score:.4f}", flush=True
+  )
+  results, failures = predict.predict_paths(model, paths, args.out, on_result=show, threshold=threshold)
   for path, reason in failures:
     print(f"error: {path}: {reason}", file=sys.stderr)
   if failures:

@@ -57,10 +57,14 @@ def make_run(root: pathlib.Path, layout: str) -> pathlib.Path:
   nets = models.build(cfg.model)
   stats = normalization.TeacherStats.identity(cfg.model.teacher_channels)
   ds = make_datasets(cfg.data, SIZE, seed=0)
-  detector, threshold = inference.calibrate(cfg, random_params(nets, seed=0), stats, ds.validation, B)
+  detector, threshold, validation_scores = inference.calibrate(
+    cfg, random_params(nets, seed=0), stats, ds.validation, B
+  )
   meta = {
     "config": config_lib.to_dict(cfg),
     "threshold": threshold,
+    "threshold_rule": f"{cfg.maps.threshold_quantile} quantile of validation image scores",
+    "validation_scores": validation_scores,
     "image_size": SIZE,
     "model_size": "small",
     "teacher": "random",

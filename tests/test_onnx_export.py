@@ -63,6 +63,8 @@ def save_model(root: pathlib.Path, size: str) -> pathlib.Path:
   meta = {
     "config": config_lib.to_dict(cfg),
     "threshold": 0.125,
+    "threshold_rule": "0.99 quantile of validation image scores",
+    "validation_scores": [0.05, 0.07, 0.1, 0.125],
     "image_size": SIZE,
     "model_size": size,
     "teacher": "random",
@@ -109,6 +111,10 @@ def test_metadata_holds_threshold_size_and_preprocessing(exported):
   assert json.loads(props["std"]) == list(config_lib.IMAGENET_STD)
   assert "PIL" in props["preprocessing"] and "bilinear" in props["preprocessing"]
   assert json.loads(props["map_config"])["pad"] == MAPS.pad
+  # What a caller needs for the normalised score: the validation normals' median and the formula.
+  assert json.loads(props["validation_median"]) == pytest.approx(0.085)  # the median of the saved scores
+  assert props["normalized_score"] == "0.5 * (score - validation_median) / (threshold - validation_median)"
+  assert "quantile of validation image scores" in props["threshold_rule"]
 
 
 def test_ast_models_are_refused(exported):

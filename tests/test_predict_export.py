@@ -42,16 +42,44 @@ def test_predict_cli_mixed_sizes_and_a_corrupt_file(run, tmp_path):
   assert proc.returncode != 0
   assert "broken.png" in proc.stderr and "corrupt" in proc.stderr
   lines = [line.split("\t") for line in proc.stdout.splitlines() if not line.startswith("#")]
-  assert sorted(pathlib.Path(name).name for name, _, _ in lines) == ["gray.jpg", "part.png"]
-  threshold = predict.load(run).threshold
-  for name, score, decision in lines:
+  assert sorted(pathlib.Path(name).name for name, *_ in lines) == ["gray.jpg", "part.png"]
+  model = predict.load(run)
+  threshold, median = model.threshold, float(np.median(model.validation_scores))
+  for name, score, decision, normalized in lines:
     stem = pathlib.Path(name).stem
     amap = tifffile.imread(out / f"{stem}.tiff")
     assert amap.shape == ((48, 80) if stem == "gray" else (SIZE, SIZE)) and amap.dtype == np.float32
     assert float(score) == pytest.approx(float(amap.max()), rel=1e-5)
     assert decision == ("anomalous" if float(score) > threshold else "normal")
+    if threshold > median:
+      assert float(normalized) == pytest.approx(0.5 * (float(score) - median) / (threshold - median), abs=1e-4)
+    else:  # the tiny run's validation normals all score alike: no scale to normalise on
+      assert normalized == "nan"
     assert Image.open(out / f"{stem}_overlay.png").size == amap.shape[::-1]
   assert len((out / "predictions.csv").read_text().splitlines()) == 3  # header + 2 images
+
+
+def test_predict_cli_takes_a_threshold_or_a_false_positive_rate(run, tmp_path):
+  """The model records its validation normals' scores: --fpr picks the threshold from them (at most that share
+  of them above it), --threshold takes a number; the header line says which rule decided."""
+  model = predict.load(run)
+  scores = np.sort(np.asarray(model.validation_scores))
+  assert len(scores) >= 1 and model.threshold == pytest.approx(np.quantile(scores, 0.99))
+  image = run.parent / "data" / "widget" / "test" / "stain" / "000.png"
+  fpr = 0.5
+  expected = scores[int(np.ceil(len(scores) * (1 - fpr))) - 1]  # the hand rule of serving.thresholds
+  proc = run_python(["-m", "experiments.predict", "--model", str(run), "--images", str(image), "--fpr", str(fpr)])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  header = proc.stdout.splitlines()[0]
+  assert header.startswith(f"# threshold {expected:.6g} (false-positive rate 0.5 on {len(scores)} validation")
+  _, score, decision, _ = proc.stdout.splitlines()[1].split("\t")
+  assert decision == ("anomalous" if float(score) > expected else "normal")
+  low = run_python(["-m", "experiments.predict", "--model", str(run), "--images", str(image), "--threshold", "-1"])
+  assert low.returncode == 0 and low.stdout.splitlines()[1].split("\t")[2] == "anomalous"
+  both = run_python(
+    ["-m", "experiments.predict", "--model", str(run), "--images", str(image), "--threshold", "1", "--fpr", "0.1"]
+  )
+  assert both.returncode == 2 and "not allowed with argument" in both.stderr
 
 
 def test_predict_library_matches_the_eval_path(run):
@@ -112,6 +140,8 @@ def test_exported_file_meta_and_errors(run, tmp_path):
   assert model.meta["format"] == export.FORMAT and model.meta["output_size"] == [SIZE, SIZE]
   assert model.meta["platforms"] == ["cpu", "cuda"]  # portable by default
   assert model.threshold == predict.load(run).threshold
+  assert model.meta["validation_median"] == pytest.approx(float(np.median(predict.load(run).validation_scores)))
+  assert model.meta["normalized_score"].startswith("0.5 * (score - validation_median)")
   assert str(model.exported.in_avals[-1].shape[0]) == "b"  # symbolic batch
   with pytest.raises(ValueError, match="expected images of shape"):
     model(np.zeros((1, SIZE + 1, SIZE, 3), np.float32))

@@ -110,8 +110,11 @@ def compiled_predict(model_cfg: ModelConfig, map_cfg: MapConfig) -> tuple[Models
   return nets, make_predict_fn(nets, map_cfg)
 
 
-def calibrate(cfg: Config, params: dict, stats: TeacherStats, records: Any, batch_size: int) -> tuple[Detector, float]:
-  """(the complete EfficientAD detector, decision threshold) from validation normals (docs/method.md §7.2, §7.4):
+def calibrate(
+  cfg: Config, params: dict, stats: TeacherStats, records: Any, batch_size: int
+) -> tuple[Detector, float, list[float]]:
+  """(the complete EfficientAD detector, decision threshold, validation scores sorted) from validation normals
+  (docs/method.md §7.2, §7.4):
   the map quantiles are fitted on the raw local and global maps, then the threshold on the scores of the
   calibrated detector. The predict function is the one `saved_model.load` uses for `cfg` (`compiled_predict`)."""
   nets, predict_fn = compiled_predict(cfg.model, cfg.maps)
@@ -120,7 +123,7 @@ def calibrate(cfg: Config, params: dict, stats: TeacherStats, records: Any, batc
   maps = calibration.outputs(raw_maps, None, records, ("map_st", "map_ae"), batch_size)
   quantiles = fit_map_quantiles(maps["map_st"], maps["map_ae"], cfg.maps.q_start, cfg.maps.q_end)
   detector = Detector(params=params, teacher_stats=stats, quantiles=quantiles)
-  return detector, calibration.threshold(predict_fn, detector, records, cfg.maps.threshold_quantile, batch_size)
+  return detector, *calibration.threshold(predict_fn, detector, records, cfg.maps.threshold_quantile, batch_size)
 
 
 def _predict_pair(cfg: Config) -> tuple[Callable[..., dict], Callable[..., dict]]:

@@ -211,7 +211,7 @@ def _train(saved_cfg: Config, cfg: Config, workdir: pathlib.Path, *, progress: b
     it.close()
 
   # --- Calibration on validation normals, then the complete model.
-  detector, threshold = inference.calibrate(
+  detector, threshold, validation_scores = inference.calibrate(
     cfg, {"teacher": frozen.teacher, **state.params}, frozen.stats, ds.validation, local_batch
   )
   meta = {
@@ -222,6 +222,7 @@ def _train(saved_cfg: Config, cfg: Config, workdir: pathlib.Path, *, progress: b
     "penalty": "on" if ds.info.penalty else "off",
     "threshold": threshold,
     "threshold_rule": f"{cfg.maps.threshold_quantile} quantile of validation image scores",
+    "validation_scores": validation_scores,  # for other thresholds later (serving.thresholds)
     "steps": cfg.train.steps,
     "global_batch": cfg.train.batch_size,
     "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -263,7 +263,9 @@ def _train_ast(saved_cfg: AstConfig, cfg: AstConfig, workdir: pathlib.Path, *, p
 
   # --- Threshold from validation normals, then the complete model.
   _, predict_fn = method.compiled_predict(cfg)
-  threshold = calibration.threshold(predict_fn, params, ds.validation, cfg.maps.threshold_quantile, eval_batch)
+  threshold, validation_scores = calibration.threshold(
+    predict_fn, params, ds.validation, cfg.maps.threshold_quantile, eval_batch
+  )
   meta = {
     "config": config_lib.to_dict(saved_cfg),
     "image_size": cfg.model.image_size,
@@ -273,6 +275,7 @@ def _train_ast(saved_cfg: AstConfig, cfg: AstConfig, workdir: pathlib.Path, *, p
     "penalty": "off" if penalty is None else "on",
     "threshold": threshold,
     "threshold_rule": f"{cfg.maps.threshold_quantile} quantile of validation image scores",
+    "validation_scores": validation_scores,  # for other thresholds later (serving.thresholds)
     "flow_epochs": cfg.train.flow_epochs,
     "steps": summary["epochs_run"],
     "student": summary,

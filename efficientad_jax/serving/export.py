@@ -76,7 +76,7 @@ def export_model(
   model_path: str | pathlib.Path, out: str | pathlib.Path, platforms: Sequence[str] = DEFAULT_PLATFORMS
 ) -> pathlib.Path:
   """Loads RUN (or RUN/model), exports its predict function and writes the file `out` (module doc)."""
-  from efficientad_jax.serving import saved_model
+  from efficientad_jax.serving import saved_model, thresholds
 
   model = saved_model.load(model_path)
   exported, leaves = export_predict(model, platforms)
@@ -93,6 +93,9 @@ def export_model(
     "input": "float32 [b, S, S, 3], ImageNet-normalised",
     "output_size": [model.image_size] * 2,
     "decision": "anomalous if score > threshold",
+    "threshold_rule": model.meta.get("threshold_rule", ""),
+    "validation_median": thresholds.median(model.validation_scores),
+    "normalized_score": thresholds.NORMALIZED,
     "source": str(saved_model.model_dir(model_path)),
   }
   arrays = {"exported": _bytes(exported.serialize()), "meta": _bytes(json.dumps(meta).encode())}

@@ -28,6 +28,7 @@ import numpy as np
 from efficientad_jax.models.autoencoder import ARCHITECTURE as AUTOENCODER
 from efficientad_jax.models.autoencoder import bottleneck_kernel, decoder_sizes
 from efficientad_jax.models.pdn import ARCHITECTURES, pdn_output_size
+from efficientad_jax.serving import thresholds
 
 FORMAT = "efficientad_jax.onnx/1"
 DEFAULT_OPSET = 18  # Resize's `antialias` and `axes` attributes exist from opset 18
@@ -177,6 +178,9 @@ def metadata(model: Any, source: str, opset: int) -> dict[str, str]:
     "resize": "PIL.Image.BILINEAR",
     "outputs": json.dumps({"anomaly_map": f"float32 [N, {s}, {s}]", "score": "float32 [N], max of anomaly_map"}),
     "decision": "anomalous if score > threshold",
+    "threshold_rule": str(model.meta.get("threshold_rule", "")),
+    "validation_median": json.dumps(thresholds.median(model.validation_scores)),
+    "normalized_score": thresholds.NORMALIZED,
     "map_config": json.dumps(
       {k: getattr(cfg.maps, k) for k in ("q_start", "q_end", "scale", "st_weight", "ae_weight", "pad")}
     ),

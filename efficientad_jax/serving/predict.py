@@ -22,6 +22,7 @@ import numpy as np
 import tifffile
 
 from efficientad_jax.data import DataError, preprocess
+from efficientad_jax.serving import thresholds
 from efficientad_jax.serving.saved_model import LoadedModel, load, model_dir  # noqa: F401  (predict.load: CLIs, notebooks)
 
 # --- Single images.
@@ -36,6 +37,10 @@ class Prediction:
   anomalous: bool
   anomaly_map: np.ndarray
   rgb: np.ndarray  # [H, W, 3] uint8, the decoded input (for overlays)
+  threshold: float  # the one the decision used
+  # 0 at the validation normals' median score, 0.5 at the threshold (`thresholds.normalized`; NaN for models
+  # saved without validation scores)
+  normalized_score: float
 
 
 def prepare(
@@ -51,22 +56,31 @@ def prepare(
   return x, rgb
 
 
-def predict_image(model: LoadedModel, source: preprocess.ImageSource, name: str = "") -> Prediction:
-  """Predicts one image of any size; its map comes back at the image's own size."""
+def predict_image(
+  model: LoadedModel, source: preprocess.ImageSource, name: str = "", threshold: float | None = None
+) -> Prediction:
+  """Predicts one image of any size; its map comes back at the image's own size.
+
+  Args:
+    threshold: the decision threshold; default the model's saved one (`thresholds.choose` picks others).
+  """
+  threshold = model.threshold if threshold is None else float(threshold)
   x, rgb = prepare(source, model.image_size, model.inputs.mean, model.inputs.std, name)
   out = model.predict_fn(model.detector, x[None], out_size=rgb.shape[:2])
   score = float(out["score"][0])
   return Prediction(
     name=name or str(source),
     score=score,
-    anomalous=score > model.threshold,
+    anomalous=score > threshold,
     anomaly_map=np.asarray(out["anomaly_map"][0]),
     rgb=rgb,
+    threshold=threshold,
+    normalized_score=thresholds.normalized(score, thresholds.median(model.validation_scores), threshold),
   )
 
 
-def predict_file(model: LoadedModel, path: str | pathlib.Path) -> Prediction:
-  return predict_image(model, pathlib.Path(path), str(path))
+def predict_file(model: LoadedModel, path: str | pathlib.Path, threshold: float | None = None) -> Prediction:
+  return predict_image(model, pathlib.Path(path), str(path), threshold)
 
 
 # --- Many files (the predict CLI).
@@ -119,6 +133,7 @@ def predict_paths(
   paths: Sequence[pathlib.Path],
   out_dir: str | pathlib.Path | None = None,
   on_result: Callable[[Prediction], Any] | None = None,
+  threshold: float | None = None,
 ) -> tuple[list[Prediction], list[tuple[str, str]]]:
   """Predicts each file; unreadable ones are collected as (path, reason) and the others go on.
 
@@ -126,14 +141,16 @@ def predict_paths(
     paths: image files (any size, gray/RGB/RGBA).
     out_dir: if given, writes each map (TIFF) and overlay (PNG), and predictions.csv.
     on_result: called with each Prediction as soon as it exists (e.g. to print it).
+    threshold: the decision threshold; default the model's saved one.
   Returns:
     (predictions, failures).
   """
   out = pathlib.Path(out_dir) if out_dir is not None else None
-  results, failures, used, rows = [], [], set(), [("file", "score", "anomalous")]
+  results, failures, used = [], [], set()
+  rows = [("file", "score", "anomalous", "normalized_score")]
   for path in paths:
     try:
-      result = predict_file(model, path)
+      result = predict_file(model, path, threshold)
     except DataError as e:
       failures.append((str(path), str(e)))
       continue
@@ -141,8 +158,8 @@ def predict_paths(
     if on_result is not None:
       on_result(result)
     if out is not None:
-      write_outputs(result, out, _unique_stem(path, used), display_max=2.0 * model.threshold)
-      rows.append((str(path), f"{result.score:.6g}", int(result.anomalous)))
+      write_outputs(result, out, _unique_stem(path, used), display_max=2.0 * result.threshold)
+      rows.append((str(path), f"{result.score:.6g}", int(result.anomalous), f"{result.normalized_score:.4f}"))
   if out is not None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "predictions.csv", "w", newline="") as f:

@@ -153,6 +153,11 @@ class LoadedModel:
     """Decision threshold: an image is anomalous when its score > threshold (from validation normals)."""
     return float(self.meta["threshold"])
 
+  @property
+  def validation_scores(self) -> list[float] | None:
+    """The validation normals' scores, sorted (None for models saved before they were recorded)."""
+    return self.meta.get("validation_scores")
+
 
 def load(path: str | pathlib.Path) -> LoadedModel:
   """Restores a model saved by training (`save`) from RUN or RUN/model, of any method."""

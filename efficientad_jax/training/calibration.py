@@ -39,7 +39,11 @@ def outputs(
   return {k: np.stack([collected[i][k] for i in sorted(collected)]) for k in keys}
 
 
-def threshold(predict_fn: Predict, detector: Any, records: Any, quantile: float, batch_size: int) -> float:
-  """The `quantile` of the records' image scores: above it an image is called anomalous."""
-  scores = outputs(predict_fn, detector, records, ("score",), batch_size)["score"]
-  return float(np.quantile(scores.astype(np.float64), quantile))
+def threshold(
+  predict_fn: Predict, detector: Any, records: Any, quantile: float, batch_size: int
+) -> tuple[float, list[float]]:
+  """(the `quantile` of the records' image scores, those scores sorted): above the threshold an image is called
+  anomalous; the scores go into the saved model so that a user can choose another threshold later
+  (`serving.thresholds`)."""
+  scores = outputs(predict_fn, detector, records, ("score",), batch_size)["score"].astype(np.float64)
+  return float(np.quantile(scores, quantile)), sorted(float(v) for v in scores)
