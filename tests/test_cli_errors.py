@@ -250,7 +250,7 @@ def test_config_validation_covers_the_defaults():
     assert config_lib.validate(cfg) is cfg
 
 
-def test_a_disk_that_fills_during_an_asynchronous_save_ends_in_one_line(tmp_path):
+def test_a_disk_that_fills_during_an_asynchronous_save_ends_in_one_line(tmp_path, jax_cache):
   """A real full disk (a 110 MiB tmpfs: the first checkpoint of the tiny run fits, the second does not), with the
   free-space check switched off so that orbax's background writer meets it: the command ends with its one error
   line and no traceback, also none printed by tensorstore's C++ threads at exit; the complete checkpoint stays."""
@@ -259,10 +259,17 @@ def test_a_disk_that_fills_during_an_asynchronous_save_ends_in_one_line(tmp_path
   subprocess.run(["mount", "-t", "tmpfs", "-o", "size=110m", "tmpfs", str(disk)], check=True)
   try:
     wrapper = "from efficientad_jax.training import checkpoint\ncheckpoint.check_space = lambda *a, **k: None"
-    sets = [f"data.root={tmp_path / 'data'}", "train.steps=12", "train.checkpoint_every=2", "train.log_every=2"]
+    sets = [f"data.root={tmp_path / 'data'}", "train.steps=6", "train.checkpoint_every=2", "train.log_every=2"]
     run = disk / "run"
     proc = run_cli(
-      "train", "--size", "small,tiny", "--workdir", str(run), *[a for s in sets for a in ("--set", s)], wrapper=wrapper
+      "train",
+      "--size",
+      "small,tiny",
+      "--workdir",
+      str(run),
+      *[a for s in sets for a in ("--set", s)],
+      wrapper=wrapper,
+      env=jax_cache_env(jax_cache),
     )
     one_line(proc, 1, "no space left", str(run / "checkpoints"), "free some space")
     assert "Event loop" not in proc.stderr and len(proc.stderr.splitlines()) < 20, proc.stderr[-3000:]
