@@ -73,6 +73,7 @@ def test_public_api_names_do_not_shadow_submodules():
 def test_console_scripts_are_the_experiments_commands():
   """pyproject's [project.scripts] entries exist after `pip install` and run the same CLIs."""
   import shutil
+  import sysconfig
   import tomllib
 
   scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
@@ -80,7 +81,8 @@ def test_console_scripts_are_the_experiments_commands():
   for name, target in scripts.items():
     module, _, function = target.partition(":")
     assert (REPO / (module.replace(".", "/") + ".py")).exists() and function == "command", (name, target)
-  exe = shutil.which("efficientad-train")
-  assert exe, "efficientad-train is not on PATH: pip install -e . installs it"
+  installed = pathlib.Path(sysconfig.get_path("scripts")) / "efficientad-train"  # where pip puts it
+  exe = str(installed) if installed.exists() else shutil.which("efficientad-train")
+  assert exe, f"efficientad-train is neither in {installed.parent} nor on PATH: pip install -e . installs it"
   proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and "usage: efficientad-train" in proc.stdout, proc.stderr[-2000:]
