@@ -34,15 +34,15 @@ import numpy as np
 import torch
 
 from efficientad_jax import models
-from efficientad_jax.config import Config, LossConfig, ModelConfig
+from efficientad_jax.config import IMAGENET_MEAN, IMAGENET_STD, Config, LossConfig, ModelConfig
 from efficientad_jax.data import preprocess
-from efficientad_jax.efficientad import normalization, train_step
+from efficientad_jax.efficientad import inference, normalization, train_step
 from efficientad_jax.training import optim, parallel
 from experiments import torch_reference
 
 PDN_NAMES = tuple(f"conv{i}" for i in range(1, 5))
 AE_NAMES = tuple(f"enc{i}" for i in range(1, 7)) + tuple(f"dec{i}" for i in range(1, 9))
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 
 
 # --- Inputs shared by both sides.
@@ -217,17 +217,14 @@ def ours_run(
 
 
 def ae_quantiles(cfg: Config, teacher: dict, stats, params: dict, images: list[np.ndarray]) -> dict:
-  """q_st, q_ae (0.9 / 0.995) of the raw maps on `images` (evaluation mode), the calibration's statistics."""
+  """q_st, q_ae (0.9 / 0.995) of the raw maps on `images`: the library's `inference.raw_maps` and calibration's
+  `fit_map_quantiles`, as a saved model's quantiles are made."""
   nets = models.build(cfg.model)
-  c = cfg.model.teacher_channels
   x = jnp.asarray(np.concatenate([preprocess.model_input(i, cfg.model.image_size, MEAN, STD)[None] for i in images]))
-  t = normalization.normalize_teacher(
-    nets.teacher.apply({"params": teacher}, x), normalization.TeacherStats(*(jnp.asarray(v) for v in stats))
-  )
-  s = nets.student.apply({"params": params["student"]}, x)
-  a = nets.autoencoder.apply({"params": params["autoencoder"]}, x)
-  m_st, m_ae = jnp.mean((t - s[..., :c]) ** 2, -1), jnp.mean((a - s[..., c:]) ** 2, -1)
-  return {k: [float(jnp.quantile(m, q)) for q in (0.9, 0.995)] for k, m in (("q_st", m_st), ("q_ae", m_ae))}
+  both = {"teacher": teacher, **params}
+  m_st, m_ae = inference.raw_maps(nets, both, normalization.TeacherStats(*(jnp.asarray(v) for v in stats)), x)
+  q = normalization.fit_map_quantiles(np.asarray(m_st), np.asarray(m_ae), 0.9, 0.995)
+  return {"q_st": [float(q.st_start), float(q.st_end)], "q_ae": [float(q.ae_start), float(q.ae_end)]}
 
 
 def rel_param_diff(ours: dict, theirs: dict, start: dict) -> dict:

@@ -38,6 +38,7 @@ def fpr_threshold(validation_scores: Sequence[float], fpr: float) -> float:
   scores = np.sort(np.asarray(validation_scores, np.float64))
   if not len(scores):
     raise ThresholdError("the model holds no validation scores to choose a threshold by false-positive rate from")
+  # The 1e-12 keeps float error from rounding up: 10 * (1 - 0.1) is 9.000000000000002 in binary, and the rule wants 9.
   k = max(1, math.ceil(len(scores) * (1 - fpr) - 1e-12))
   return float(scores[k - 1])
 
