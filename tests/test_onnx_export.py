@@ -6,9 +6,9 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
-import textwrap
 
 import jax
 import numpy as np
@@ -87,16 +87,17 @@ def test_onnxruntime_matches_predict(exported):
   model = predict.load(run)
   session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
   assert [i.name for i in session.get_inputs()] == ["image"]
-  assert [o.name for o in session.get_outputs()] == ["anomaly_map", "score"]
+  assert [o.name for o in session.get_outputs()] == ["anomaly_map", "score", "map_combined"]
   rng = np.random.default_rng(7)
   for batch in (1, 3, 2):
     x = images(rng, batch)
-    anomaly_map, score = session.run(None, {"image": x})
+    anomaly_map, score, combined = session.run(None, {"image": x})
     ref = model.predict_fn(model.detector, x, out_size=(SIZE, SIZE))
     assert anomaly_map.shape == (batch, SIZE, SIZE) and score.shape == (batch,)
     assert float(np.abs(ref["anomaly_map"]).max()) > 0.01  # not a trivially zero map
     np.testing.assert_allclose(anomaly_map, np.asarray(ref["anomaly_map"]), rtol=0, atol=1e-4)
     np.testing.assert_allclose(score, np.asarray(ref["score"]), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(combined, np.asarray(ref["map_combined"]), rtol=0, atol=1e-4)
 
 
 def test_metadata_holds_threshold_size_and_preprocessing(exported):
@@ -136,24 +137,13 @@ def test_a_saved_ast_model_is_refused_in_one_line(tmp_path):
   assert not (tmp_path / "ast.onnx").exists()
 
 
-# Scoring an image with PIL, NumPy and onnxruntime only: the README's snippet, in a process without JAX.
-NO_JAX = textwrap.dedent("""
-    import json, sys
-    sys.modules["jax"] = None  # any `import jax` now fails
-    sys.modules["flax"] = None
-    import numpy as np
-    import onnxruntime as ort
-    from PIL import Image
-
-    session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
-    meta = session.get_modelmeta().custom_metadata_map
-    size = int(meta["image_size"])
-    mean, std = np.float32(json.loads(meta["mean"])), np.float32(json.loads(meta["std"]))
-    rgb = Image.open(sys.argv[2]).convert("RGB").resize((size, size), Image.BILINEAR)
-    x = ((np.asarray(rgb, np.float32) / 255 - mean) / std)[None].astype(np.float32)
-    anomaly_map, score = session.run(["anomaly_map", "score"], {"image": x})
-    print(json.dumps({"score": float(score[0]), "anomalous": bool(score[0] > float(meta["threshold"]))}))
-""")
+def readme_snippet(model: pathlib.Path, image: pathlib.Path) -> str:
+  """The README's onnxruntime block as it stands, its two paths replaced, in a process where JAX cannot load."""
+  text = (REPO / "README.md").read_text()
+  code = re.search(r"<!-- onnxruntime snippet -->\n```python\n(.*?)```", text, re.S).group(1)
+  assert 'MODEL, IMAGE = "model.onnx", "part.png"' in code
+  code = code.replace('MODEL, IMAGE = "model.onnx", "part.png"', f"MODEL, IMAGE = {str(model)!r}, {str(image)!r}")
+  return 'import sys\nsys.modules["jax"] = None  # any `import jax` now fails\nsys.modules["flax"] = None\n' + code
 
 
 def run_python(args: list[str]) -> subprocess.CompletedProcess:
@@ -169,13 +159,23 @@ def test_cli_and_scoring_without_jax(exported, tmp_path):
   proc = run_python(["-m", "experiments.export", "--model", str(run), "--format", "onnx", "--out", str(out)])
   assert proc.returncode == 0, proc.stderr
   assert "onnx" in proc.stdout and out.is_file()
-  image = tmp_path / "part.png"
   rng = np.random.default_rng(3)
-  Image.fromarray(rng.integers(0, 256, (90, 100, 3), dtype=np.uint8)).save(image)
-  proc = run_python(["-c", NO_JAX, str(out), str(image)])
-  assert proc.returncode == 0, proc.stderr
-  got = json.loads(proc.stdout)
-  x, _ = predict.prepare(image, SIZE, model.cfg.data.mean, model.cfg.data.std)
-  ref = float(model.predict_fn(model.detector, x[None], out_size=(SIZE, SIZE))["score"][0])
-  assert got["score"] == pytest.approx(ref, abs=1e-4)
-  assert got["anomalous"] == (ref > model.threshold)
+  # An image of another size (the snippet's resize = predict.prepare's), and one at the model's size, where the
+  # map needs no resize and the snippet's score, decision and normalised score are predict_file's own.
+  odd, square = tmp_path / "odd.png", tmp_path / "square.png"
+  Image.fromarray(rng.integers(0, 256, (90, 100, 3), dtype=np.uint8)).save(odd)
+  Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(square)
+  for image in (odd, square):
+    proc = run_python(["-c", readme_snippet(out, image)])
+    assert proc.returncode == 0, proc.stderr
+    score, decision, normalized = proc.stdout.split()
+    x, _ = predict.prepare(image, SIZE, model.cfg.data.mean, model.cfg.data.std)
+    ref = float(model.predict_fn(model.detector, x[None], out_size=(SIZE, SIZE))["score"][0])
+    assert float(score) == pytest.approx(ref, abs=1e-4)
+  result = predict.predict_file(model, square)
+  assert float(score) == pytest.approx(result.score, abs=1e-4)
+  assert decision == ("anomalous" if result.anomalous else "normal")
+  if np.isnan(result.normalized_score):
+    assert normalized == "None"
+  else:
+    assert float(normalized) == pytest.approx(result.normalized_score, abs=1e-3)

@@ -13,7 +13,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from efficientad_jax.data import make_datasets
+from efficientad_jax.data import make_datasets, preprocess
 from efficientad_jax.serving import export, predict
 from tests.conftest import REPO
 from tests.test_evaluate import SIZE, make_run, padded
@@ -57,6 +57,16 @@ def test_predict_cli_mixed_sizes_and_a_corrupt_file(run, tmp_path):
       assert normalized == "nan"
     assert Image.open(out / f"{stem}_overlay.png").size == amap.shape[::-1]
   assert len((out / "predictions.csv").read_text().splitlines()) == 3  # header + 2 images
+  # report.html: one card per predicted image, with its score, decision, overlay and thumbnail.
+  from tests.test_report import page_data
+
+  cards = {pathlib.Path(c["name"]).name: c for c in page_data((out / "report.html").read_text())}
+  assert sorted(cards) == ["gray.jpg", "part.png"]
+  for name, score, decision, _ in lines:
+    card = cards[pathlib.Path(name).name]
+    assert card["score"] == pytest.approx(float(score), rel=1e-5) and card["group"] == "images"
+    assert card["outcome"] == ("flagged" if decision == "anomalous" else "passed")
+    assert card["full"] == f"{pathlib.Path(name).stem}_overlay.png" and (out / card["thumb"]).is_file()
 
 
 def test_predict_cli_takes_a_threshold_or_a_false_positive_rate(run, tmp_path):
@@ -141,6 +151,7 @@ def test_exported_file_meta_and_errors(run, tmp_path):
   assert model.threshold == predict.load(run).threshold
   assert model.meta["validation_median"] == pytest.approx(float(np.median(predict.load(run).validation_scores)))
   assert model.meta["normalized_score"].startswith("0.5 * (score - validation_median)")
+  assert model.meta["preprocessing"] == preprocess.describe(SIZE) and "bilinear" in model.meta["preprocessing"]
   assert str(model.exported.in_avals[-1].shape[0]) == "b"  # symbolic batch
   with pytest.raises(ValueError, match="expected images of shape"):
     model(np.zeros((1, SIZE + 1, SIZE, 3), np.float32))

@@ -187,6 +187,14 @@ def model_input(image: np.ndarray, size: int, mean: Sequence[float], std: Sequen
   return network_input(resize(image, size), mean, std)
 
 
+def describe(size: int) -> str:
+  """`model_input` in words, for the metadata of exported models (what a caller outside this library does)."""
+  return (
+    f"decode to RGB uint8 (gray -> 3 channels, alpha dropped); resize to {size}x{size} with PIL "
+    "bilinear (antialiased); x = (rgb / 255 - mean) / std; NHWC float32 [N, S, S, 3]"
+  )
+
+
 def autoencoder_input(
   image: np.ndarray, kind: str, factor: float, size: int, mean: Sequence[float], std: Sequence[float]
 ) -> np.ndarray:

@@ -76,6 +76,7 @@ def export_model(
   model_path: str | pathlib.Path, out: str | pathlib.Path, platforms: Sequence[str] = DEFAULT_PLATFORMS
 ) -> pathlib.Path:
   """Loads RUN (or RUN/model), exports its predict function and writes the file `out` (module doc)."""
+  from efficientad_jax.data import preprocess
   from efficientad_jax.serving import saved_model, thresholds
 
   model = saved_model.load(model_path)
@@ -91,6 +92,7 @@ def export_model(
     "outputs": list(OUTPUTS),
     "platforms": list(exported.platforms),
     "input": "float32 [b, S, S, 3], ImageNet-normalised",
+    "preprocessing": preprocess.describe(model.image_size),
     "output_size": [model.image_size] * 2,
     "decision": "anomalous if score > threshold",
     "threshold_rule": model.meta.get("threshold_rule", ""),
