@@ -4,7 +4,9 @@
 
 Input  `image`        float32 [N, S, S, 3], NHWC, normalised: (rgb / 255 - mean) / std after a bilinear
                       (antialiased, PIL) resize to S x S; all of it in the model's metadata_props.
-Output `anomaly_map`  float32 [N, S, S]; `score` float32 [N] = max of the map; anomalous if score > threshold.
+Output `anomaly_map`  float32 [N, S, S]; `score` float32 [N] = max of the map; anomalous if score > threshold;
+       `map_combined` float32 [N, h, w], the map before padding and resize, from which `serving.backends` makes
+                      the map at an image's own size exactly as the jax path does.
 
 The graph is `inference.predict` written out op by op from the Flax parameter tree (no converter):
 teacher, student and autoencoder (Conv with symmetric pads, Relu, AveragePool count_include_pad=1, Resize
@@ -146,6 +148,7 @@ def build_graph(g: _Graph, model: Any) -> None:
     g.op("Mul", st_n, g.const(np.asarray(mc.st_weight, np.float32), "st_weight")),
     g.op("Mul", ae_n, g.const(np.asarray(mc.ae_weight, np.float32), "ae_weight")),
   )
+  g.op("Squeeze", combined, g.const(np.asarray([1], np.int64), "axes"), out="map_combined")
   p = int(mc.pad)
   padded = g.op(
     "Pad",
@@ -176,7 +179,13 @@ def metadata(model: Any, source: str, opset: int) -> dict[str, str]:
       "bilinear (antialiased); x = (rgb / 255 - mean) / std; NHWC float32 [N, S, S, 3]"
     ),
     "resize": "PIL.Image.BILINEAR",
-    "outputs": json.dumps({"anomaly_map": f"float32 [N, {s}, {s}]", "score": "float32 [N], max of anomaly_map"}),
+    "outputs": json.dumps(
+      {
+        "anomaly_map": f"float32 [N, {s}, {s}]",
+        "score": "float32 [N], max of anomaly_map",
+        "map_combined": "float32 [N, h, w], before zero padding (map_config pad) and the bilinear resize",
+      }
+    ),
     "decision": "anomalous if score > threshold",
     "threshold_rule": str(model.meta.get("threshold_rule", "")),
     "validation_median": json.dumps(thresholds.median(model.validation_scores)),
@@ -226,6 +235,9 @@ def to_onnx(model: Any, source: str = "model", opset: int = DEFAULT_OPSET):
     [
       helper.make_tensor_value_info("anomaly_map", onnx.TensorProto.FLOAT, ["N", s, s]),
       helper.make_tensor_value_info("score", onnx.TensorProto.FLOAT, ["N"]),
+      helper.make_tensor_value_info(
+        "map_combined", onnx.TensorProto.FLOAT, ["N", *pdn_output_size((s, s), model.cfg.model.size)]
+      ),
     ],
     initializer=g.initializers,
   )

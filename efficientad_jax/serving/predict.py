@@ -22,7 +22,7 @@ import numpy as np
 import tifffile
 
 from efficientad_jax.data import DataError, preprocess
-from efficientad_jax.serving import thresholds
+from efficientad_jax.serving import backends, thresholds
 from efficientad_jax.serving.saved_model import LoadedModel, load, model_dir  # noqa: F401  (predict.load: CLIs, notebooks)
 
 # --- Single images.
@@ -57,16 +57,22 @@ def prepare(
 
 
 def predict_image(
-  model: LoadedModel, source: preprocess.ImageSource, name: str = "", threshold: float | None = None
+  model: LoadedModel,
+  source: preprocess.ImageSource,
+  name: str = "",
+  threshold: float | None = None,
+  backend: str | backends.Runner = "jax",
 ) -> Prediction:
   """Predicts one image of any size; its map comes back at the image's own size.
 
   Args:
     threshold: the decision threshold; default the model's saved one (`thresholds.choose` picks others).
+    backend: what runs the model (`backends.BACKENDS`), or a `backends.make` runner to reuse across calls.
   """
   threshold = model.threshold if threshold is None else float(threshold)
+  runner = backends.resolve(model, backend)
   x, rgb = prepare(source, model.image_size, model.inputs.mean, model.inputs.std, name)
-  out = model.predict_fn(model.detector, x[None], out_size=rgb.shape[:2])
+  out = runner(x[None], out_size=rgb.shape[:2])
   score = float(out["score"][0])
   return Prediction(
     name=name or str(source),
@@ -79,8 +85,10 @@ def predict_image(
   )
 
 
-def predict_file(model: LoadedModel, path: str | pathlib.Path, threshold: float | None = None) -> Prediction:
-  return predict_image(model, pathlib.Path(path), str(path), threshold)
+def predict_file(
+  model: LoadedModel, path: str | pathlib.Path, threshold: float | None = None, backend: str | backends.Runner = "jax"
+) -> Prediction:
+  return predict_image(model, pathlib.Path(path), str(path), threshold, backend)
 
 
 # --- Many files (the predict CLI).
@@ -134,6 +142,7 @@ def predict_paths(
   out_dir: str | pathlib.Path | None = None,
   on_result: Callable[[Prediction], Any] | None = None,
   threshold: float | None = None,
+  backend: str | backends.Runner = "jax",
 ) -> tuple[list[Prediction], list[tuple[str, str]]]:
   """Predicts each file; unreadable ones are collected as (path, reason) and the others go on.
 
@@ -142,15 +151,17 @@ def predict_paths(
     out_dir: if given, writes each map (TIFF) and overlay (PNG), and predictions.csv.
     on_result: called with each Prediction as soon as it exists (e.g. to print it).
     threshold: the decision threshold; default the model's saved one.
+    backend: what runs the model (`backends.BACKENDS`; one runner serves every file), or a `backends.make` runner.
   Returns:
     (predictions, failures).
   """
+  runner = backends.resolve(model, backend)
   out = pathlib.Path(out_dir) if out_dir is not None else None
   results, failures, used = [], [], set()
   rows = [("file", "score", "anomalous", "normalized_score")]
   for path in paths:
     try:
-      result = predict_file(model, path, threshold)
+      result = predict_file(model, path, threshold, runner)
     except DataError as e:
       failures.append((str(path), str(e)))
       continue

@@ -1,0 +1,134 @@
+"""serving/backends.py: onnxruntime and OpenVINO against the jax predict on one saved model (random PDN-S
+networks, calibrated quantiles, non-default map settings: tests/test_onnx_export.py's), through the same
+predict functions; the host resize against jax.image.resize; the predict CLI's --backend; the one-line error
+for a missing package."""
+
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from efficientad_jax.serving import backends, predict
+from experiments import cli
+from experiments import predict as predict_cli
+from tests.test_onnx_export import SIZE, images, save_model
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+GRAPH_BACKENDS = ("onnxruntime", "openvino")
+OTHER_SIZE = (90, 100)  # another image size and aspect: the map is padded and resized to it on the host
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> pathlib.Path:
+  return save_model(tmp_path_factory.mktemp("backends"), "small")
+
+
+@pytest.fixture(scope="module")
+def model(run):
+  return predict.load(run)
+
+
+@pytest.fixture(scope="module")
+def runners(model) -> dict:
+  return {name: backends.make(model, name) for name in backends.BACKENDS}
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory) -> list[pathlib.Path]:
+  """One image at the model's size, one at another size and aspect."""
+  folder = tmp_path_factory.mktemp("images")
+  rng = np.random.default_rng(5)
+  paths = [folder / "square.png", folder / "other.png"]
+  for path, (h, w) in zip(paths, [(SIZE, SIZE), OTHER_SIZE]):
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+  return paths
+
+
+@pytest.mark.parametrize("shape", [(3, 13, 17)])
+@pytest.mark.parametrize("out_size", [(64, 64), (90, 100), (7, 5), (13, 17)])
+def test_resize_map_is_jax_bilinear_resize(shape, out_size):
+  maps = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  ref = jax.image.resize(jnp.asarray(maps), (shape[0], *out_size), method="bilinear", antialias=False)
+  got = backends.resize_map(maps, out_size)
+  assert got.shape == (shape[0], *out_size) and got.dtype == np.float32
+  np.testing.assert_allclose(got, np.asarray(ref), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", GRAPH_BACKENDS)
+def test_graph_backends_match_jax_at_the_model_size(name, runners):
+  x = images(np.random.default_rng(7), 3)  # the batch shape save_model compiled
+  ref, got = runners["jax"](x), runners[name](x)
+  assert got["anomaly_map"].shape == (3, SIZE, SIZE) and got["score"].shape == (3,)
+  assert float(np.abs(ref["anomaly_map"]).max()) > 0.01  # not a trivially zero map
+  np.testing.assert_allclose(got["anomaly_map"], ref["anomaly_map"], rtol=0, atol=1e-4)
+  np.testing.assert_allclose(got["score"], ref["score"], rtol=0, atol=1e-4)
+
+
+def test_predict_paths_writes_the_same_outputs_for_every_backend(model, runners, image_files, tmp_path):
+  """The same predict_paths for all: maps at each image's size, scores = their max, the same files."""
+  results, files = {}, {}
+  for name, runner in runners.items():
+    preds, failures = predict.predict_paths(model, image_files, tmp_path / name, threshold=0.1, backend=runner)
+    assert not failures
+    results[name] = {p.name: p for p in preds}
+    files[name] = sorted(f.name for f in (tmp_path / name).iterdir())
+    assert {"predictions.csv", "square.tiff", "other.tiff"} <= set(files[name])
+    assert files[name] == files["jax"]
+  for name in GRAPH_BACKENDS:
+    for path in image_files:
+      ref, got = results["jax"][str(path)], results[name][str(path)]
+      assert got.anomaly_map.shape == ref.anomaly_map.shape == Image.open(path).size[::-1]
+      assert got.score == pytest.approx(float(got.anomaly_map.max()), abs=1e-7)
+      np.testing.assert_array_equal(tifffile.imread(tmp_path / name / f"{path.stem}.tiff"), got.anomaly_map)
+      np.testing.assert_allclose(got.anomaly_map, ref.anomaly_map, rtol=0, atol=1e-4)
+      assert got.score == pytest.approx(ref.score, abs=1e-4)
+      assert got.threshold == ref.threshold == 0.1 and got.anomalous == (got.score > 0.1)
+
+
+def test_a_string_backend_and_an_exported_graph(model, run, image_files, tmp_path):
+  from efficientad_jax.serving import onnx_graph
+
+  ref = predict.predict_file(model, image_files[0])
+  path = onnx_graph.export_onnx(run, tmp_path / "model.onnx")
+  for name in GRAPH_BACKENDS:
+    got = predict.predict_file(model, image_files[0], backend=backends.make(model, name, graph=path))
+    assert got.score == pytest.approx(ref.score, abs=1e-4)
+  assert predict.predict_file(model, image_files[0], backend="onnxruntime").score == pytest.approx(ref.score, abs=1e-4)
+  with pytest.raises(backends.BackendError, match="onnxruntime runs .onnx files"):
+    backends.make(model, "onnxruntime", graph=run / "model" / "meta" / "metadata")
+  with pytest.raises(backends.BackendError, match="no such graph file"):
+    backends.make(model, "openvino", graph=tmp_path / "missing.xml")
+  with pytest.raises(backends.BackendError, match="unknown backend 'tensorrt'.*jax, onnxruntime, openvino"):
+    backends.make(model, "tensorrt")
+
+
+def test_cli_backend_flag(run, image_files, capsys):
+  assert predict_cli.BACKENDS == backends.BACKENDS
+  argv = ["--model", str(run), "--images", str(image_files[1]), "--threshold", "0.1"]
+  scores = {}
+  for name in ("jax", "openvino"):
+    assert cli.run(predict_cli.main, [*argv, "--backend", name]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    assert line.startswith(str(image_files[1]))
+    scores[name] = float(line.split("\t")[1])
+  assert scores["openvino"] == pytest.approx(scores["jax"], abs=1e-4)
+  with pytest.raises(SystemExit):
+    predict_cli.parse_args([*argv, "--backend", "tensorrt"])
+
+
+@pytest.mark.parametrize("package", ["onnxruntime", "openvino"])
+def test_a_missing_package_is_one_line_naming_the_extra(package, run, image_files, monkeypatch):
+  monkeypatch.setitem(sys.modules, package, None)  # `import <package>` now raises ImportError
+  argv = ["--model", str(run), "--images", str(image_files[0]), "--backend", package]
+  with pytest.raises(SystemExit) as e:  # the CLI's one line: SystemExit("error: ...") prints only its text
+    cli.run(predict_cli.main, argv)
+  assert str(e.value) == (
+    f"error: the {package} package is not installed (--backend {package}): "
+    f"pip install 'efficientad_jax[deploy]' (or pip install {package})"
+  )
