@@ -34,6 +34,7 @@ from efficientad_jax.serving import thresholds
 
 FORMAT = "efficientad_jax.onnx/1"
 DEFAULT_OPSET = 18  # Resize's `antialias` and `axes` attributes exist from opset 18
+MAPS_SCOPE = "maps/"  # names of the nodes after the three networks: teacher normalisation, maps, resize
 
 
 class OnnxExportError(ValueError):
@@ -46,6 +47,7 @@ class _Graph:
   def __init__(self, helper, numpy_helper):
     self.helper, self.numpy_helper = helper, numpy_helper
     self.nodes, self.initializers, self._count = [], [], 0
+    self.scope = ""  # prefix of the node names: which part of the model a node belongs to (quantize.py reads it)
 
   def _name(self, stem: str) -> str:
     self._count += 1
@@ -58,7 +60,7 @@ class _Graph:
 
   def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
     out = out or self._name(op_type.lower())
-    self.nodes.append(self.helper.make_node(op_type, list(inputs), [out], **attrs))
+    self.nodes.append(self.helper.make_node(op_type, list(inputs), [out], name=self.scope + out, **attrs))
     return out
 
 
@@ -131,13 +133,17 @@ def build_graph(g: _Graph, model: Any) -> None:
   h, w = pdn_output_size((s, s), size)
   x = g.op("Transpose", "image", perm=[0, 3, 1, 2])  # NHWC -> NCHW
   # Networks.
+  g.scope = "teacher/"
   t = _pdn(g, x, det.params["teacher"], size, "teacher")
+  g.scope = "student/"
+  st = _pdn(g, x, det.params["student"], size, "student")
+  g.scope = "autoencoder/"
+  ae = _autoencoder(g, x, det.params["autoencoder"], s, (h, w))
+  # Teacher normalisation and maps (inference.raw_maps, combine_maps, to_image_map).
+  g.scope = MAPS_SCOPE
   mean = np.asarray(det.teacher_stats.mean, np.float32).reshape(1, c, 1, 1)
   std = np.asarray(det.teacher_stats.std, np.float32).reshape(1, c, 1, 1)
   t = g.op("Div", g.op("Sub", t, g.const(mean, "teacher_mean")), g.const(std, "teacher_std"))
-  st = _pdn(g, x, det.params["student"], size, "student")
-  ae = _autoencoder(g, x, det.params["autoencoder"], s, (h, w))
-  # Maps (inference.raw_maps, combine_maps, to_image_map).
   map_st = _channel_mse(g, t, _slice_channels(g, st, 0, c))
   map_ae = _channel_mse(g, ae, _slice_channels(g, st, c, 2 * c))
   q, mc = det.quantiles, cfg.maps
