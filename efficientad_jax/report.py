@@ -105,6 +105,18 @@ def write_pictures(
 _W, _H, _M = 340, 280, (18, 26, 44, 50)  # width, height, margins (top, right, bottom, left)
 
 
+def nice_ticks(lo: float, hi: float, most: int = 6) -> np.ndarray:
+  """Round tick positions in [lo, hi]: multiples of 1, 2 or 5 x 10^k, at most `most` of them."""
+  span = hi - lo
+  if not span > 0:
+    return np.asarray([lo])
+  for step in sorted(m * 10.0**k for k in range(math.floor(math.log10(span / most)), 20) for m in (1, 2, 5)):
+    ticks = np.arange(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1) * step
+    if len(ticks) <= most:
+      return np.round(ticks, 12)
+  return np.asarray([lo, hi])
+
+
 def _frame(title: str, xlabel: str, ylabel: str, xlim: tuple[float, float], ylim: tuple[float, float]) -> tuple:
   top, right, bottom, left = _M
   pw, ph = _W - left - right, _H - top - bottom
@@ -116,10 +128,10 @@ def _frame(title: str, xlabel: str, ylabel: str, xlim: tuple[float, float], ylim
     return top + ph * (1 - (np.asarray(v, float) - ylim[0]) / (ylim[1] - ylim[0]))
 
   ticks = []
-  for t in np.linspace(*xlim, 5):
-    ticks.append(f'<text x="{x(t):.1f}" y="{top + ph + 16}" text-anchor="middle">{t:.3g}</text>')
-  for t in np.linspace(*ylim, 5):
-    ticks.append(f'<text x="{left - 6}" y="{y(t) + 4:.1f}" text-anchor="end">{t:.3g}</text>')
+  for t in nice_ticks(*xlim):
+    ticks.append(f'<text x="{x(t):.1f}" y="{top + ph + 16}" text-anchor="middle">{t:.4g}</text>')
+  for t in nice_ticks(*ylim):
+    ticks.append(f'<text x="{left - 6}" y="{y(t) + 4:.1f}" text-anchor="end">{t:.4g}</text>')
   head = (
     f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" viewBox="0 0 {_W} {_H}" role="img">'
     f"<title>{html.escape(title)}</title>"
@@ -148,7 +160,10 @@ def roc_svg(subsets: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> str:
     fpr, tpr, _ = metrics.roc_curve(scores, labels)
     body.append(_polyline(x(fpr), y(tpr), _SERIES[k % 3]))
     legend = f"{name}: AU-ROC {100 * metrics.auroc(scores, labels):.1f} %"
-    body.append(f'<text x="{x(0.97):.1f}" y="{y(0.06 + 0.08 * k):.1f}" text-anchor="end">{html.escape(legend)}</text>')
+    body.append(
+      f'<text x="{x(0.97):.1f}" y="{y(0.06 + 0.08 * k):.1f}" text-anchor="end" fill="{_SERIES[k % 3]}">'
+      f"{html.escape(legend)}</text>"
+    )
   return head + "".join(body) + "</svg>"
 
 
@@ -159,11 +174,13 @@ def pr_svg(subsets: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> str:
   for k, (name, (scores, labels)) in enumerate(subsets.items()):
     recall, precision = pictures.pr_curve(scores, labels)
     body.append(_polyline(x(np.r_[0.0, recall]), y(np.r_[precision[0], precision]), _SERIES[k % 3]))
-    body.append(f'<text x="{x(0.03):.1f}" y="{y(0.06 + 0.08 * k):.1f}">{html.escape(name)}</text>')
+    body.append(
+      f'<text x="{x(0.03):.1f}" y="{y(0.06 + 0.08 * k):.1f}" fill="{_SERIES[k % 3]}">{html.escape(name)}</text>'
+    )
   return head + "".join(body) + "</svg>"
 
 
-def histogram_svg(scores: np.ndarray, labels: np.ndarray | None, threshold: float, bins: int = 30) -> str:
+def histogram_svg(scores: np.ndarray, labels: np.ndarray | None, threshold: float, bins: int = 40) -> str:
   """The score distribution (normal and anomalous apart when labels are known) and the threshold line."""
   scores = np.asarray(scores, float)
   lo, hi = float(min(scores.min(), threshold)), float(max(scores.max(), threshold))

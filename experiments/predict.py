@@ -9,7 +9,8 @@ model's saved one (the 0.99 quantile of its validation normals' scores) unless -
 0.5 at the threshold (efficientad_jax/serving/thresholds.py).
 Any image size; grayscale and RGBA are converted. Unreadable or non-image files are reported on stderr
 with their name, the others still run, and the exit code is 1 if any failed.
-With --out: <out>/<name>.tiff (float32 map at the image's size), <out>/<name>_overlay.png, predictions.csv.
+With --out: <out>/<name>.tiff (float32 map at the image's size), <out>/<name>_overlay.png, predictions.csv,
+and <out>/report.html: the score distribution with the threshold and every image's overlay, in any browser.
 --backend onnxruntime|openvino runs the model's ONNX graph there (pip extra 'deploy'), or the exported graph
 given by --graph (e.g. an int8 one); decoding, threshold and files are the same as with jax
 (efficientad_jax/serving/backends.py states how closely their maps agree).
@@ -30,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", required=True, help="run directory (holding model/) or the model folder")
   p.add_argument("--images", required=True, help="a folder, an image file or a glob pattern (quote it)")
-  p.add_argument("--out", help="folder for maps (TIFF), overlays (PNG) and predictions.csv")
+  p.add_argument("--out", help="folder for maps (TIFF), overlays (PNG), predictions.csv and report.html")
   p.add_argument("--backend", choices=BACKENDS, default="jax", help="what runs the model (default: jax)")
   p.add_argument("--graph", help="onnxruntime/openvino: an exported .onnx or .xml to run (default: built from --model)")
   rule = p.add_mutually_exclusive_group()
@@ -60,7 +61,9 @@ def main(argv=None) -> int:
   show = lambda r: print(
     f"{r.name}\t{r.score:.6g}\t{'anomalous' if r.anomalous else 'normal'}\t{r.normalized_score:.4f}", flush=True
   )
-  results, failures = predict.predict_paths(model, paths, args.out, on_result=show, threshold=threshold, backend=runner)
+  results, failures = predict.predict_paths(
+    model, paths, args.out, on_result=show, threshold=threshold, backend=runner, threshold_rule=rule
+  )
   for path, reason in failures:
     print(f"error: {path}: {reason}", file=sys.stderr)
   if failures:

@@ -99,3 +99,10 @@ def test_large_page_filters_and_order_in_a_browser(large):
   dom = browser.dom(page)
   assert dom.count('loading="lazy"') == N  # thumbnails load as they scroll into view
   assert f"{N} of {N} images" in dom
+
+
+def test_axis_ticks_are_round_numbers():
+  np.testing.assert_allclose(report.nice_ticks(0, 1), [0, 0.2, 0.4, 0.6, 0.8, 1])
+  np.testing.assert_allclose(report.nice_ticks(0.0123, 3.72), [1, 2, 3])
+  np.testing.assert_allclose(report.nice_ticks(-0.5, 0.5), [-0.4, -0.2, 0, 0.2, 0.4])
+  assert list(report.nice_ticks(2.0, 2.0)) == [2.0]  # one value: one tick, no division by zero

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from efficientad_jax import pictures, report
 from efficientad_jax.data import DataError, preprocess
 from efficientad_jax.serving import backends, thresholds
 from efficientad_jax.serving.saved_model import LoadedModel, load, model_dir  # noqa: F401  (predict.load: CLIs, notebooks)
@@ -126,14 +127,44 @@ def _unique_stem(path: pathlib.Path, used: set[str]) -> str:
   return stem
 
 
-def write_outputs(result: Prediction, out_dir: pathlib.Path, stem: str, display_max: float) -> None:
-  """<out>/<stem>.tiff (float32 map, original size) and <out>/<stem>_overlay.png."""
-  from efficientad_jax import pictures
+def write_outputs(result: Prediction, out_dir: pathlib.Path, stem: str, display_max: float) -> report.Item:
+  """<out>/<stem>.tiff (float32 map, original size), <out>/<stem>_overlay.png and the report's thumbnail.
 
+  Returns the image's entry in the report (its group: the folder the file lies in)."""
   out_dir.mkdir(parents=True, exist_ok=True)
   tifffile.imwrite(out_dir / f"{stem}.tiff", result.anomaly_map.astype(np.float32))
   overlay = pictures.overlay(result.rgb, result.anomaly_map, 0.0, display_max)
   pictures.save_png(overlay, out_dir / f"{stem}_overlay.png")
+  _, thumb, size = report.write_pictures(
+    result.rgb, result.anomaly_map, display_max, out_dir / report.FILES, stem, write_full=False
+  )
+  group = pathlib.Path(result.name).parent.name
+  return report.Item(
+    result.name,
+    result.score,
+    result.anomalous,
+    result.normalized_score,
+    group,
+    None,
+    f"{stem}_overlay.png",
+    thumb,
+    size,
+  )
+
+
+def write_report(
+  out_dir: pathlib.Path, items: Sequence[report.Item], model: LoadedModel, threshold: float, threshold_rule: str
+) -> pathlib.Path:
+  """<out>/report.html: the score distribution with the threshold drawn in, and every image's overlay."""
+  flagged = sum(it.anomalous for it in items)
+  facts = [
+    (
+      "model",
+      f"{model.method.name}, {model.meta.get('model_size')}, {model.image_size} px, {model.meta.get('steps')} steps",
+    ),
+    ("images", f"{len(items)} predicted, {flagged} flagged anomalous"),
+  ]
+  return report.write(out_dir / "report.html", "predictions", items, threshold, threshold_rule, facts=facts)
 
 
 def predict_paths(
@@ -143,21 +174,24 @@ def predict_paths(
   on_result: Callable[[Prediction], Any] | None = None,
   threshold: float | None = None,
   backend: str | backends.Runner = "jax",
+  threshold_rule: str = "saved with the model (validation normals)",
 ) -> tuple[list[Prediction], list[tuple[str, str]]]:
   """Predicts each file; unreadable ones are collected as (path, reason) and the others go on.
 
   Args:
     paths: image files (any size, gray/RGB/RGBA).
-    out_dir: if given, writes each map (TIFF) and overlay (PNG), and predictions.csv.
+    out_dir: if given, writes each map (TIFF) and overlay (PNG), predictions.csv and report.html (with its
+      thumbnails in report_files/).
     on_result: called with each Prediction as soon as it exists (e.g. to print it).
     threshold: the decision threshold; default the model's saved one.
+    threshold_rule: how the threshold was chosen, for the report.
     backend: what runs the model (`backends.BACKENDS`; one runner serves every file), or a `backends.make` runner.
   Returns:
     (predictions, failures).
   """
   runner = backends.resolve(model, backend)
   out = pathlib.Path(out_dir) if out_dir is not None else None
-  results, failures, used = [], [], set()
+  results, failures, used, items = [], [], set(), []
   rows = [("file", "score", "anomalous", "normalized_score")]
   for path in paths:
     try:
@@ -169,10 +203,12 @@ def predict_paths(
     if on_result is not None:
       on_result(result)
     if out is not None:
-      write_outputs(result, out, _unique_stem(path, used), display_max=2.0 * result.threshold)
+      items.append(write_outputs(result, out, _unique_stem(path, used), display_max=2.0 * result.threshold))
       rows.append((str(path), f"{result.score:.6g}", int(result.anomalous), f"{result.normalized_score:.4f}"))
   if out is not None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "predictions.csv", "w", newline="") as f:
       csv.writer(f).writerows(rows)  # quotes paths that hold commas
+    if items:
+      write_report(out, items, model, results[0].threshold, threshold_rule)
   return results, failures
