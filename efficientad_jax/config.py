@@ -15,6 +15,8 @@ import dataclasses
 import json
 from typing import Any
 
+import numpy as np
+
 # The generic tree operations, re-exported: configs are used through this module.
 from efficientad_jax.config_tree import (  # noqa: F401
   ConfigError,
@@ -42,12 +44,54 @@ def unit(v: float) -> bool:
   return 0 <= v <= 1
 
 
-def _autoencoder_sizes(size: int) -> str:
-  """The autoencoder's size rule (docs/method.md §3) and the valid sizes nearest `size`."""
-  below, above = max(64, size // 32 * 32), max(64, -(-size // 32) * 32)
-  nearest = f"{below}" if below == above or size < 64 else f"{below} or {above}"
+class ImageSize(tuple):
+  """The networks' input size (H, W): `256` is a square, `'192x384'` is H x W (`--set model.image_size=192x384`).
+
+  A tuple of two ints, so it is hashable (a static argument of jit) and JSON writes it as [H, W]; built from an
+  int, 'S', 'HxW', or any pair. `str()` gives the command-line form back.
+  """
+
+  def __new__(cls, value: Any = 256) -> ImageSize:
+    if isinstance(value, str):
+      try:
+        hw = [int(v) for v in value.lower().split("x")]
+      except ValueError:
+        raise ConfigError(f"image size {value!r}: give S or HxW in pixels, e.g. 256 or 192x384") from None
+    elif isinstance(value, (int, np.integer)):
+      hw = [int(value)]
+    else:
+      hw = [int(v) for v in value]
+    if len(hw) == 1:
+      hw = hw * 2
+    if len(hw) != 2:
+      raise ConfigError(f"image size {value!r}: give S or HxW in pixels, e.g. 256 or 192x384")
+    return super().__new__(cls, hw)
+
+  def __str__(self) -> str:
+    return f"{self[0]}" if self[0] == self[1] else f"{self[0]}x{self[1]}"
+
+  __repr__ = __str__
+
+  def __getnewargs__(self) -> tuple:  # pickling (grain workers): rebuilt from the pair
+    return (tuple(self),)
+
+
+def _autoencoder_side(n: int) -> bool:
+  return n % 32 == 0 and n >= 64
+
+
+def _autoencoder_sizes(size: ImageSize) -> str:
+  """The autoencoder's size rule (docs/method.md §3) and the valid sizes nearest `size`, per side."""
+  options = []
+  for n in size:
+    below, above = max(64, n // 32 * 32), max(64, -(-n // 32) * 32)
+    options.append([below] if below == above or n < 64 else [below, above])
+  if size[0] == size[1]:
+    nearest = " or ".join(str(n) for n in options[0])
+  else:
+    nearest = " or ".join(f"{h}x{w}" for h in options[0] for w in options[1])
   return (
-    f"a multiple of 32, at least 64 (the autoencoder's encoder halves the image five times and its "
+    f"a multiple of 32, at least 64, on each side (the autoencoder's encoder halves the image five times and its "
     f"bottleneck spans the rest): nearest valid {nearest}"
   )
 
@@ -58,7 +102,7 @@ class ModelConfig:
 
   size: str = "small"  # "small" | "medium": PDN-S or PDN-M
   teacher_channels: int = 384  # student outputs 2x this: [:C] predicts the teacher, [C:] the autoencoder
-  image_size: int = 256  # networks see image_size x image_size
+  image_size: ImageSize = ImageSize(256)  # networks see H x W = image_size (`ImageSize`: 256 or '192x384')
   dtype: str = "float32"  # compute dtype; params, statistics and maps stay float32
   ae_dropout: float = 0.2  # decoder dropout rate (training only)
   # Conv backward pass (models/conv.py): "auto" = "mixed" on CPU (matmul weight gradients where XLA:CPU's
@@ -66,11 +110,14 @@ class ModelConfig:
   # forward numbers.
   conv_impl: str = "auto"
 
+  def __post_init__(self) -> None:  # 256, '192x384' or a JSON [H, W] (saved configs) -> ImageSize
+    object.__setattr__(self, "image_size", ImageSize(self.image_size))
+
   def range_rules(self) -> list[Rule]:
     return [
       ("size", self.size in MODEL_SIZES, f"one of {MODEL_SIZES}"),
       ("teacher_channels", self.teacher_channels >= 1, ">= 1"),
-      ("image_size", self.image_size % 32 == 0 and self.image_size >= 64, _autoencoder_sizes(self.image_size)),
+      ("image_size", all(map(_autoencoder_side, self.image_size)), _autoencoder_sizes(self.image_size)),
       ("dtype", self.dtype in DTYPES, f"one of {DTYPES}"),
       ("ae_dropout", 0 <= self.ae_dropout < 1, "in [0, 1)"),
       ("conv_impl", self.conv_impl in CONV_IMPLS, f"one of {CONV_IMPLS}"),
@@ -182,7 +229,7 @@ class DataConfig(InputConfig):
   validation_fraction: float = 0.1  # MVTec AD, VisA, folder: n - int((1 - f) * n) of n train images held out (seeded)
   jitter_low: float = 0.8  # autoencoder input: brightness, contrast or saturation factor U(low, high)
   jitter_high: float = 1.2
-  penalty_resize: int = 512  # penalty image: resize to this, then centre-crop model.image_size
+  penalty_resize: int = 512  # penalty image: resize to this square, then centre-crop model.image_size (H x W)
   penalty_grayscale_prob: float = 0.3
   synthetic_size: int = 64  # synthetic dataset: image side in pixels
   synthetic_train: int = 40  # synthetic dataset: number of normal training images
@@ -271,7 +318,9 @@ class Config:
 
   def range_rules(self) -> list[Rule]:
     """The rules across sections (full field names)."""
-    return [("data.penalty_resize", self.data.penalty_resize >= self.model.image_size, ">= model.image_size")]
+    return [
+      ("data.penalty_resize", self.data.penalty_resize >= max(self.model.image_size), ">= model.image_size's sides")
+    ]
 
 
 # Fields a resumed run may change (docs: BUILD_NOTES.md "Errors and resuming with other settings"): none changes the

@@ -57,6 +57,8 @@ def _parse(text: str, hint: Any, where: str) -> Any:
     return tuple(_parse(t, item, where) for t in text.split(","))
   try:
     return hint(text)
+  except ConfigError as e:  # the type's own message (config.ImageSize)
+    raise ConfigError(f"{where}: {e}") from None
   except ValueError:
     raise ConfigError(f"{where}: expected {hint.__name__}, got {text!r}") from None
 

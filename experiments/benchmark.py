@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficientad_jax import models
-from efficientad_jax.config import Config, MapConfig, ModelConfig
+from efficientad_jax.config import Config, ImageSize, MapConfig, ModelConfig
 from efficientad_jax.efficientad import inference, normalization
 from efficientad_jax.efficientad.inference import Detector
 from efficientad_jax.serving import saved_model
@@ -137,7 +137,7 @@ def plausible_detector(cfg: ModelConfig, key: jax.Array) -> Detector:
   config = Config(model=cfg)
   nets = models.build(cfg)
   params = models.init_params(nets, key, cfg.image_size)
-  images = np.asarray(jax.random.normal(jax.random.fold_in(key, 1), (2, cfg.image_size, cfg.image_size, 3)))
+  images = np.asarray(jax.random.normal(jax.random.fold_in(key, 1), (2, *cfg.image_size, 3)))
   feats = np.asarray(nets.teacher.apply({"params": params["teacher"]}, images), np.float64)
   stats = normalization.TeacherStats(
     mean=jnp.asarray(feats.mean(axis=(0, 1, 2)), jnp.float32),
@@ -165,7 +165,7 @@ def host_predict_fn(size: str, dtype: str, image_size: int, seed: int = 0):
   function a saved model of this config gets (`inference.compiled_predict`)."""
   cfg = ModelConfig(size=size, dtype=dtype, image_size=image_size)
   detector = plausible_detector(cfg, jax.random.key(seed))
-  return host_run(inference.compiled_predict(cfg, MapConfig())[1], detector, (image_size, image_size))
+  return host_run(inference.compiled_predict(cfg, MapConfig())[1], detector, tuple(cfg.image_size))
 
 
 class Timed(NamedTuple):
@@ -174,7 +174,7 @@ class Timed(NamedTuple):
   method: str
   size: str
   dtype: str
-  image_size: int
+  image_size: tuple[int, int]  # (H, W)
   run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
@@ -182,17 +182,17 @@ def bench_inference(timed: Timed, args: argparse.Namespace) -> dict:
   """Latency (batch 1) and throughput (best of `--batch-sizes`) of one model."""
   s, run = timed.image_size, timed.run
   rng = np.random.default_rng(args.seed)
-  one = rng.normal(size=(1, s, s, 3)).astype(np.float32)
+  one = rng.normal(size=(1, *s, 3)).astype(np.float32)
   result = {
     "method": timed.method,
     "size": timed.size,
     "dtype": timed.dtype,
-    "image_size": s,
+    "image_size": list(s),
     "latency": benchmark_train.summarize(time_calls(lambda: run(one), args.warmup, args.runs)),
   }
   per_batch = {}
   for b in args.batch_sizes:
-    images = rng.normal(size=(b, s, s, 3)).astype(np.float32)
+    images = rng.normal(size=(b, *s, 3)).astype(np.float32)
     seconds = time_calls(lambda images=images: run(images), args.throughput_warmup, args.throughput_runs)
     median = float(np.median(seconds))
     per_batch[str(b)] = {"images_per_s": b / median, "median_batch_ms": 1e3 * median}
@@ -217,7 +217,7 @@ def inference_targets(args: argparse.Namespace) -> Iterator[Timed]:
       str(model.meta.get("model_size", model.method.name)),
       model.inputs.dtype,
       s,
-      host_run(model.predict_fn, model.detector, (s, s)),
+      host_run(model.predict_fn, model.detector, tuple(s)),
     )
     return
   for size in args.sizes:
@@ -296,7 +296,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--sizes", help="default small,medium (--tiny: small)")
   p.add_argument("--dtypes", help="default float32,bfloat16,float16 (--tiny: float32); not with --model")
   p.add_argument("--batch-sizes", help="default 1,8,16,32,64 (--tiny: 1,2)")
-  p.add_argument("--image-size", type=int, help="default 256 (--tiny: 64)")
+  p.add_argument("--image-size", help="S or HxW, e.g. 192x384; default 256 (--tiny: 64)")
   p.add_argument("--warmup", type=int)
   p.add_argument("--runs", type=int)
   p.add_argument("--throughput-warmup", type=int)
@@ -336,6 +336,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   for key, value in (TINY if args.tiny else DEFAULTS).items():  # what the command line left unset
     if getattr(args, key) is None:
       setattr(args, key, value)
+  try:
+    args.image_size = ImageSize(args.image_size)
+  except ValueError as e:
+    p.error(f"--image-size: {e}")
   args.sizes = [s for s in args.sizes.split(",") if s]
   args.dtypes = [d for d in args.dtypes.split(",") if d]
   args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b]

@@ -16,7 +16,7 @@ import numpy as np
 
 from efficientad_jax import models
 from efficientad_jax.config import CONV_IMPLS as MODEL_CONV_IMPLS
-from efficientad_jax.config import Config, DataConfig, ModelConfig, TrainConfig
+from efficientad_jax.config import Config, DataConfig, ImageSize, ModelConfig, TrainConfig
 from efficientad_jax.data import make_datasets
 from efficientad_jax.efficientad import normalization, train_step, trainer
 from efficientad_jax.models import conv as conv_lib
@@ -69,7 +69,7 @@ def bench_train(cfg: ModelConfig, per_dispatch: int, args: argparse.Namespace) -
   with tempfile.TemporaryDirectory(prefix="efficientad_bench_") as root:
     full = Config(
       model=cfg,
-      data=synthetic_data_config(cfg.image_size, root),
+      data=synthetic_data_config(max(cfg.image_size), root),  # square images, resized to H x W
       train=TrainConfig(steps=(dispatches + args.train_warmup) * per_dispatch, steps_per_dispatch=per_dispatch),
     )
     generate = time.perf_counter()
@@ -94,7 +94,7 @@ def bench_train(cfg: ModelConfig, per_dispatch: int, args: argparse.Namespace) -
   return {
     "size": cfg.size,
     "dtype": cfg.dtype,
-    "image_size": cfg.image_size,
+    "image_size": list(cfg.image_size),
     "batch_size": full.train.batch_size,
     "steps_per_dispatch": per_dispatch,
     "conv_impl": conv_lib.resolve_impl(cfg.conv_impl),
@@ -128,7 +128,7 @@ def bench_conv(size: str, image_size: int, args: argparse.Namespace) -> dict:
   that a shared machine's load hits all of them alike. "xla" is the plain path (before)."""
   rng = np.random.default_rng(args.seed)
   batch = {
-    k: rng.normal(size=(1, image_size, image_size, 3)).astype(np.float32) for k in ("image", "image_ae", "penalty")
+    k: rng.normal(size=(1, *ImageSize(image_size), 3)).astype(np.float32) for k in ("image", "image_ae", "penalty")
   }
   impls = args.conv_impls
   steps = {impl: random_train_step_fn(size, image_size, args.seed, impl) for impl in impls}
@@ -145,7 +145,7 @@ def bench_conv(size: str, image_size: int, args: argparse.Namespace) -> dict:
       seconds[impl].append(time.perf_counter() - start)
   return {
     "size": size,
-    "image_size": image_size,
+    "image_size": list(ImageSize(image_size)),
     "auto": conv_lib.resolve_impl("auto"),
     "compile_and_first_s": first,
     "median_step_s": {impl: float(np.median(s)) for impl, s in seconds.items()},

@@ -21,11 +21,11 @@ def _run(tmp_path, *extra):
 
 
 def test_inference_json_structure(tmp_path):
-  report, stdout = _run(tmp_path)
+  report, stdout = _run(tmp_path, "--image-size", "64x96")  # a rectangular input (H x W)
   assert set(report["environment"]) >= ENV_KEYS
   assert report["mode"] == "inference" and report["tiny"] is True
   (result,) = report["results"]
-  assert (result["size"], result["dtype"], result["image_size"]) == ("small", "float32", 64)
+  assert (result["size"], result["dtype"], result["image_size"]) == ("small", "float32", [64, 96])
   assert {"mean_ms", "p50_ms", "p90_ms", "p99_ms"} <= set(result["latency"])
   assert result["latency"]["runs"] == report["protocol"]["runs"]
   thr = result["throughput"]
@@ -42,7 +42,7 @@ def test_train_json_structure(tmp_path):
   assert report["mode"] == "train" and set(report["environment"]) >= ENV_KEYS
   (result,) = report["results"]
   assert result["steps_per_dispatch"] == 1 and result["steps"] == 3
-  assert result["image_size"] == 64 and result["penalty"] is True
+  assert result["image_size"] == [64, 64] and result["penalty"] is True
   assert result["steps_per_s"] > 0 and 0 < result["host_ms_per_step"] <= result["ms_per_step"]
   assert result["conv_impl"] in ("xla", "im2col", "shifted", "mixed")
   assert "steps/s" in stdout

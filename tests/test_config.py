@@ -51,7 +51,12 @@ def test_override_parses_every_kind_of_field():
 # (config class, a bad assignment, the field the error names, a fragment of the requirement).
 RANGE_ERRORS = [
   (Config, "model.dtype=float8", "model.dtype", "one of"),
-  (Config, "model.image_size=100", "model.image_size", "multiple of 32, at least 64 (the autoencoder's encoder"),
+  (
+    Config,
+    "model.image_size=100",
+    "model.image_size",
+    "multiple of 32, at least 64, on each side (the autoencoder's encoder",
+  ),
   (Config, "model.image_size=300", "model.image_size", "nearest valid 288 or 320"),
   (Config, "model.image_size=48", "model.image_size", "nearest valid 64"),
   (Config, "loss.hard_quantile=1.5", "loss.hard_quantile", "in [0, 1]"),

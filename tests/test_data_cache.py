@@ -78,7 +78,7 @@ def _empty_soon(folder, seconds=5.0):
 
 def test_round_trip_of_records_of_different_sizes(samples, temp_dir):
   decoded = cache.decode_once(samples, 12)
-  assert len(decoded) == len(SIZES) and decoded.shapes == SIZES and decoded.size == 12
+  assert len(decoded) == len(SIZES) and decoded.shapes == SIZES and decoded.size == (12, 12)
   assert os.path.dirname(decoded.path).startswith(str(temp_dir / "efficientad_decoded_"))
   assert os.path.getsize(decoded.path) == decoded.nbytes == 4 * 12 * 12 * 3 + sum(h * w * 3 for h, w in SIZES)
   for i, sample in enumerate(samples):

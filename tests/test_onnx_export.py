@@ -1,6 +1,6 @@
 """ONNX export (efficientad_jax/onnx_graph.py): onnxruntime against the project's own predict, PDN-S and
-PDN-M at a tiny size with random weights, several batch sizes; the AST refusal; the CLI; scoring an image with
-PIL + NumPy + onnxruntime only (no JAX in that process)."""
+PDN-M at a tiny size with random weights, and PDN-S at a rectangular size, several batch sizes; the AST refusal;
+the CLI; scoring an image with PIL + NumPy + onnxruntime only (no JAX in that process)."""
 
 import dataclasses
 import json
@@ -27,13 +27,15 @@ pytest.importorskip("onnx")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 64  # the smallest side the autoencoder accepts
+# The models exported: PDN size, image size (H, W). A rectangular one: every H/W mix-up would show.
+MODELS = {"small": ("small", (SIZE, SIZE)), "medium": ("medium", (SIZE, SIZE)), "small-64x96": ("small", (64, 96))}
 # Not the defaults, so that a constant written into the graph instead of read from the model would show.
 MAPS = MapConfig(scale=0.2, st_weight=0.3, ae_weight=0.7, pad=3)
 
 
-def random_params(nets: models.Models, rng: np.random.Generator) -> dict:
+def random_params(nets: models.Models, rng: np.random.Generator, hw=(SIZE, SIZE)) -> dict:
   """PyTorch-default-like random params in the structure of `models.init_params` (shapes by eval_shape)."""
-  shapes = jax.eval_shape(lambda k: models.init_params(nets, k, SIZE), jax.random.key(0))
+  shapes = jax.eval_shape(lambda k: models.init_params(nets, k, hw), jax.random.key(0))
 
   def draw(s):
     fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 64
@@ -42,30 +44,32 @@ def random_params(nets: models.Models, rng: np.random.Generator) -> dict:
   return jax.tree_util.tree_map(draw, shapes)
 
 
-def images(rng: np.random.Generator, n: int) -> np.ndarray:
-  rgb = rng.uniform(0, 1, (n, SIZE, SIZE, 3)).astype(np.float32)
+def images(rng: np.random.Generator, n: int, hw=(SIZE, SIZE)) -> np.ndarray:
+  rgb = rng.uniform(0, 1, (n, *hw, 3)).astype(np.float32)
   return ((rgb - np.float32(config_lib.IMAGENET_MEAN)) / np.float32(config_lib.IMAGENET_STD)).astype(np.float32)
 
 
-def save_model(root: pathlib.Path, size: str) -> pathlib.Path:
-  """A saved model with random networks, random teacher statistics and quantiles fitted on random images."""
-  rng = np.random.default_rng(["small", "medium"].index(size))
-  cfg = Config(model=ModelConfig(size=size, image_size=SIZE), maps=MAPS)
+def save_model(root: pathlib.Path, name: str) -> pathlib.Path:
+  """A saved model (`MODELS[name]`) with random networks, random teacher statistics and quantiles fitted on
+  random images."""
+  size, hw = MODELS[name]
+  rng = np.random.default_rng(list(MODELS).index(name))
+  cfg = Config(model=ModelConfig(size=size, image_size=hw), maps=MAPS)
   nets, predict_fn = inference.compiled_predict(cfg.model, cfg.maps)
   c = cfg.model.teacher_channels
   stats = normalization.TeacherStats(
     rng.normal(0, 0.1, c).astype(np.float32), rng.uniform(0.5, 2.0, c).astype(np.float32)
   )
   unit = normalization.MapQuantiles(*(np.float32(v) for v in (0, 1, 0, 1)))
-  detector = Detector(params=random_params(nets, rng), teacher_stats=stats, quantiles=unit)
-  out = predict_fn(detector, images(rng, 3), out_size=(SIZE, SIZE))  # raw maps don't depend on quantiles
+  detector = Detector(params=random_params(nets, rng, hw), teacher_stats=stats, quantiles=unit)
+  out = predict_fn(detector, images(rng, 3, hw), out_size=hw)  # raw maps don't depend on quantiles
   q = normalization.fit_map_quantiles(np.asarray(out["map_st"]), np.asarray(out["map_ae"]), 0.1, 0.9)
   meta = {
     "config": config_lib.to_dict(cfg),
     "threshold": 0.125,
     "threshold_rule": "0.99 quantile of validation image scores",
     "validation_scores": [0.05, 0.07, 0.1, 0.125],
-    "image_size": SIZE,
+    "image_size": list(hw),
     "model_size": size,
     "teacher": "random",
     "steps": 0,
@@ -74,7 +78,7 @@ def save_model(root: pathlib.Path, size: str) -> pathlib.Path:
   return root / "run"
 
 
-@pytest.fixture(scope="module", params=["small", "medium"])
+@pytest.fixture(scope="module", params=list(MODELS))
 def exported(request, tmp_path_factory):
   """(run folder, .onnx path) per PDN size."""
   root = tmp_path_factory.mktemp(f"onnx_{request.param}")
@@ -90,10 +94,10 @@ def test_onnxruntime_matches_predict(exported):
   assert [o.name for o in session.get_outputs()] == ["anomaly_map", "score", "map_combined"]
   rng = np.random.default_rng(7)
   for batch in (1, 3, 2):
-    x = images(rng, batch)
+    x = images(rng, batch, model.image_size)
     anomaly_map, score, combined = session.run(None, {"image": x})
-    ref = model.predict_fn(model.detector, x, out_size=(SIZE, SIZE))
-    assert anomaly_map.shape == (batch, SIZE, SIZE) and score.shape == (batch,)
+    ref = model.predict_fn(model.detector, x, out_size=model.image_size)
+    assert anomaly_map.shape == (batch, *model.image_size) and score.shape == (batch,)
     assert float(np.abs(ref["anomaly_map"]).max()) > 0.01  # not a trivially zero map
     np.testing.assert_allclose(anomaly_map, np.asarray(ref["anomaly_map"]), rtol=0, atol=1e-4)
     np.testing.assert_allclose(score, np.asarray(ref["score"]), rtol=0, atol=1e-4)
@@ -107,7 +111,9 @@ def test_metadata_holds_threshold_size_and_preprocessing(exported):
   model = predict.load(run)
   props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
   assert float(props["threshold"]) == model.threshold
-  assert int(props["image_size"]) == SIZE and props["model_size"] == model.cfg.model.size
+  h, w = model.image_size
+  assert (int(props["image_height"]), int(props["image_width"])) == (h, w)
+  assert props["image_size"] == (f"{h}" if h == w else f"{h}x{w}") and props["model_size"] == model.cfg.model.size
   assert json.loads(props["mean"]) == list(config_lib.IMAGENET_MEAN)
   assert json.loads(props["std"]) == list(config_lib.IMAGENET_STD)
   assert "PIL" in props["preprocessing"] and "bilinear" in props["preprocessing"]
@@ -151,7 +157,7 @@ def run_python(args: list[str]) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("exported", ["small"], indirect=True)  # size independent: PDN-S only
+@pytest.mark.parametrize("exported", ["small", "small-64x96"], indirect=True)  # square and rectangular inputs
 def test_cli_and_scoring_without_jax(exported, tmp_path):
   run, _ = exported
   model = predict.load(run)
@@ -162,17 +168,18 @@ def test_cli_and_scoring_without_jax(exported, tmp_path):
   rng = np.random.default_rng(3)
   # An image of another size (the snippet's resize = predict.prepare's), and one at the model's size, where the
   # map needs no resize and the snippet's score, decision and normalised score are predict_file's own.
-  odd, square = tmp_path / "odd.png", tmp_path / "square.png"
+  odd, native = tmp_path / "odd.png", tmp_path / "native.png"
   Image.fromarray(rng.integers(0, 256, (90, 100, 3), dtype=np.uint8)).save(odd)
-  Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(square)
-  for image in (odd, square):
+  h, w = model.image_size
+  Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(native)
+  for image in (odd, native):
     proc = run_python(["-c", readme_snippet(out, image)])
     assert proc.returncode == 0, proc.stderr
     score, decision, normalized = proc.stdout.split()
-    x, _ = predict.prepare(image, SIZE, model.cfg.data.mean, model.cfg.data.std)
-    ref = float(model.predict_fn(model.detector, x[None], out_size=(SIZE, SIZE))["score"][0])
+    x, _ = predict.prepare(image, model.image_size, model.cfg.data.mean, model.cfg.data.std)
+    ref = float(model.predict_fn(model.detector, x[None], out_size=model.image_size)["score"][0])
     assert float(score) == pytest.approx(ref, abs=1e-4)
-  result = predict.predict_file(model, square)
+  result = predict.predict_file(model, native)
   assert float(score) == pytest.approx(result.score, abs=1e-4)
   assert decision == ("anomalous" if result.anomalous else "normal")
   if np.isnan(result.normalized_score):

@@ -38,11 +38,11 @@ def tiny_ast_model(run: pathlib.Path, seed: int = 0) -> pathlib.Path:
 def test_an_ast_model_exports_with_the_maps_of_predict_load(tmp_path):
   run = tiny_ast_model(tmp_path / "run")
   model = predict.load(run)
-  assert model.method.name == "efficientad_ast" and model.image_size == AST_SIZE
+  assert model.method.name == "efficientad_ast" and model.image_size == (AST_SIZE, AST_SIZE)  # (H, W), a square
   assert set(model.detector) == {"backbone", "flow", "student", "student_stats", "autoencoder"}
   path = export.export_model(run, tmp_path / "ast.eadx")
   exported = export.load_exported(path)
-  assert exported.meta["method"] == "efficientad_ast" and exported.image_size == AST_SIZE
+  assert exported.meta["method"] == "efficientad_ast" and exported.image_size == (AST_SIZE, AST_SIZE)
   assert exported.meta["mean"] == list(model.inputs.mean) and exported.threshold == model.threshold
   images = np.random.default_rng(0).normal(size=(3, AST_SIZE, AST_SIZE, 3)).astype(np.float32)
   ref = model.predict_fn(model.detector, images, out_size=(AST_SIZE, AST_SIZE))
@@ -73,7 +73,7 @@ def test_a_model_saved_before_the_method_field_is_efficientad(tmp_path):
     )
   model = saved_model.load(tmp_path)
   assert model.method.name == model.meta["method"] == "efficientad"
-  assert model.inputs == saved_model.Inputs(64, cfg.data.mean, cfg.data.std, cfg.model.dtype, cfg.train.seed)
+  assert model.inputs == saved_model.Inputs((64, 64), cfg.data.mean, cfg.data.std, cfg.model.dtype, cfg.train.seed)
   np.testing.assert_array_equal(model.detector.teacher_stats.std, np.ones(c))
   assert float(model.detector.quantiles.st_end) == 1.0 and model.threshold == 0.5
 

@@ -31,7 +31,7 @@ class DatasetInfo:
   num_validation: int
   num_test: int
   defects_config: list[dict]  # LOCO: each defect's saturation rule (`records.DefectSpec` as dicts)
-  image_size: int
+  image_size: int | Sequence[int]
   penalty: str  # the penalty source ('' = off)
   decoded_once: bool  # every training image is already in the decode cache, so known to be readable
 
@@ -141,12 +141,12 @@ def _tfds_splits(data_cfg, seed: int) -> tuple[dict[str, Sequence[Any]], str]:
   return tfds_builders.load_splits(data_cfg, seed), data_cfg.root
 
 
-def make_datasets(data_cfg, image_size: int, seed: int, *, training: bool = False) -> Datasets:
+def make_datasets(data_cfg, image_size: int | Sequence[int], seed: int, *, training: bool = False) -> Datasets:
   """Index (or TFDS source), training stream and evaluation datasets for `data_cfg` (docs/method.md §4).
 
   Args:
     data_cfg: `config.DataConfig`.
-    image_size: network input side S (`config.ModelConfig.image_size`).
+    image_size: the networks' input size, S or (H, W) (`config.ModelConfig.image_size`).
     seed: the run seed: the validation hold-out, shuffling, jitter and penalty draws.
     training: with `data_cfg.decode_cache`, decode every training image now, once, into the decode
       cache (`cache.decode_once`; a corrupt image fails here), which `train_iter` and `train_eval`

@@ -7,8 +7,9 @@ grain's worker processes are spawned and receive the dataset pickled, so a cache
 into each worker, while a mapped file is shared through the page cache. A `DecodedImages` pickles as its
 path and offsets and maps the file again in the process that reads it.
 
-File layout: the N resized images [N, S, S, 3] (`preprocess.resize`, the un-jittered network input before
-`to_float`/`normalize`), then each image at its original size [H_i, W_i, 3], one after another.
+File layout: the N resized images [N, H, W, 3] (H x W = the model's image size; `preprocess.resize`, the
+un-jittered network input before `to_float`/`normalize`), then each image at its original size [H_i, W_i, 3],
+one after another.
 The main process's object removes the folder when it is collected or at interpreter exit; copies never do.
 """
 
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from efficientad_jax.config import ImageSize
 from efficientad_jax.data import pipeline, preprocess
 from efficientad_jax.data.records import DataError
 
@@ -42,14 +44,14 @@ class DecodedImages:
 
   Attributes:
     path: the mapped file.
-    size: S, the side of the resized images.
+    size: (H, W) of the resized images (`config.ImageSize`; an int is a square).
     shapes: ((H, W), ...) of the original images, one per record.
   """
 
-  def __init__(self, path: str, size: int, shapes: Sequence[tuple[int, int]], owner: bool = False):
-    self.path, self.size = path, int(size)
+  def __init__(self, path: str, size: int | Sequence[int], shapes: Sequence[tuple[int, int]], owner: bool = False):
+    self.path, self.size = path, ImageSize(size)
     self.shapes = tuple((int(h), int(w)) for h, w in shapes)
-    ends = np.cumsum([len(self.shapes) * self.size * self.size * 3] + [h * w * 3 for h, w in self.shapes])
+    ends = np.cumsum([len(self.shapes) * self._small_bytes] + [h * w * 3 for h, w in self.shapes])
     self._offsets = tuple(int(e) for e in ends)  # offset of full image i; the last one is the file size
     self._map = None
     # Only the process that wrote the file deletes it (a copy in a worker leaves it to its owner).
@@ -57,6 +59,10 @@ class DecodedImages:
 
   def __len__(self) -> int:
     return len(self.shapes)
+
+  @property
+  def _small_bytes(self) -> int:
+    return self.size[0] * self.size[1] * 3
 
   @property
   def nbytes(self) -> int:
@@ -69,12 +75,12 @@ class DecodedImages:
 
   def offsets(self, index: int) -> tuple[int, int]:
     """Byte offsets of record `index`'s resized image and of its original-size image in the file."""
-    return index * self.size * self.size * 3, self._offsets[index]
+    return index * self._small_bytes, self._offsets[index]
 
   def small(self, index: int) -> np.ndarray:
-    """[S, S, 3] uint8: `preprocess.resize(decoded image, S)` of record `index` (read-only)."""
+    """[H, W, 3] uint8: `preprocess.resize(decoded image, size)` of record `index` (read-only)."""
     start = self.offsets(index)[0]
-    return self._bytes()[start : start + self.size * self.size * 3].reshape(self.size, self.size, 3)
+    return self._bytes()[start : start + self._small_bytes].reshape(*self.size, 3)
 
   def full(self, index: int) -> np.ndarray:
     """[H, W, 3] uint8: `preprocess.decode_image` of record `index` at its original size (read-only)."""
@@ -144,7 +150,7 @@ def _check_space(folder: str, needed: int) -> None:
 
 
 def _write_all(
-  pool: concurrent.futures.ThreadPoolExecutor, folder: str, records: Sequence[Any], image_size: int
+  pool: concurrent.futures.ThreadPoolExecutor, folder: str, records: Sequence[Any], image_size: int | Sequence[int]
 ) -> DecodedImages:
   """Reads the sizes, checks the disk, then decodes and writes every record; the pool is shut down after."""
   shapes = list(pool.map(lambda i: _checked(_shape, records[i]), range(len(records))))
@@ -162,7 +168,7 @@ def _write_all(
   return images
 
 
-def decode_once(records: Sequence[Any], image_size: int, threads: int = 0) -> DecodedImages:
+def decode_once(records: Sequence[Any], image_size: int | Sequence[int], threads: int = 0) -> DecodedImages:
   """Decodes every record (a `records.Sample` or a TFDS dict) once into a new mapped file.
 
   Args:

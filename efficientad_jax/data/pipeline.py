@@ -21,6 +21,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from efficientad_jax.config import ImageSize
 from efficientad_jax.data import preprocess, records
 from efficientad_jax.data.records import DataError, Sample
 
@@ -81,7 +82,9 @@ def _parts(record: Any, specs: Sequence[records.DefectSpec]) -> dict:
   }
 
 
-def train_element(record: Any, rng: np.random.Generator, image_size: int, jitter: tuple[float, float]) -> dict:
+def train_element(
+  record: Any, rng: np.random.Generator, image_size: int | Sequence[int], jitter: tuple[float, float]
+) -> dict:
   """One training image -> {'image': [S,S,3], 'image_ae': [S,S,3]} uint8, resized, not yet normalised (the
   jitted step normalises: `train_step.normalize_images`; a quarter of the bytes to move and copy).
 
@@ -112,7 +115,7 @@ def cached_train_element(index: int, rng: np.random.Generator, cache: Any, jitte
 
 
 def penalty_element(
-  record: Any, rng: np.random.Generator, image_size: int, resize_to: int, gray_prob: float
+  record: Any, rng: np.random.Generator, image_size: int | Sequence[int], resize_to: int, gray_prob: float
 ) -> np.ndarray:
   """One penalty image (a path, or a TFDS dict with 'image') -> [S, S, 3] uint8, not yet normalised
   (`preprocess.penalty_crop`; docs/method.md §4.1)."""
@@ -139,7 +142,7 @@ def train_dataset(
   samples: Sequence[Any],
   penalty: Sequence[Any] | None,
   *,
-  image_size: int,
+  image_size: int | Sequence[int],
   batch_size: int,
   seed: int,
   data_cfg,
@@ -166,10 +169,10 @@ def train_dataset(
     source = samples
     element = functools.partial(train_element, image_size=image_size, jitter=jitter)
   else:
-    if len(cache) != len(samples) or cache.size != image_size:
+    if len(cache) != len(samples) or cache.size != ImageSize(image_size):
       raise ValueError(
         f"decode cache of {len(cache)} images at {cache.size} px does not match "
-        f"{len(samples)} training images at {image_size} px"
+        f"{len(samples)} training images at {ImageSize(image_size)} px"
       )
     # Indices shuffle exactly as the records do (the permutation depends on the length and seed only).
     source = range(len(samples))
@@ -191,7 +194,7 @@ def train_dataset(
   return it
 
 
-def _penalty_images(penalty: Sequence[Any], image_size: int, seed: int, data_cfg) -> grain.MapDataset:
+def _penalty_images(penalty: Sequence[Any], image_size: int | Sequence[int], seed: int, data_cfg) -> grain.MapDataset:
   """The infinite, seeded stream of single penalty images [S, S, 3] uint8 (`penalty_element`)."""
   if not len(penalty):
     raise DataError("the penalty source is empty")
@@ -210,7 +213,7 @@ def _penalty_images(penalty: Sequence[Any], image_size: int, seed: int, data_cfg
 def penalty_batches(
   penalty: Sequence[Any],
   *,
-  image_size: int,
+  image_size: int | Sequence[int],
   batch_size: int,
   seed: int,
   data_cfg,
@@ -225,7 +228,9 @@ def penalty_batches(
   return pen[process_index::process_count].batch(batch_size, drop_remainder=True).map(normalise)
 
 
-def eval_element(record: Any, image_size: int, mean, std, specs: Sequence[records.DefectSpec] = ()) -> dict:
+def eval_element(
+  record: Any, image_size: int | Sequence[int], mean, std, specs: Sequence[records.DefectSpec] = ()
+) -> dict:
   """One evaluation image -> its record (docs/method.md §7, §9). Masks stay at the original resolution.
 
   Returns:
@@ -278,7 +283,7 @@ def _name(source: Any, image_name: str, what: str) -> str:
 
 
 def eval_dataset(
-  samples: Sequence[Any], *, image_size: int, data_cfg, specs: Sequence[records.DefectSpec] = ()
+  samples: Sequence[Any], *, image_size: int | Sequence[int], data_cfg, specs: Sequence[records.DefectSpec] = ()
 ) -> grain.MapDataset:
   """Ordered, unshuffled evaluation records (format: `eval_element`); index it or iterate it."""
   return grain.MapDataset.source(samples).map(

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageStat
 
+from efficientad_jax.config import ImageSize
 from efficientad_jax.data.records import DataError
 
 ImageSource = str | pathlib.Path | bytes | np.ndarray
@@ -101,11 +102,13 @@ def load_mask(source: ImageSource, image_hw: tuple[int, int], name: str = "") ->
   return mask != 0
 
 
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-  """[H, W, 3] uint8 -> [size, size, 3] uint8, PIL bilinear with antialias (docs/method.md §4.1)."""
-  if image.shape[:2] == (size, size):
+def resize(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+  """[H, W, 3] uint8 -> [h, w, 3] uint8 for size (h, w) (an int: a square), PIL bilinear with antialias
+  (docs/method.md §4.1)."""
+  h, w = ImageSize(size)
+  if image.shape[:2] == (h, w):
     return image
-  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+  return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
 
 def to_float(image: np.ndarray) -> np.ndarray:
@@ -164,12 +167,13 @@ def adjust_color(image: np.ndarray, kind: str, factor: float) -> np.ndarray:
   return np.asarray(_jitter_pil(Image.fromarray(image), kind, factor))
 
 
-def jittered_resized(image: np.ndarray, kind: str, factor: float, size: int) -> np.ndarray:
-  """`resize(adjust_color(image, kind, factor), size)`, [H, W, 3] uint8 -> [size, size, 3] uint8, with the
+def jittered_resized(image: np.ndarray, kind: str, factor: float, size: int | Sequence[int]) -> np.ndarray:
+  """`resize(adjust_color(image, kind, factor), size)`, [H, W, 3] uint8 -> [h, w, 3] uint8, with the
   full-resolution image kept in PIL between the two (the same bytes, two full-size copies fewer)."""
+  h, w = ImageSize(size)
   jittered = _jitter_pil(Image.fromarray(image), kind, factor)
-  if jittered.size != (size, size):
-    jittered = jittered.resize((size, size), Image.BILINEAR)
+  if jittered.size != (w, h):
+    jittered = jittered.resize((w, h), Image.BILINEAR)
   return np.asarray(jittered)
 
 
@@ -179,49 +183,53 @@ def draw_jitter(rng: np.random.Generator, low: float, high: float) -> tuple[str,
   return kind, float(rng.uniform(low, high))
 
 
-def model_input(image: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-  """The networks' input: [H, W, 3] uint8 -> [size, size, 3] float32, resized (bilinear) and normalised.
+def model_input(
+  image: np.ndarray, size: int | Sequence[int], mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
+  """The networks' input: [H, W, 3] uint8 -> [h, w, 3] float32 for size (h, w), resized (bilinear), normalised.
 
   torchvision `Resize((S, S))`, `ToTensor`, `Normalize(mean, std)` (paper section 4; docs/method.md §4.1).
   """
   return network_input(resize(image, size), mean, std)
 
 
-def describe(size: int) -> str:
+def describe(size: int | Sequence[int]) -> str:
   """`model_input` in words, for the metadata of exported models (what a caller outside this library does)."""
+  h, w = ImageSize(size)
   return (
-    f"decode to RGB uint8 (gray -> 3 channels, alpha dropped); resize to {size}x{size} with PIL "
-    "bilinear (antialiased); x = (rgb / 255 - mean) / std; NHWC float32 [N, S, S, 3]"
+    f"decode to RGB uint8 (gray -> 3 channels, alpha dropped); resize to width {w}, height {h} with PIL "
+    f"bilinear (antialiased); x = (rgb / 255 - mean) / std; NHWC float32 [N, {h}, {w}, 3]"
   )
 
 
 def autoencoder_input(
-  image: np.ndarray, kind: str, factor: float, size: int, mean: Sequence[float], std: Sequence[float]
+  image: np.ndarray, kind: str, factor: float, size: int | Sequence[int], mean: Sequence[float], std: Sequence[float]
 ) -> np.ndarray:
   """The autoencoder's training input: `adjust_color` at full resolution, then `model_input`.
 
   Args:
     image: [H, W, 3] uint8, the decoded training image.
   Returns:
-    [size, size, 3] float32, normalised.
+    [h, w, 3] float32 for size (h, w), normalised.
   """
   return network_input(jittered_resized(image, kind, factor, size), mean, std)
 
 
-def penalty_crop(image: np.ndarray, gray: bool, resize_to: int, size: int) -> np.ndarray:
+def penalty_crop(image: np.ndarray, gray: bool, resize_to: int, size: int | Sequence[int]) -> np.ndarray:
   """Penalty input before normalisation, its random decision made: resize to resize_to^2, grayscale if `gray`,
-  centre crop. [H, W, 3] uint8 -> [size, size, 3] uint8 (grayscale: 3 equal channels).
+  centre crop. [H, W, 3] uint8 -> [h, w, 3] uint8 for size (h, w) (grayscale: 3 equal channels).
 
   torchvision `Resize((2S, 2S))`, `RandomGrayscale` (when it fires: `convert('L')`, 3 channels),
   `CenterCrop(S)` (paper section 3.2, the ImageNet penalty; docs/method.md §4.1).
   """
-  if size > resize_to:
-    raise ValueError(f"penalty crop {size} is larger than penalty_resize {resize_to}")
+  h, w = ImageSize(size)
+  if max(h, w) > resize_to:
+    raise ValueError(f"penalty crop {ImageSize(size)} is larger than penalty_resize {resize_to}")
   pil = Image.fromarray(image).resize((resize_to, resize_to), Image.BILINEAR)
   if gray:
     pil = pil.convert("L").convert("RGB")  # torchvision rgb_to_grayscale on PIL: the same luma
-  top = int(round((resize_to - size) / 2.0))  # torchvision CenterCrop's offset
-  return np.asarray(pil)[top : top + size, top : top + size]
+  top, left = (int(round((resize_to - n) / 2.0)) for n in (h, w))  # torchvision CenterCrop's offsets
+  return np.asarray(pil)[top : top + h, left : left + w]
 
 
 def draw_gray(rng: np.random.Generator, gray_prob: float) -> bool:
@@ -230,9 +238,9 @@ def draw_gray(rng: np.random.Generator, gray_prob: float) -> bool:
 
 
 def penalty_transform(
-  image: np.ndarray, gray: bool, resize_to: int, size: int, mean: Sequence[float], std: Sequence[float]
+  image: np.ndarray, gray: bool, resize_to: int, size: int | Sequence[int], mean: Sequence[float], std: Sequence[float]
 ) -> np.ndarray:
-  """`penalty_crop`, then `ToTensor`, `Normalize`: [H, W, 3] uint8 -> [size, size, 3] float32, normalised."""
+  """`penalty_crop`, then `ToTensor`, `Normalize`: [H, W, 3] uint8 -> [h, w, 3] float32, normalised."""
   return network_input(penalty_crop(image, gray, resize_to, size), mean, std)
 
 
@@ -240,7 +248,7 @@ def penalty_image(
   image: np.ndarray,
   rng: np.random.Generator,
   resize_to: int,
-  size: int,
+  size: int | Sequence[int],
   gray_prob: float,
   mean: Sequence[float],
   std: Sequence[float],

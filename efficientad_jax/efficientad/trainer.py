@@ -119,7 +119,7 @@ def load_teacher(cfg: Config, nets: models.Models, key: jax.Array) -> tuple[dict
     "no train.teacher_checkpoint: using a RANDOM teacher (fine for the demo, not for real results; "
     "import one with `python -m experiments.import_teacher`)"
   )
-  x = jnp.zeros((1, cfg.model.image_size, cfg.model.image_size, 3))
+  x = jnp.zeros((1, *cfg.model.image_size, 3))
   return nets.teacher.init(key, x)["params"], "random"
 
 

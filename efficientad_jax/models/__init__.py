@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efficientad_jax.config import ModelConfig
+from efficientad_jax.config import ImageSize, ModelConfig
 from efficientad_jax.models.autoencoder import Autoencoder, decoder_sizes, resize
 from efficientad_jax.models.pdn import PDN, pdn_output_size
 
@@ -36,7 +37,7 @@ def build(cfg: ModelConfig, *, padded_teacher: bool = False) -> Models:
   """The teacher, student and autoencoder for `cfg` (size, channels, image size, compute dtype)."""
   dtype = jnp.dtype(cfg.dtype)
   c = cfg.teacher_channels
-  out_size = pdn_output_size((cfg.image_size, cfg.image_size), cfg.size)
+  out_size = pdn_output_size(ImageSize(cfg.image_size), cfg.size)
   if min(out_size) < 1:
     raise ValueError(f"image_size {cfg.image_size} is too small for PDN-{cfg.size}")
   return Models(
@@ -48,18 +49,18 @@ def build(cfg: ModelConfig, *, padded_teacher: bool = False) -> Models:
   )
 
 
-def init_params(models: Models, key: jax.Array, image_size: int) -> dict:
+def init_params(models: Models, key: jax.Array, image_size: int | Sequence[int]) -> dict:
   """Fresh parameters {'teacher', 'student', 'autoencoder'} (PyTorch default init), in one compiled program.
 
   The parameters do not depend on the conv backward (`conv_impl`), so every implementation shares one
   compilation of the initialisation."""
   plain = Models(*(m.clone(conv_impl="xla") for m in models))
-  return _init(plain, key, image_size)
+  return _init(plain, key, ImageSize(image_size))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
-def _init(models: Models, key: jax.Array, image_size: int) -> dict:
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+def _init(models: Models, key: jax.Array, image_size: ImageSize) -> dict:
+  x = jnp.zeros((1, *image_size, 3), jnp.float32)
   kt, ks, ka = jax.random.split(key, 3)
   return {
     "teacher": models.teacher.init(kt, x)["params"],

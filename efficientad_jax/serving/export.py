@@ -2,7 +2,7 @@
 
   python -m experiments.export --model RUN --out model.eadx      # writes the file
   m = load_exported("model.eadx")                                # needs jax + numpy only, no flax
-  out = m(images)    # images [B, S, S, 3] float32, ImageNet-normalised, any B
+  out = m(images)    # images [B, H, W, 3] float32, ImageNet-normalised, any B (H x W = meta['image_size'])
 
 The file holds the saved model's predict function, of either method (`saved_model.Method.predict`;
 for EfficientAD `inference.predict`, the one inference path), lowered to StableHLO with a SYMBOLIC batch
@@ -13,12 +13,12 @@ as its arguments, so the model is not duplicated into the program's constants. I
   'param_00000'...  the detector's leaves, in the order the exported function takes them
 
 Outputs: the dict every method's predict returns ('map_st', 'map_ae', 'map_combined' [B, h, w];
-'anomaly_map' [B, S, S]; 'score' [B]). The output size is FIXED at the model's image size S (the original
-image size is a static shape, unknown when exporting): the map of an H x W image is `anomaly_map` resized
-to H x W, and its score is max(anomaly_map). That differs slightly from the in-process path, which resizes
-the (EfficientAD: padded) map straight to H x W; for H = W = S both are identical. Preprocessing (decode, bilinear
-resize to S x S,
-normalise with meta['mean'], meta['std']) is the caller's: `predict.prepare` does it in this library.
+'anomaly_map' [B, H, W]; 'score' [B]). The output size is FIXED at the model's image size H x W (an image's
+own size is a static shape, unknown when exporting): the map of an image of another size is `anomaly_map`
+resized to that size, and its score is max(anomaly_map). That differs slightly from the in-process path, which
+resizes the (EfficientAD: padded) map straight to the image's size; for images of the model's size both are
+identical. Preprocessing (decode, bilinear resize to H x W, normalise with meta['mean'], meta['std']) is the
+caller's (meta['preprocessing'] says it in words): `predict.prepare` does it in this library.
 
 This module imports no flax at module level: `load_exported` runs in a process without it.
 """
@@ -34,6 +34,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from efficientad_jax.config import ImageSize
 
 FORMAT = "efficientad_jax.serving.export/1"
 OUTPUTS = ("map_st", "map_ae", "map_combined", "anomaly_map", "score")
@@ -55,19 +57,19 @@ def export_predict(
     model: the loaded model (`saved_model.LoadedModel`).
     platforms: lowering targets (`jax.export` names: "cpu", "cuda", "rocm", "tpu").
   Returns:
-    (exported fn(leaves, images [b, S, S, 3] float32) -> outputs dict, the detector leaves as NumPy).
+    (exported fn(leaves, images [b, H, W, 3] float32) -> outputs dict, the detector leaves as NumPy).
   """
   leaves, treedef = jax.tree_util.tree_flatten(model.detector)
-  s = model.image_size
+  h, w = model.image_size
 
   def fn(flat: list, images: jax.Array) -> dict:
     # The detector is rebuilt inside the trace: the exported signature is a plain list of arrays,
     # so deserialising needs none of our pytree classes (nor flax).
     detector = jax.tree_util.tree_unflatten(treedef, flat)
-    return model.predict(detector, images, (s, s))
+    return model.predict(detector, images, (h, w))
 
   specs = [jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype) for leaf in leaves]
-  images = jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"b, {s}, {s}, 3"), np.float32)
+  images = jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"b, {h}, {w}, 3"), np.float32)
   exported = jax.export.export(jax.jit(fn), platforms=platforms)(specs, images)
   return exported, [np.asarray(leaf) for leaf in leaves]
 
@@ -84,16 +86,16 @@ def export_model(
   meta = {
     "format": FORMAT,
     "method": model.method.name,
-    "image_size": model.image_size,
+    "image_size": list(model.image_size),  # [H, W]
     "threshold": model.threshold,
     "model_size": model.meta.get("model_size"),
     "mean": list(model.inputs.mean),
     "std": list(model.inputs.std),
     "outputs": list(OUTPUTS),
     "platforms": list(exported.platforms),
-    "input": "float32 [b, S, S, 3], ImageNet-normalised",
+    "input": "float32 [b, H, W, 3] (H, W = image_size), ImageNet-normalised",
     "preprocessing": preprocess.describe(model.image_size),
-    "output_size": [model.image_size] * 2,
+    "output_size": list(model.image_size),
     "decision": "anomalous if score > threshold",
     "threshold_rule": model.meta.get("threshold_rule", ""),
     "validation_median": thresholds.median(model.validation_scores),
@@ -122,18 +124,19 @@ class ExportedModel:
     self._call = jax.jit(exported.call)  # compiles once per batch size
 
   @property
-  def image_size(self) -> int:
-    return int(self.meta["image_size"])
+  def image_size(self) -> ImageSize:
+    """(H, W); files written before rectangular sizes hold one int."""
+    return ImageSize(self.meta["image_size"])
 
   @property
   def threshold(self) -> float:
     return float(self.meta["threshold"])
 
   def __call__(self, images: np.ndarray | jax.Array) -> dict[str, jax.Array]:
-    """images [B, S, S, 3] float32, normalised -> the outputs dict of the model's predict (module doc)."""
-    s = self.image_size
-    if images.ndim != 4 or tuple(images.shape[1:]) != (s, s, 3):
-      raise ValueError(f"expected images of shape [B, {s}, {s}, 3], got {tuple(images.shape)}")
+    """images [B, H, W, 3] float32, normalised -> the outputs dict of the model's predict (module doc)."""
+    h, w = self.image_size
+    if images.ndim != 4 or tuple(images.shape[1:]) != (h, w, 3):
+      raise ValueError(f"expected images of shape [B, {h}, {w}, 3], got {tuple(images.shape)}")
     return self._call(self._params, jax.numpy.asarray(images, np.float32))
 
 

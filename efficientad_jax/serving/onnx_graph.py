@@ -2,9 +2,10 @@
 
   python -m experiments.export --model RUN --format onnx --out model.onnx
 
-Input  `image`        float32 [N, S, S, 3], NHWC, normalised: (rgb / 255 - mean) / std after a bilinear
-                      (antialiased, PIL) resize to S x S; all of it in the model's metadata_props.
-Output `anomaly_map`  float32 [N, S, S]; `score` float32 [N] = max of the map; anomalous if score > threshold;
+Input  `image`        float32 [N, H, W, 3], NHWC, H x W the model's image size (metadata image_height,
+                      image_width), normalised: (rgb / 255 - mean) / std after a bilinear (antialiased, PIL)
+                      resize to H x W; all of it in the model's metadata_props.
+Output `anomaly_map`  float32 [N, H, W]; `score` float32 [N] = max of the map; anomalous if score > threshold;
        `map_combined` float32 [N, h, w], the map before padding and resize, from which `serving.backends` makes
                       the map at an image's own size exactly as the jax path does.
 
@@ -12,8 +13,8 @@ The graph is `inference.predict` written out op by op from the Flax parameter tr
 teacher, student and autoencoder (Conv with symmetric pads, Relu, AveragePool count_include_pad=1, Resize
 linear / half_pixel / antialias 0), teacher normalisation (T - mean) / std, the maps mean_c (T_hat - S[:C])^2
 and mean_c (A - S[C:])^2, quantile normalisation scale * (m - q_a) / (q_b - q_a), the weighted sum, zero
-padding and the bilinear resize to S x S. Every constant comes from the saved model (its MapConfig, teacher
-statistics and quantiles). As in `export.py`, the map is produced at S x S: resize it to an image's own size.
+padding and the bilinear resize to H x W. Every constant comes from the saved model (its MapConfig, teacher
+statistics and quantiles). As in `export.py`, the map is produced at H x W: resize it to an image's own size.
 Only the PDN method ('efficientad') is exported; the AST variant (efficientad_jax/ast) is refused in one
 line (it exports with the jax.export path, `export.py`).
 """
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from efficientad_jax.data import preprocess
 from efficientad_jax.models.autoencoder import ARCHITECTURE as AUTOENCODER
 from efficientad_jax.models.autoencoder import bottleneck_kernel, decoder_sizes
 from efficientad_jax.models.pdn import ARCHITECTURES, pdn_output_size
@@ -93,14 +95,16 @@ def _pdn(g: _Graph, x: str, params: dict, size: str, name: str) -> str:
   return x
 
 
-def _autoencoder(g: _Graph, x: str, params: dict, image_size: int, out_size: Sequence[int]) -> str:
-  """The autoencoder (`models.autoencoder.ARCHITECTURE`) on NCHW `x` [N, 3, S, S], inference mode (no dropout)."""
-  sizes = decoder_sizes(image_size)
+def _autoencoder(g: _Graph, x: str, params: dict, image_size: Sequence[int], out_size: Sequence[int]) -> str:
+  """The autoencoder (`models.autoencoder.ARCHITECTURE`) on NCHW `x` [N, 3, H, W], inference mode (no dropout)."""
+  h, w = image_size
+  sizes = tuple(zip(decoder_sizes(h), decoder_sizes(w)))
   for layer in AUTOENCODER:
     if layer.resize is not None:
-      x = _resize(g, x, out_size if layer.resize < 0 else (sizes[layer.resize],) * 2)
-    if not layer.kernel and np.shape(params[layer.name]["kernel"])[0] != bottleneck_kernel(image_size):
-      raise OnnxExportError(f"autoencoder bottleneck kernel does not fit image size {image_size}")
+      x = _resize(g, x, out_size if layer.resize < 0 else sizes[layer.resize])
+    kernel = (bottleneck_kernel(h), bottleneck_kernel(w))
+    if not layer.kernel and tuple(np.shape(params[layer.name]["kernel"])[:2]) != kernel:
+      raise OnnxExportError(f"autoencoder bottleneck kernel does not fit image size {h}x{w}")
     x = _conv(g, x, params[layer.name], stride=layer.stride, pad=layer.pad, name=f"ae_{layer.name}")
     if layer.relu:
       x = g.op("Relu", x)
@@ -130,7 +134,7 @@ def build_graph(g: _Graph, model: Any) -> None:
   """Appends `image` -> (`anomaly_map`, `score`) for a loaded PDN model (`saved_model.LoadedModel`) to `g`."""
   cfg, det = model.cfg, model.detector
   size, s, c = cfg.model.size, model.image_size, cfg.model.teacher_channels
-  h, w = pdn_output_size((s, s), size)
+  h, w = pdn_output_size(s, size)
   x = g.op("Transpose", "image", perm=[0, 3, 1, 2])  # NHWC -> NCHW
   # Networks.
   g.scope = "teacher/"
@@ -163,7 +167,7 @@ def build_graph(g: _Graph, model: Any) -> None:
     g.const(np.asarray(0.0, np.float32), "zero"),
     mode="constant",
   )
-  full = _resize(g, padded, (s, s))
+  full = _resize(g, padded, s)
   amap = g.op("Squeeze", full, g.const(np.asarray([1], np.int64), "axes"), out="anomaly_map")
   g.op("ReduceMax", amap, g.const(np.asarray([1, 2], np.int64), "axes"), keepdims=0, out="score")
 
@@ -176,18 +180,17 @@ def metadata(model: Any, source: str, opset: int) -> dict[str, str]:
     "source": source,
     "opset": str(opset),
     "threshold": repr(float(model.threshold)),
-    "image_size": str(s),
+    "image_size": str(s),  # 'S' or 'HxW'
+    "image_height": str(s[0]),
+    "image_width": str(s[1]),
     "model_size": str(model.meta.get("model_size", cfg.model.size)),
     "mean": json.dumps(list(cfg.data.mean)),
     "std": json.dumps(list(cfg.data.std)),
-    "preprocessing": (
-      f"decode to RGB uint8 (gray -> 3 channels, alpha dropped); resize to {s}x{s} with PIL "
-      "bilinear (antialiased); x = (rgb / 255 - mean) / std; NHWC float32 [N, S, S, 3]"
-    ),
+    "preprocessing": preprocess.describe(s),
     "resize": "PIL.Image.BILINEAR",
     "outputs": json.dumps(
       {
-        "anomaly_map": f"float32 [N, {s}, {s}]",
+        "anomaly_map": f"float32 [N, {s[0]}, {s[1]}]",
         "score": "float32 [N], max of anomaly_map",
         "map_combined": "float32 [N, h, w], before zero padding (map_config pad) and the bilinear resize",
       }
@@ -237,12 +240,12 @@ def to_onnx(model: Any, source: str = "model", opset: int = DEFAULT_OPSET):
   graph = helper.make_graph(
     g.nodes,
     "efficientad",
-    [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["N", s, s, 3])],
+    [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["N", *s, 3])],
     [
-      helper.make_tensor_value_info("anomaly_map", onnx.TensorProto.FLOAT, ["N", s, s]),
+      helper.make_tensor_value_info("anomaly_map", onnx.TensorProto.FLOAT, ["N", *s]),
       helper.make_tensor_value_info("score", onnx.TensorProto.FLOAT, ["N"]),
       helper.make_tensor_value_info(
-        "map_combined", onnx.TensorProto.FLOAT, ["N", *pdn_output_size((s, s), model.cfg.model.size)]
+        "map_combined", onnx.TensorProto.FLOAT, ["N", *pdn_output_size(s, model.cfg.model.size)]
       ),
     ],
     initializer=g.initializers,

@@ -26,6 +26,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from efficientad_jax.config import ImageSize
+
 MODEL_FORMAT = 1  # bump when the folder's layout changes
 DEFAULT_METHOD = "efficientad"  # the method of a meta without 'method'
 METHODS = {
@@ -37,7 +39,7 @@ METHODS = {
 class Inputs(NamedTuple):
   """What a caller needs to feed a model: image side S, normalisation, compute dtype, data seed."""
 
-  image_size: int
+  image_size: ImageSize  # (H, W) the networks see
   mean: Sequence[float]
   std: Sequence[float]
   dtype: str
@@ -71,7 +73,11 @@ def config_inputs(cfg: Any) -> Inputs:
   """`Inputs` of any method's config: every method keeps them in the shared sections (model.image_size,
   model.dtype, data.mean / std, train.seed)."""
   return Inputs(
-    image_size=cfg.model.image_size, mean=cfg.data.mean, std=cfg.data.std, dtype=cfg.model.dtype, seed=cfg.train.seed
+    image_size=ImageSize(cfg.model.image_size),
+    mean=cfg.data.mean,
+    std=cfg.data.std,
+    dtype=cfg.model.dtype,
+    seed=cfg.train.seed,
   )
 
 
@@ -145,7 +151,7 @@ class LoadedModel:
     return self.method.inputs(self.cfg)
 
   @property
-  def image_size(self) -> int:
+  def image_size(self) -> ImageSize:
     return self.inputs.image_size
 
   @property
@@ -168,7 +174,7 @@ def load(path: str | pathlib.Path) -> LoadedModel:
       raise ValueError(f"{folder}: the saved model's meta has no {key!r}")
   spec = method(meta["method"])
   cfg = spec.config(meta["config"])
-  if spec.inputs(cfg).image_size != int(meta["image_size"]):
+  if spec.inputs(cfg).image_size != ImageSize(meta["image_size"]):
     raise ValueError(
       f"{folder}: meta image_size {meta['image_size']} differs from the config's {spec.inputs(cfg).image_size}"
     )
