@@ -88,20 +88,21 @@ def to_image_map(combined: np.ndarray, out_size: Sequence[int], pad: int) -> dic
 
 @dataclasses.dataclass(frozen=True)
 class Runner:
-  """A model ready to run: `runner(images [B, S, S, 3] float32, out_size=(H, W))` -> {'anomaly_map' [B, H, W],
-  'score' [B]}, NumPy float32 on the host. `graph` is the file it read ('' when built in memory or jax)."""
+  """A model ready to run: `runner(images [B, h, w, 3] float32, out_size=(H, W))` -> {'anomaly_map' [B, H, W],
+  'score' [B]}, NumPy float32 on the host, (h, w) the model's image size. `graph` is the file it read ('' when
+  built in memory or jax)."""
 
   name: str
-  image_size: int
+  image_size: tuple[int, int]
   run: Callable[[np.ndarray, tuple[int, int]], dict[str, np.ndarray]]
   graph: str = ""
 
   def __call__(self, images: np.ndarray, out_size: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     images = np.asarray(images, np.float32)
-    s = self.image_size
-    if images.ndim != 4 or images.shape[1:] != (s, s, 3):
-      raise BackendError(f"images of shape {images.shape}: the model takes [B, {s}, {s}, 3] (predict.prepare)")
-    return self.run(images, tuple(out_size or (s, s)))
+    h, w = self.image_size
+    if images.ndim != 4 or images.shape[1:] != (h, w, 3):
+      raise BackendError(f"images of shape {images.shape}: the model takes [B, {h}, {w}, 3] (predict.prepare)")
+    return self.run(images, tuple(out_size or (h, w)))
 
 
 def _jax(model: Any) -> Runner:
@@ -126,12 +127,29 @@ def _graph_bytes(model: Any, graph: str | pathlib.Path | None) -> bytes:
     raise
 
 
-def _check_size(graph_size: Any, model: Any, graph: str | pathlib.Path | None) -> None:
-  if graph is not None and graph_size != model.image_size:
+def _check_size(graph_size: Sequence[Any], model: Any, graph: str | pathlib.Path | None) -> None:
+  """graph_size: the graph input's (H, W)."""
+  h, w = model.image_size
+  if graph is not None and tuple(graph_size) != (h, w):
     raise BackendError(
-      f"{graph}: the graph takes {graph_size}x{graph_size} images, the model {model.image_size}x{model.image_size}: "
+      f"{graph}: the graph takes {graph_size[0]}x{graph_size[1]} images (H x W), the model {h}x{w}: "
       "export the graph from this model"
     )
+
+
+def graph_output(model: Any) -> tuple[str, Callable[[np.ndarray, Sequence[int]], dict[str, np.ndarray]]]:
+  """(the graph output to read, how it becomes the map at an image's size). Whole images: `map_combined`,
+  padded and resized on the host (`to_image_map`). Tiles (model.tile > 0): the graph's own stitched
+  `anomaly_map` [B, H, W], resized to the image's size (`resize_map`), as the jax path resizes its stitched map."""
+  if model.cfg.model.tile:
+
+    def finish(amap, out_size):
+      amap = resize_map(amap, out_size)
+      return {"anomaly_map": amap, "score": amap.max(axis=(1, 2))}
+
+    return "anomaly_map", finish
+  pad = int(model.cfg.maps.pad)
+  return "map_combined", lambda combined, out_size: to_image_map(combined, out_size, pad)
 
 
 def _check_outputs(names: Sequence[str], graph: str | pathlib.Path | None) -> None:
@@ -150,10 +168,10 @@ def _onnxruntime(model: Any, graph: str | pathlib.Path | None, threads: int) -> 
   if threads:
     options.intra_op_num_threads = threads
   session = ort.InferenceSession(_graph_bytes(model, graph), options, providers=["CPUExecutionProvider"])
-  _check_size(session.get_inputs()[0].shape[1], model, graph)
+  _check_size(session.get_inputs()[0].shape[1:3], model, graph)
   _check_outputs([o.name for o in session.get_outputs()], graph)
-  pad = int(model.cfg.maps.pad)
-  run = lambda images, out_size: to_image_map(session.run(["map_combined"], {"image": images})[0], out_size, pad)
+  name, finish = graph_output(model)
+  run = lambda images, out_size: finish(session.run([name], {"image": images})[0], out_size)
   return Runner("onnxruntime", model.image_size, run, str(graph or ""))
 
 
@@ -179,12 +197,20 @@ def read_openvino(core: Any, model: Any, graph: str | pathlib.Path | None) -> An
 
 def _openvino(model: Any, graph: str | pathlib.Path | None, threads: int) -> Runner:
   core = openvino_core(threads)
-  # float32 throughout: OpenVINO's CPU plugin would otherwise run in bf16 where the CPU has it (AMX, AVX512-BF16)
-  compiled = core.compile_model(read_openvino(core, model, graph), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-  _check_size(compiled.input(0).get_partial_shape()[1].get_length(), model, graph)
+  return openvino_runner(model, read_openvino(core, model, graph), core, graph)
+
+
+def openvino_runner(model: Any, ov_model: Any, core: Any, graph: str | pathlib.Path | None = None) -> Runner:
+  """A `Runner` of an `openvino.Model` in memory (e.g. one just quantized), compiled for the CPU."""
+  # float32 wherever the graph is not int8: OpenVINO's CPU plugin would otherwise run in bf16 where the CPU has
+  # it (AMX, AVX512-BF16)
+  compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+  shape = compiled.input(0).get_partial_shape()
+  _check_size((shape[1].get_length(), shape[2].get_length()), model, graph)
   _check_outputs([name for o in compiled.outputs for name in o.get_names()], graph)
-  request, output, pad = compiled.create_infer_request(), compiled.output("map_combined"), int(model.cfg.maps.pad)
-  run = lambda images, out_size: to_image_map(request.infer({"image": images})[output], out_size, pad)
+  name, finish = graph_output(model)
+  request, output = compiled.create_infer_request(), compiled.output(name)
+  run = lambda images, out_size: finish(request.infer({"image": images})[output], out_size)
 
   return Runner("openvino", model.image_size, run, str(graph or ""))
 
