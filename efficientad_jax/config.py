@@ -102,7 +102,11 @@ class ModelConfig:
 
   size: str = "small"  # "small" | "medium": PDN-S or PDN-M
   teacher_channels: int = 384  # student outputs 2x this: [:C] predicts the teacher, [C:] the autoencoder
-  image_size: ImageSize = ImageSize(256)  # networks see H x W = image_size (`ImageSize`: 256 or '192x384')
+  image_size: ImageSize = ImageSize(256)  # images are resized to H x W = image_size (`ImageSize`: 256 or '192x384')
+  # Tiles (efficientad_jax/tiles.py, docs/method.md §7.5): 0 = off, the networks see the whole image (the paper);
+  # T > 0: they see T x T tiles of it, overlapping by tile_overlap pixels, and the maps are stitched back.
+  tile: int = 0
+  tile_overlap: int = 32
   dtype: str = "float32"  # compute dtype; params, statistics and maps stay float32
   ae_dropout: float = 0.2  # decoder dropout rate (training only)
   # Conv backward pass (models/conv.py): "auto" = "mixed" on CPU (matmul weight gradients where XLA:CPU's
@@ -113,11 +117,27 @@ class ModelConfig:
   def __post_init__(self) -> None:  # 256, '192x384' or a JSON [H, W] (saved configs) -> ImageSize
     object.__setattr__(self, "image_size", ImageSize(self.image_size))
 
+  @property
+  def network_size(self) -> ImageSize:
+    """What the networks see: a tile, or the whole image."""
+    return ImageSize(self.tile) if self.tile else self.image_size
+
   def range_rules(self) -> list[Rule]:
+    tiled = self.tile > 0
     return [
       ("size", self.size in MODEL_SIZES, f"one of {MODEL_SIZES}"),
       ("teacher_channels", self.teacher_channels >= 1, ">= 1"),
-      ("image_size", all(map(_autoencoder_side, self.image_size)), _autoencoder_sizes(self.image_size)),
+      (
+        "image_size",
+        min(self.image_size) >= self.tile if tiled else all(map(_autoencoder_side, self.image_size)),
+        f"at least model.tile = {self.tile} on each side" if tiled else _autoencoder_sizes(self.image_size),
+      ),
+      (
+        "tile",
+        self.tile == 0 or _autoencoder_side(self.tile),
+        "0 (off), or " + _autoencoder_sizes(ImageSize(self.tile)),
+      ),
+      ("tile_overlap", not tiled or 0 <= self.tile_overlap < self.tile, "in [0, model.tile)"),
       ("dtype", self.dtype in DTYPES, f"one of {DTYPES}"),
       ("ae_dropout", 0 <= self.ae_dropout < 1, "in [0, 1)"),
       ("conv_impl", self.conv_impl in CONV_IMPLS, f"one of {CONV_IMPLS}"),
@@ -319,7 +339,11 @@ class Config:
   def range_rules(self) -> list[Rule]:
     """The rules across sections (full field names)."""
     return [
-      ("data.penalty_resize", self.data.penalty_resize >= max(self.model.image_size), ">= model.image_size's sides")
+      (
+        "data.penalty_resize",
+        self.data.penalty_resize >= max(self.model.network_size),
+        ">= the networks' input side (model.image_size, or model.tile with tiles)",
+      )
     ]
 
 

@@ -58,7 +58,7 @@ def test_training_writes_a_complete_model(tiny_run):
   q = detector.quantiles
   assert float(q.st_end) > float(q.st_start) and float(q.ae_end) > float(q.ae_start)
   assert meta["penalty"] == "off" and meta["teacher"] == "random"
-  assert meta["image_size"] == 64 and meta["model_size"] == "small" and np.isfinite(meta["threshold"])
+  assert meta["image_size"] == [64, 64] and meta["model_size"] == "small" and np.isfinite(meta["threshold"])
   saved = config_lib.from_dict(config_lib.Config, meta["config"])
   assert saved == cfg  # synthetic data live in the run (RUN/data), resolved at run time: a copy still works
   assert saved.data.root == "" and (run / "data").is_dir()

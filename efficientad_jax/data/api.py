@@ -141,16 +141,20 @@ def _tfds_splits(data_cfg, seed: int) -> tuple[dict[str, Sequence[Any]], str]:
   return tfds_builders.load_splits(data_cfg, seed), data_cfg.root
 
 
-def make_datasets(data_cfg, image_size: int | Sequence[int], seed: int, *, training: bool = False) -> Datasets:
+def make_datasets(
+  data_cfg, image_size: int | Sequence[int], seed: int, *, training: bool = False, tiling: Any = None
+) -> Datasets:
   """Index (or TFDS source), training stream and evaluation datasets for `data_cfg` (docs/method.md §4).
 
   Args:
     data_cfg: `config.DataConfig`.
-    image_size: the networks' input size, S or (H, W) (`config.ModelConfig.image_size`).
+    image_size: the size images are resized to, S or (H, W) (`config.ModelConfig.image_size`).
     seed: the run seed: the validation hold-out, shuffling, jitter and penalty draws.
     training: with `data_cfg.decode_cache`, decode every training image now, once, into the decode
       cache (`cache.decode_once`; a corrupt image fails here), which `train_iter` and `train_eval`
       then read. False (evaluation, prediction): no cache now; the first `train_iter` call builds it.
+    tiling: `tiles.Tiling` (model.tile > 0): the training stream yields one random tile of each image (and
+      penalty crops of the tile's size); evaluation records stay whole images, which inference tiles.
   """
   if data_cfg.source == "tfds" and data_cfg.dataset != "synthetic":
     splits, root = _tfds_splits(data_cfg, seed)
@@ -185,6 +189,7 @@ def make_datasets(data_cfg, image_size: int | Sequence[int], seed: int, *, train
       process_index=process_index,
       process_count=process_count,
       cache=decoded[0],
+      tiling=tiling,
     )
     return iter(ds)
 

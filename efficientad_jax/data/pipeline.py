@@ -82,36 +82,49 @@ def _parts(record: Any, specs: Sequence[records.DefectSpec]) -> dict:
   }
 
 
+def random_tile(element: dict, rng: np.random.Generator, tiling: Any) -> dict:
+  """One of the image's tiles (`tiles.Tiling`), drawn uniformly, the same for every array of the element (the
+  student and the autoencoder see the same part of the image)."""
+  y, x = tiling.boxes[int(rng.integers(tiling.count))]
+  t = tiling.tile
+  return {k: v[y : y + t, x : x + t] for k, v in element.items()}
+
+
 def train_element(
-  record: Any, rng: np.random.Generator, image_size: int | Sequence[int], jitter: tuple[float, float]
+  record: Any, rng: np.random.Generator, image_size: int | Sequence[int], jitter: tuple[float, float], tiling=None
 ) -> dict:
   """One training image -> {'image': [S,S,3], 'image_ae': [S,S,3]} uint8, resized, not yet normalised (the
   jitted step normalises: `train_step.normalize_images`; a quarter of the bytes to move and copy).
 
   'image_ae' is the autoencoder's input: ONE colour jitter (kind and factor drawn from `rng`, the
   element's seeded generator) applied to the decoded full-resolution image, then resized, as the
-  reference does (paper section 3.3; docs/method.md §4.1).
+  reference does (paper section 3.3; docs/method.md §4.1). With tiles (`tiling`), one tile of both, drawn after
+  the jitter (`random_tile`).
   """
   parts = _parts(record, ())
   rgb = preprocess.decode_image(parts["image"], parts["name"])
   kind, factor = preprocess.draw_jitter(rng, *jitter)
-  return {
+  element = {
     "image": preprocess.resize(rgb, image_size),
     "image_ae": preprocess.jittered_resized(rgb, kind, factor, image_size),
   }
+  return element if tiling is None else random_tile(element, rng, tiling)
 
 
-def cached_train_element(index: int, rng: np.random.Generator, cache: Any, jitter: tuple[float, float]) -> dict:
+def cached_train_element(
+  index: int, rng: np.random.Generator, cache: Any, jitter: tuple[float, float], tiling=None
+) -> dict:
   """`train_element` of record `index` read from a decode cache (`cache.DecodedImages`): the same arrays.
 
   'image' is the cached resized image (`preprocess.resize` of the decoded image); 'image_ae' jitters the
   cached full-resolution image with the same `draw_jitter` draw (docs/method.md §4.1).
   """
   kind, factor = preprocess.draw_jitter(rng, *jitter)
-  return {
+  element = {
     "image": cache.small(index),
     "image_ae": preprocess.jittered_resized(cache.full(index), kind, factor, cache.size),
   }
+  return element if tiling is None else random_tile(element, rng, tiling)
 
 
 def penalty_element(
@@ -149,10 +162,12 @@ def train_dataset(
   process_index: int = 0,
   process_count: int = 1,
   cache: Any = None,
+  tiling: Any = None,
 ) -> grain.IterDataset:
   """The infinite training stream of this process: batches of dicts of NumPy arrays.
 
-  Batch: {'image': [B,S,S,3], 'image_ae': [B,S,S,3], 'penalty': [B,S,S,3]} uint8 NHWC, resized, NOT
+  Batch: {'image': [B,S,S,3], 'image_ae': [B,S,S,3], 'penalty': [B,S,S,3]} uint8 NHWC, resized (S x S: the
+  image size; with tiles (`tiles.Tiling`) one tile of each image, and penalty crops of the tile's size), NOT
   normalised (the jitted step normalises: `train_step.normalize_images`); no 'penalty' key when `penalty` is
   None. B = batch_size (this process's share).
   Order: source -> shuffle(seed, reshuffled each epoch) -> repeat -> random_map -> this process's
@@ -167,7 +182,7 @@ def train_dataset(
   jitter = (data_cfg.jitter_low, data_cfg.jitter_high)
   if cache is None:
     source = samples
-    element = functools.partial(train_element, image_size=image_size, jitter=jitter)
+    element = functools.partial(train_element, image_size=image_size, jitter=jitter, tiling=tiling)
   else:
     if len(cache) != len(samples) or cache.size != ImageSize(image_size):
       raise ValueError(
@@ -176,11 +191,12 @@ def train_dataset(
       )
     # Indices shuffle exactly as the records do (the permutation depends on the length and seed only).
     source = range(len(samples))
-    element = functools.partial(cached_train_element, cache=cache, jitter=jitter)
+    element = functools.partial(cached_train_element, cache=cache, jitter=jitter, tiling=tiling)
   ds = grain.MapDataset.source(source).shuffle(sub_seed(seed, "shuffle")).repeat()
   ds = ds.random_map(element, seed=sub_seed(seed, "jitter"))
   if penalty is not None:
-    ds = grain.experimental.ZipMapDataset([ds, _penalty_images(penalty, image_size, seed, data_cfg)]).map(_merge)
+    crop = image_size if tiling is None else tiling.tile
+    ds = grain.experimental.ZipMapDataset([ds, _penalty_images(penalty, crop, seed, data_cfg)]).map(_merge)
   # Shard after the random map: the randomness depends on the global index only, so the union
   # over processes is the single-process stream.
   ds = ds[process_index::process_count].batch(batch_size, drop_remainder=True)

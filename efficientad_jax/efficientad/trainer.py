@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from efficientad_jax import config as config_lib
-from efficientad_jax import models
+from efficientad_jax import models, tiles
 from efficientad_jax.config import Config
 from efficientad_jax.data import Datasets, make_datasets
 from efficientad_jax.data.api import check_images
@@ -56,7 +56,7 @@ class Pieces(NamedTuple):
 def pieces(cfg: Config, mesh: jax.sharding.Mesh) -> Pieces:
   nets = models.build(cfg.model)
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  init = lambda key: train_step.init_state(models.init_params(nets, key, cfg.model.image_size), tx)
+  init = lambda key: train_step.init_state(models.init_params(nets, key, cfg.model.network_size), tx)
   return Pieces(
     nets,
     tx,
@@ -119,13 +119,17 @@ def load_teacher(cfg: Config, nets: models.Models, key: jax.Array) -> tuple[dict
     "no train.teacher_checkpoint: using a RANDOM teacher (fine for the demo, not for real results; "
     "import one with `python -m experiments.import_teacher`)"
   )
-  x = jnp.zeros((1, *cfg.model.image_size, 3))
+  x = jnp.zeros((1, *cfg.model.network_size, 3))
   return nets.teacher.init(key, x)["params"], "random"
 
 
-def fit_teacher_stats(nets: models.Models, teacher: dict, ds: Datasets, batch_size: int) -> normalization.TeacherStats:
-  """Channel statistics of the teacher over the (un-augmented) training images (docs/method.md §5.1)."""
-  apply = compiler.jit(lambda p, x: nets.teacher.apply({"params": p}, x))
+def fit_teacher_stats(
+  nets: models.Models, teacher: dict, ds: Datasets, batch_size: int, tiling: tiles.Tiling | None = None
+) -> normalization.TeacherStats:
+  """Channel statistics of the teacher over the (un-augmented) training images (docs/method.md §5.1); with
+  tiles, over every tile of them (what the networks see)."""
+  teacher_of = lambda p, x: nets.teacher.apply({"params": p}, inference.network_input(x, tiling))
+  apply = compiler.jit(lambda p, x: inference.per_image(teacher_of(p, x), x.shape[0]))  # padded batches: per image
   run = lambda images, _: apply(teacher, images)
   features = lambda: (out for _, out in map_batches(run, ordered_batches(ds.train_eval, batch_size)))
   return normalization.fit_teacher_stats(lambda t: t, features)
@@ -135,7 +139,9 @@ def checked_datasets(cfg: Config) -> Datasets:
   """`make_datasets` for training (every training image decoded once, into the decode cache, unless
   data.decode_cache is off), then the checks that would otherwise fail only after training: a validation split
   to calibrate on, and every training and validation image decodable (a corrupt file fails in seconds)."""
-  ds = make_datasets(cfg.data, image_size=cfg.model.image_size, seed=cfg.train.seed, training=True)
+  ds = make_datasets(
+    cfg.data, image_size=cfg.model.image_size, seed=cfg.train.seed, training=True, tiling=tiles.from_model(cfg.model)
+  )
   if not ds.info.num_validation:
     raise DataError(
       f"{ds.info.root}: no validation images (data.validation_fraction="
@@ -184,7 +190,7 @@ def _train(saved_cfg: Config, cfg: Config, workdir: pathlib.Path, *, progress: b
   # --- The steps, on the engine: a fresh start fits the teacher statistics first.
   def fresh():
     log.info("fitting teacher statistics on %d training images", len(ds.train_eval))
-    stats = fit_teacher_stats(method.nets, teacher, ds, local_batch)
+    stats = fit_teacher_stats(method.nets, teacher, ds, local_batch, tiles.from_model(cfg.model))
     frozen = parallel.replicate(train_step.Frozen(teacher=teacher, stats=stats), mesh)
     return parallel.new_state(method.init, init_key, mesh), frozen
 

@@ -34,12 +34,12 @@ class Models(NamedTuple):
 
 
 def build(cfg: ModelConfig, *, padded_teacher: bool = False) -> Models:
-  """The teacher, student and autoencoder for `cfg` (size, channels, image size, compute dtype)."""
+  """The teacher, student and autoencoder for `cfg` (size, channels, input size, compute dtype)."""
   dtype = jnp.dtype(cfg.dtype)
   c = cfg.teacher_channels
-  out_size = pdn_output_size(ImageSize(cfg.image_size), cfg.size)
+  out_size = pdn_output_size(cfg.network_size, cfg.size)  # the networks see a tile, or the whole image
   if min(out_size) < 1:
-    raise ValueError(f"image_size {cfg.image_size} is too small for PDN-{cfg.size}")
+    raise ValueError(f"input size {cfg.network_size} is too small for PDN-{cfg.size}")
   return Models(
     teacher=PDN(cfg.size, c, padded=padded_teacher, dtype=dtype, conv_impl=cfg.conv_impl),
     student=PDN(cfg.size, 2 * c, dtype=dtype, conv_impl=cfg.conv_impl),

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from efficientad_jax import tiles
 from efficientad_jax.data import preprocess
 from efficientad_jax.models.autoencoder import ARCHITECTURE as AUTOENCODER
 from efficientad_jax.models.autoencoder import bottleneck_kernel, decoder_sizes
@@ -130,12 +131,49 @@ def _slice_channels(g: _Graph, x: str, start: int, end: int) -> str:
   return g.op("Slice", x, const(start, "start"), const(end, "end"), const(1, "axis"))
 
 
+def _cut(g: _Graph, x: str, tiling: tiles.Tiling) -> str:
+  """NCHW [N, 3, H, W] -> [n * N, 3, T, T], tile-major (all images' first tile, then the second, ...)."""
+  t = tiling.tile
+  parts = [
+    g.op(
+      "Slice",
+      x,
+      g.const(np.asarray([y, x0], np.int64), "tile_start"),
+      g.const(np.asarray([y + t, x0 + t], np.int64), "tile_end"),
+      g.const(np.asarray([2, 3], np.int64), "tile_axes"),
+    )
+    for y, x0 in tiling.boxes
+  ]
+  return g.op("Concat", *parts, axis=0)
+
+
+def _stitch(g: _Graph, maps: str, tiling: tiles.Tiling) -> str:
+  """Tile maps [n * N, 1, T, T] (tile-major) -> [N, 1, H, W]: each tile weighted by `tiling.window`, zero-padded
+  to its place, summed, divided by `tiling.coverage` (`inference.stitch`)."""
+  t, (height, width) = tiling.tile, tiling.size
+  per_tile = g.op("Reshape", maps, g.const(np.asarray([tiling.count, -1, 1, t, t], np.int64), "tile_shape"))
+  window = g.const(tiling.window.reshape(1, 1, t, t), "tile_window")
+  total = None
+  for k, (y, x0) in enumerate(tiling.boxes):
+    picked = g.op("Gather", per_tile, g.const(np.asarray([k], np.int64), "tile_index"), axis=0)  # [1, N, 1, T, T]
+    one = g.op("Squeeze", picked, g.const(np.asarray([0], np.int64), "axes"))  # [N, 1, T, T]
+    pads = np.asarray([0, 0, y, x0, 0, 0, height - y - t, width - x0 - t], np.int64)
+    placed = g.op("Pad", g.op("Mul", one, window), g.const(pads, "tile_pads"), mode="constant")
+    total = placed if total is None else g.op("Add", total, placed)
+  return g.op("Div", total, g.const(tiling.coverage.reshape(1, 1, height, width), "tile_coverage"))
+
+
 def build_graph(g: _Graph, model: Any) -> None:
   """Appends `image` -> (`anomaly_map`, `score`) for a loaded PDN model (`saved_model.LoadedModel`) to `g`."""
   cfg, det = model.cfg, model.detector
-  size, s, c = cfg.model.size, model.image_size, cfg.model.teacher_channels
+  tiling = tiles.from_model(cfg.model)
+  size, c = cfg.model.size, cfg.model.teacher_channels
+  s = tiles.network_size(model.image_size, tiling)  # what the networks see
   h, w = pdn_output_size(s, size)
   x = g.op("Transpose", "image", perm=[0, 3, 1, 2])  # NHWC -> NCHW
+  if tiling is not None:
+    g.scope = "tiles/"
+    x = _cut(g, x, tiling)
   # Networks.
   g.scope = "teacher/"
   t = _pdn(g, x, det.params["teacher"], size, "teacher")
@@ -158,7 +196,12 @@ def build_graph(g: _Graph, model: Any) -> None:
     g.op("Mul", st_n, g.const(np.asarray(mc.st_weight, np.float32), "st_weight")),
     g.op("Mul", ae_n, g.const(np.asarray(mc.ae_weight, np.float32), "ae_weight")),
   )
-  g.op("Squeeze", combined, g.const(np.asarray([1], np.int64), "axes"), out="map_combined")
+  if tiling is None:
+    g.op("Squeeze", combined, g.const(np.asarray([1], np.int64), "axes"), out="map_combined")
+  else:  # [n * N, 1, h, w] tile-major -> [N, n * h, w]: each image's tiles stacked along the rows (per_image)
+    by_tile = g.op("Reshape", combined, g.const(np.asarray([tiling.count, -1, h, w], np.int64), "tiles_shape"))
+    by_image = g.op("Transpose", by_tile, perm=[1, 0, 2, 3])
+    g.op("Reshape", by_image, g.const(np.asarray([0, tiling.count * h, w], np.int64), "per_image"), out="map_combined")
   p = int(mc.pad)
   padded = g.op(
     "Pad",
@@ -168,6 +211,9 @@ def build_graph(g: _Graph, model: Any) -> None:
     mode="constant",
   )
   full = _resize(g, padded, s)
+  if tiling is not None:
+    g.scope = "tiles/"
+    full = _stitch(g, full, tiling)
   amap = g.op("Squeeze", full, g.const(np.asarray([1], np.int64), "axes"), out="anomaly_map")
   g.op("ReduceMax", amap, g.const(np.asarray([1, 2], np.int64), "axes"), keepdims=0, out="score")
 
@@ -183,6 +229,8 @@ def metadata(model: Any, source: str, opset: int) -> dict[str, str]:
     "image_size": str(s),  # 'S' or 'HxW'
     "image_height": str(s[0]),
     "image_width": str(s[1]),
+    "tile": str(cfg.model.tile),  # 0: none; else the graph cuts T x T tiles and stitches their maps itself
+    "tile_overlap": str(cfg.model.tile_overlap),
     "model_size": str(model.meta.get("model_size", cfg.model.size)),
     "mean": json.dumps(list(cfg.data.mean)),
     "std": json.dumps(list(cfg.data.std)),
@@ -192,7 +240,11 @@ def metadata(model: Any, source: str, opset: int) -> dict[str, str]:
       {
         "anomaly_map": f"float32 [N, {s[0]}, {s[1]}]",
         "score": "float32 [N], max of anomaly_map",
-        "map_combined": "float32 [N, h, w], before zero padding (map_config pad) and the bilinear resize",
+        "map_combined": (
+          "float32 [N, h, w], before zero padding (map_config pad) and the bilinear resize"
+          if cfg.model.tile == 0
+          else "float32 [N, n * h, w], each image's n tile maps stacked along the rows, before padding and stitching"
+        ),
       }
     ),
     "decision": "anomalous if score > threshold",
@@ -227,6 +279,11 @@ def check_exportable(model: Any, source: str = "model") -> None:
     raise OnnxExportError(f"{source}: unknown PDN size {model.cfg.model.size!r}")
 
 
+def _combined_size(model: Any, tiling: tiles.Tiling | None) -> tuple[int, int]:
+  h, w = pdn_output_size(tiles.network_size(model.image_size, tiling), model.cfg.model.size)
+  return (h if tiling is None else tiling.count * h), w
+
+
 def to_onnx(model: Any, source: str = "model", opset: int = DEFAULT_OPSET):
   """The `onnx.ModelProto` of a loaded model (`saved_model.LoadedModel`), checked by `onnx.checker`."""
   check_exportable(model, source)
@@ -236,7 +293,7 @@ def to_onnx(model: Any, source: str = "model", opset: int = DEFAULT_OPSET):
   helper = onnx.helper
   g = _Graph(helper, onnx.numpy_helper)
   build_graph(g, model)
-  s = model.image_size
+  s, tiling = model.image_size, tiles.from_model(model.cfg.model)
   graph = helper.make_graph(
     g.nodes,
     "efficientad",
@@ -245,7 +302,9 @@ def to_onnx(model: Any, source: str = "model", opset: int = DEFAULT_OPSET):
       helper.make_tensor_value_info("anomaly_map", onnx.TensorProto.FLOAT, ["N", *s]),
       helper.make_tensor_value_info("score", onnx.TensorProto.FLOAT, ["N"]),
       helper.make_tensor_value_info(
-        "map_combined", onnx.TensorProto.FLOAT, ["N", *pdn_output_size(s, model.cfg.model.size)]
+        "map_combined",
+        onnx.TensorProto.FLOAT,
+        ["N", *_combined_size(model, tiling)],
       ),
     ],
     initializer=g.initializers,
