@@ -11,6 +11,7 @@ image size, device->host copy of the anomaly map and score.
   python -m experiments.benchmark --mode train --sizes small --train-steps 20   # real step + real data
   python -m experiments.benchmark --mode conv --sizes small              # conv backward per conv_impl
   python -m experiments.benchmark --mode feed --out feed.json            # data stream, loop and predict overhead
+  python -m experiments.benchmark --mode deploy --out deploy.json        # CPU backends: jax, onnxruntime, OpenVINO
   python -m experiments.benchmark --tiny --out tmp.json                  # 64x64, few runs (CI)
 
 The defaults (1000 warm-up + 1000 runs at 256x256) are meant for an accelerator; on a CPU one PDN-S image
@@ -41,7 +42,7 @@ from efficientad_jax.efficientad import inference, normalization
 from efficientad_jax.efficientad.inference import Detector
 from efficientad_jax.serving import saved_model
 from efficientad_jax.training import compiler
-from experiments import benchmark_feed, benchmark_train, cli
+from experiments import benchmark_deploy, benchmark_feed, benchmark_train, cli
 
 # docs/method.md §10 (paper §4): the paper's latency (batch 1, half precision) and throughput on an RTX A6000.
 PAPER = {"small": {"latency_ms": 2.2, "throughput_img_s": 614}, "medium": {"latency_ms": 4.5, "throughput_img_s": 269}}
@@ -68,6 +69,8 @@ DEFAULTS = {
   "feed_loop_logs": 40,
   "feed_loop_repeats": 3,
   "feed_predict_rounds": 30,
+  "deploy_runs": 15,
+  "deploy_warmup": 2,
 }
 TINY = dict(
   DEFAULTS,
@@ -92,6 +95,8 @@ TINY = dict(
   feed_loop_logs=3,
   feed_loop_repeats=1,
   feed_predict_rounds=1,
+  deploy_runs=2,
+  deploy_warmup=1,
 )
 
 
@@ -292,7 +297,7 @@ def print_inference(results: list[dict], env: dict) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--mode", choices=("inference", "train", "conv", "feed"), default="inference")
+  p.add_argument("--mode", choices=("inference", "train", "conv", "feed", "deploy"), default="inference")
   p.add_argument("--sizes", help="default small,medium (--tiny: small)")
   p.add_argument("--dtypes", help="default float32,bfloat16,float16 (--tiny: float32); not with --model")
   p.add_argument("--batch-sizes", help="default 1,8,16,32,64 (--tiny: 1,2)")
@@ -315,6 +320,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--feed-loop-logs", type=int, help="--mode feed: log intervals of the long loop (default 40)")
   p.add_argument("--feed-loop-repeats", type=int, help="--mode feed: loop timings, median (default 3)")
   p.add_argument("--feed-predict-rounds", type=int, help="--mode feed: predict timing rounds (default 30)")
+  p.add_argument("--deploy-runs", type=int, help="--mode deploy: timed rounds, median (default 15)")
+  p.add_argument("--deploy-warmup", type=int, help="--mode deploy: untimed rounds (default 2)")
   p.add_argument(
     "--conv-impls",
     default=",".join(benchmark_train.CONV_IMPLS),
@@ -333,6 +340,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.model and args.dtypes is not None:
     p.error("--dtypes applies to random parameters: a saved model (--model) is timed in the dtype it was trained with")
+  if args.mode == "deploy" and args.batch_sizes is None and not args.tiny:
+    args.batch_sizes = "1,8"  # the deployment question: one part at a time, or a few
   for key, value in (TINY if args.tiny else DEFAULTS).items():  # what the command line left unset
     if getattr(args, key) is None:
       setattr(args, key, value)
@@ -395,6 +404,11 @@ def main(argv=None) -> dict:
       predict=predict,
     )
     benchmark_feed.print_feed(report, env)
+  elif args.mode == "deploy":
+    env.update(cpu=benchmark_deploy.cpu(), versions=benchmark_deploy.versions())
+    report["protocol"] = {"runs": args.deploy_runs, "warmup": args.deploy_warmup, "batch_sizes": args.batch_sizes}
+    report["results"] = benchmark_deploy.bench_deploy(args)
+    benchmark_deploy.print_deploy(report["results"], env)
   else:
     report["results"] = [benchmark_train.bench_conv(s, args.image_size, args) for s in args.sizes]
     benchmark_train.print_conv(report["results"], env)

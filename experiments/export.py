@@ -21,7 +21,6 @@ metadata) and refuses when the image AU-ROC drops by more than --max-auroc-drop 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from experiments import cli
@@ -123,7 +122,6 @@ def export_openvino(args: argparse.Namespace) -> int:
 def export_int8(args: argparse.Namespace) -> int:
   from efficientad_jax.serving import quantize
 
-  logging.getLogger("nncf").setLevel(logging.WARNING)  # one INFO line per node it leaves in float
   try:
     path, f = quantize.export_int8(args.model, args.out, args.max_auroc_drop)
   except (FileNotFoundError, ValueError) as e:  # QuantizationError, BackendError, DataError are ValueErrors

@@ -3,6 +3,7 @@ networks, calibrated quantiles, non-default map settings: tests/test_onnx_export
 predict functions; the host resize against jax.image.resize; the predict CLI's --backend; the one-line error
 for a missing package."""
 
+import json
 import pathlib
 import sys
 
@@ -172,3 +173,26 @@ def test_openvino_export_refusals_are_one_line(run, tmp_path):
       cli.run(export_cli.main, ["--model", str(run), *argv])
     assert message in str(e.value) and "\n" not in str(e.value)
   assert not list(tmp_path.iterdir())
+
+
+# --- experiments.benchmark --mode deploy.
+
+
+def test_deploy_benchmark_tiny_writes_every_backend(tmp_path, capsys):
+  """The documented JSON (no timing assertions: the numbers depend on the machine)."""
+  from experiments import benchmark
+
+  out = tmp_path / "deploy.json"
+  report = benchmark.main(["--mode", "deploy", "--tiny", "--out", str(out)])
+  assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+  env = report["environment"]
+  assert env["cpu"]["model"] and env["versions"]["openvino"] and env["versions"]["onnxruntime"]
+  assert [(r["size"], r["batch"], r["image_size"]) for r in report["results"]] == [
+    ("small", 1, [64, 64]),
+    ("small", 2, [64, 64]),
+  ]
+  names = {"jax fp32", "onnxruntime fp32", "openvino fp32", "openvino int8", "pytorch fp32"}
+  for r in report["results"]:
+    assert set(r["ms_per_call"]) == names and min(r["ms_per_call"].values()) > 0
+    assert r["speedup_vs_jax"]["jax fp32"] == 1.0
+  assert "| PDN-S 64x64 | 1 |" in capsys.readouterr().out

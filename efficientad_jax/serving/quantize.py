@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -91,13 +92,14 @@ def quantize(ov_model: Any, images: np.ndarray, keep_float: Sequence[str] | None
   keep_float = float_nodes(ov_model) if keep_float is None else list(keep_float)
   dataset = nncf.Dataset([x[None] for x in images])
   ignored = nncf.IgnoredScope(names=keep_float, validate=False) if keep_float else None
-  return nncf.quantize(
-    ov_model,
-    dataset,
-    subset_size=len(images),
-    target_device=nncf.TargetDevice.CPU,
-    ignored_scope=ignored,
-  )
+  log = logging.getLogger("nncf")
+  level, _ = log.level, log.setLevel(logging.WARNING)  # NNCF logs one INFO line per node it leaves in float
+  try:
+    return nncf.quantize(
+      ov_model, dataset, subset_size=len(images), target_device=nncf.TargetDevice.CPU, ignored_scope=ignored
+    )
+  finally:
+    log.setLevel(level)
 
 
 def scores_and_maps(runner: backends.Runner, test: Sequence[dict]) -> tuple[np.ndarray, list[np.ndarray]]:
