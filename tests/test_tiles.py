@@ -2,20 +2,29 @@
 stream's tiles, the tiled predict against an independent composition of the untiled one, and a tiny tiled
 training run through evaluate, predict, the serialised export and the ONNX graph.
 
+The tiny run also keeps grayscale first class (MVTec AD's grid, screw and zipper are single-channel): it trains
+on a 16-bit grayscale PNG folder, and is evaluated and predicted on that folder and on its 8-bit copy. 16-bit
+values are the 8-bit ones x 257, which the decoder scales back exactly (`preprocess.decode_image`), so both
+folders must give the same training stream and the same maps, bit for bit: a 16-bit image decoded with PIL's
+clipping conversion would come out saturated, and a channel mix-up would change the numbers.
+
 The image is 96 x 128 with 64 px tiles overlapping by 16: rows start at 0 and 32 (the last moved flush with
 the edge), columns at 0, 48 and 64; six tiles, overlaps of 32 and 16 px, so the blending is exercised both ways.
 """
 
 import dataclasses
+import pathlib
+import shutil
 
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from efficientad_jax import config as config_lib
 from efficientad_jax import models, tiles
 from efficientad_jax.config import Config, DataConfig, MapConfig, ModelConfig
-from efficientad_jax.data import api, pipeline
+from efficientad_jax.data import api, generate_synthetic, pipeline
 from efficientad_jax.efficientad import inference, normalization, trainer
 from efficientad_jax.evaluation import evaluate
 from efficientad_jax.serving import backends, export, predict
@@ -147,21 +156,58 @@ def test_tiled_predict_equals_untiled_predict_on_each_tile_stitched(detector):
 # --- A tiny tiled run end to end.
 
 
+def gray_copy(source, target, bits: int) -> None:
+  """A category with every image as 8- or 16-bit grayscale; masks copied as they are."""
+  for path in source.rglob("*.png"):
+    out = target / path.relative_to(source)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if "ground_truth" in path.parts:
+      shutil.copy(path, out)
+      continue
+    gray = np.asarray(Image.open(path).convert("L"))
+    Image.fromarray(gray if bits == 8 else gray.astype(np.uint16) * 257).save(out)  # 16: a 16-bit gray PNG
+
+
 @pytest.fixture(scope="module")
-def tiled_run(tmp_path_factory):
+def folders(tmp_path_factory):
+  root = tmp_path_factory.mktemp("gray")
+  generate_synthetic(root / "rgb", layout="mvtec_ad", size=64, num_train=8, num_test=2, num_validation=2)
+  for bits in (8, 16):
+    gray_copy(root / "rgb", root / f"gray{bits}", bits)
+  assert Image.open(next((root / "gray16").rglob("train/good/*.png"))).mode.startswith("I")
+  return root
+
+
+def gray_config(folders, bits: int, **overrides) -> Config:
+  sets = {"data.dataset": "mvtec_ad", "data.root": str(folders / f"gray{bits}"), "data.category": "widget"}
+  cfg = tiny(**sets, **overrides)
+  return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=0))
+
+
+def test_8_and_16_bit_folders_give_the_same_training_stream(folders):
+  batches = [
+    next(api.make_datasets(gray_config(folders, bits).data, HW, 0, training=True, tiling=TILING).train_iter(4))
+    for bits in (8, 16)
+  ]
+  for key in ("image", "image_ae"):
+    np.testing.assert_array_equal(batches[0][key], batches[1][key])
+    assert (batches[0][key][..., 0] == batches[0][key][..., 2]).all()  # gray: three equal channels
+
+
+@pytest.fixture(scope="module")
+def tiled_run(tmp_path_factory, folders):
+  """A tiny training run on the 16-bit grayscale folder at 96 x 128 in 64 px tiles."""
   run = tmp_path_factory.mktemp("tiled") / "run"
-  cfg = tiny(**{"model.image_size": "96x128", "model.tile": T, "model.tile_overlap": OVERLAP})
-  trainer.train(cfg, run, progress=False)
+  tiled = {"model.image_size": "96x128", "model.tile": T, "model.tile_overlap": OVERLAP}
+  trainer.train(gray_config(folders, 16, **tiled), run, progress=False)
   return run
 
 
 def test_tiled_run_teacher_statistics_are_over_tiles(tiled_run):
   """The saved teacher statistics are the channel mean and std of the teacher over every tile of the
   training images (recomputed here with NumPy-cut tiles)."""
-  from efficientad_jax.training.engine import resolve_paths
-
   model = predict.load(tiled_run)
-  cfg = resolve_paths(model.cfg, tiled_run)  # the synthetic data live in RUN/data
+  cfg = model.cfg
   ds = api.make_datasets(cfg.data, HW, cfg.train.seed)
   nets = models.build(cfg.model)
   feats = []
@@ -178,7 +224,7 @@ def test_tiled_run_evaluates_predicts_and_exports(tiled_run, tmp_path):
   assert model.image_size == HW and model.cfg.model.tile == T
   m = evaluate.evaluate(tiled_run, out_dir=tmp_path / "eval", report=False, batch_size=4, progress=False)
   assert m["num_images"] > 0 and np.isfinite(m["decision"]["threshold"])
-  image = next((tiled_run / "data").rglob("test/*/*.png"))
+  image = next(pathlib.Path(model.cfg.data.root).rglob("test/*/*.png"))
   result = predict.predict_file(model, image)
   x, rgb = predict.prepare(image, model.image_size, model.inputs.mean, model.inputs.std)
   assert result.anomaly_map.shape == rgb.shape[:2]
@@ -194,3 +240,17 @@ def test_tiled_run_evaluates_predicts_and_exports(tiled_run, tmp_path):
   want = model.predict_fn(model.detector, images, out_size=(120, 160))
   np.testing.assert_allclose(got["anomaly_map"], np.asarray(want["anomaly_map"]), rtol=0, atol=1e-4)
   np.testing.assert_allclose(got["score"], np.asarray(want["score"]), rtol=0, atol=1e-4)
+
+
+def test_tiled_run_on_16_bit_evaluates_and_predicts_8_bit_alike(tiled_run, folders, tmp_path):
+  model = predict.load(tiled_run)
+  results = {}
+  for bits in (16, 8):
+    cfg = config_lib.override(model.cfg, [f"data.root={folders / f'gray{bits}'}"])
+    results[bits] = evaluate.evaluate(tiled_run, cfg=cfg, out_dir=tmp_path / f"e{bits}", report=False, progress=False)
+  assert results[8]["metrics"] == results[16]["metrics"]
+  for path16 in sorted((folders / "gray16" / "widget" / "test").rglob("*.png"))[:3]:
+    a = predict.predict_file(model, path16)
+    b = predict.predict_file(model, folders / "gray8" / path16.relative_to(folders / "gray16"))
+    np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+    assert a.anomaly_map.shape == (64, 64) and a.rgb.shape == (64, 64, 3)
