@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 import pathlib
 import platform
 import tempfile
@@ -37,6 +38,8 @@ CALIBRATION_IMAGES = 8  # int8 timing only: random images are enough to set the 
 def cpu() -> dict:
   """The CPU model and the instruction-set flags the runtimes' kernels choose between (Linux /proc/cpuinfo)."""
   info = {"machine": platform.machine(), "model": platform.processor() or "unknown", "flags": []}
+  if hasattr(os, "getloadavg"):  # other processes' load shifts every contender's time (ratios suffer less)
+    info["load_average_1m_at_start"] = os.getloadavg()[0]
   try:
     text = pathlib.Path("/proc/cpuinfo").read_text()
   except OSError:
