@@ -12,6 +12,7 @@ image size, device->host copy of the anomaly map and score.
   python -m experiments.benchmark --mode conv --sizes small              # conv backward per conv_impl
   python -m experiments.benchmark --mode feed --out feed.json            # data stream, loop and predict overhead
   python -m experiments.benchmark --mode deploy --out deploy.json        # CPU backends: jax, onnxruntime, OpenVINO
+  python -m experiments.benchmark --mode members --members 1,2,4,8   # N models trained in one program
   python -m experiments.benchmark --tiny --out tmp.json                  # 64x64, few runs (CI)
 
 The defaults (1000 warm-up + 1000 runs at 256x256) are meant for an accelerator; on a CPU one PDN-S image
@@ -42,11 +43,12 @@ from efficientad_jax.efficientad import inference, normalization
 from efficientad_jax.efficientad.inference import Detector
 from efficientad_jax.serving import saved_model
 from efficientad_jax.training import compiler
-from experiments import benchmark_deploy, benchmark_feed, benchmark_train, cli
+from experiments import benchmark_deploy, benchmark_feed, benchmark_members, benchmark_train, cli
 
 # docs/method.md §10 (paper §4): the paper's latency (batch 1, half precision) and throughput on an RTX A6000.
 PAPER = {"small": {"latency_ms": 2.2, "throughput_img_s": 614}, "medium": {"latency_ms": 4.5, "throughput_img_s": 269}}
 DEFAULTS = {
+  "members": "1,2,4,8",
   "sizes": "small,medium",
   "dtypes": "float32,bfloat16,float16",
   "batch_sizes": "1,8,16,32,64",
@@ -74,6 +76,7 @@ DEFAULTS = {
 }
 TINY = dict(
   DEFAULTS,
+  members="1,2",
   sizes="small",
   dtypes="float32",
   batch_sizes="1,2",
@@ -297,7 +300,7 @@ def print_inference(results: list[dict], env: dict) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--mode", choices=("inference", "train", "conv", "feed", "deploy"), default="inference")
+  p.add_argument("--mode", choices=("inference", "train", "conv", "feed", "deploy", "members"), default="inference")
   p.add_argument("--sizes", help="default small,medium (--tiny: small)")
   p.add_argument("--dtypes", help="default float32,bfloat16,float16 (--tiny: float32); not with --model")
   p.add_argument("--batch-sizes", help="default 1,8,16,32,64 (--tiny: 1,2)")
@@ -320,6 +323,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--feed-loop-logs", type=int, help="--mode feed: log intervals of the long loop (default 40)")
   p.add_argument("--feed-loop-repeats", type=int, help="--mode feed: loop timings, median (default 3)")
   p.add_argument("--feed-predict-rounds", type=int, help="--mode feed: predict timing rounds (default 30)")
+  p.add_argument("--members", help="--mode members: models per program to time, e.g. 1,2,4,8 (default; --tiny: 1,2)")
   p.add_argument("--deploy-runs", type=int, help="--mode deploy: timed rounds, median (default 15)")
   p.add_argument("--deploy-warmup", type=int, help="--mode deploy: untimed rounds (default 2)")
   p.add_argument(
@@ -353,7 +357,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.dtypes = [d for d in args.dtypes.split(",") if d]
   args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b]
   args.conv_impls = [i for i in args.conv_impls.split(",") if i]
-  for name in ("dispatch", "feed_workers", "feed_dispatch"):
+  for name in ("dispatch", "feed_workers", "feed_dispatch", "members"):
     try:
       setattr(args, name, [int(v) for v in getattr(args, name).split(",") if v])
     except ValueError:
@@ -404,6 +408,9 @@ def main(argv=None) -> dict:
       predict=predict,
     )
     benchmark_feed.print_feed(report, env)
+  elif args.mode == "members":
+    report["results"] = [r for s in args.sizes for r in benchmark_members.bench_members(s, args)]
+    benchmark_members.print_members(report["results"], env)
   elif args.mode == "deploy":
     env.update(cpu=benchmark_deploy.cpu(), versions=benchmark_deploy.versions())
     report["protocol"] = {"runs": args.deploy_runs, "warmup": args.deploy_warmup, "batch_sizes": args.batch_sizes}

@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 ENV_KEYS = {"device", "platform", "jax_version", "date"}
@@ -100,3 +102,15 @@ def test_bad_mode_is_rejected(tmp_path):
     timeout=120,
   )
   assert proc.returncode == 2 and "--dispatch" in proc.stderr.splitlines()[-1]
+
+
+def test_members_json_structure(tmp_path):
+  """N models in one program (--mode members): steps/s per member and the ratio to one model alone, memory."""
+  report, stdout = _run(tmp_path, "--mode", "members", "--train-steps", "2", "--train-warmup", "1")
+  assert report["mode"] == "members"
+  assert [r["members"] for r in report["results"]] == [1, 2]
+  solo, pair = report["results"]
+  assert solo["ratio_to_solo"] == 1.0 and pair["ratio_to_solo"] > 0 and pair["steps_timed"] == 2
+  assert pair["steps_per_s_per_member"] == pytest.approx(2 / (pair["median_step_ms"] / 1e3))
+  assert solo["memory_per_member_mib"] > 0
+  assert "steps/s per member" in stdout
