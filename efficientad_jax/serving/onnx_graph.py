@@ -38,6 +38,7 @@ from efficientad_jax.serving import thresholds
 FORMAT = "efficientad_jax.onnx/1"
 DEFAULT_OPSET = 18  # Resize's `antialias` and `axes` attributes exist from opset 18
 MAPS_SCOPE = "maps/"  # names of the nodes after the three networks: teacher normalisation, maps, resize
+TILES_SCOPE = "tiles/"  # cutting images into tiles and stitching their maps (tiled models only)
 
 
 class OnnxExportError(ValueError):
@@ -172,7 +173,7 @@ def build_graph(g: _Graph, model: Any) -> None:
   h, w = pdn_output_size(s, size)
   x = g.op("Transpose", "image", perm=[0, 3, 1, 2])  # NHWC -> NCHW
   if tiling is not None:
-    g.scope = "tiles/"
+    g.scope = TILES_SCOPE
     x = _cut(g, x, tiling)
   # Networks.
   g.scope = "teacher/"
@@ -212,7 +213,7 @@ def build_graph(g: _Graph, model: Any) -> None:
   )
   full = _resize(g, padded, s)
   if tiling is not None:
-    g.scope = "tiles/"
+    g.scope = TILES_SCOPE
     full = _stitch(g, full, tiling)
   amap = g.op("Squeeze", full, g.const(np.asarray([1], np.int64), "axes"), out="anomaly_map")
   g.op("ReduceMax", amap, g.const(np.asarray([1, 2], np.int64), "axes"), keepdims=0, out="score")

@@ -67,10 +67,11 @@ def run_images(model: Any, folder: pathlib.Path, max_train: int = CALIBRATION_IM
 
 
 def float_nodes(ov_model: Any) -> list[str]:
-  """The names of the nodes that stay float32 (module doc): the maps and each network's first convolution
-  (OpenVINO splits an ONNX Conv into Convolution 'NAME/WithoutBiases' and its bias Add 'NAME')."""
+  """The names of the nodes that stay float32 (module doc): the maps (and a tiled model's stitching) and each
+  network's first convolution (OpenVINO splits an ONNX Conv into Convolution 'NAME/WithoutBiases' and its bias
+  Add 'NAME')."""
   names = [op.get_friendly_name() for op in ov_model.get_ordered_ops()]
-  keep = [n for n in names if n.startswith(onnx_graph.MAPS_SCOPE)]
+  keep = [n for n in names if n.startswith((onnx_graph.MAPS_SCOPE, onnx_graph.TILES_SCOPE))]
   for scope in NETWORKS:
     first = next(
       op
