@@ -44,14 +44,23 @@ def fixtures() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def jax_cache(tmp_path_factory) -> pathlib.Path:
   """One persistent XLA compilation cache for the SUBPROCESSES of the whole session: the tiny synthetic runs
-  of several tests (sweep, trainer) compile many identical programs, and a cached executable is the same
-  executable. The pytest process itself does not use it (tests count its compilations)."""
-  return tmp_path_factory.mktemp("jax_cache")
+  of several tests (sweep, notebooks, trainer, CLI errors) compile many identical programs, and a cached
+  executable is the same executable. Under pytest-xdist both workers share it (the folder beside theirs):
+  `jax_cache_env`'s size limit turns on JAX's file lock around every read and write, so a worker never reads
+  an entry the other is still writing. The pytest process itself does not use it (tests count its
+  compilations)."""
+  root = tmp_path_factory.getbasetemp()
+  path = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "jax_cache"
+  path.mkdir(exist_ok=True)
+  return path
 
 
 def devices_env(n: int) -> dict[str, str]:
   """Environment of a subprocess whose JAX sees `n` simulated CPU devices (and the tests' XLA flags)."""
   return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={n}"}
+
+
+JAX_CACHE_LOCK = {"JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)}  # a limit = JAX's file lock (jax_cache)
 
 
 def jax_cache_env(cache: pathlib.Path) -> dict[str, str]:
@@ -60,7 +69,42 @@ def jax_cache_env(cache: pathlib.Path) -> dict[str, str]:
     "JAX_COMPILATION_CACHE_DIR": str(cache),
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    **JAX_CACHE_LOCK,
   }
+
+
+# The modules of most CPU time, longest first (BUILD_NOTES.md, "Test suite time": CPU seconds per test). The
+# README's `-n 2 --dist loadfile` hands whole modules to the two workers; pytest-xdist queued them by their
+# number of tests, so test_trainer.py (7 tests, the longest) started near the end and ran alone while the
+# other worker idled. Longest first, the short modules fill in at the end.
+LONGEST_MODULES = (  # measured 2026-12-07 (CPU seconds, the whole module): 270, ~150, ~130, 90, 85, 80, ...
+  "test_trainer.py",
+  "test_benchmark.py",
+  "test_train_step.py",
+  "test_cli_errors.py",
+  "test_ast_training.py",
+  "test_full_path.py",
+  "test_sweep.py",
+  "test_tiles.py",
+  "test_onnx_export.py",
+  "test_reference_training.py",
+  "test_notebooks.py",
+  "test_backends.py",
+  "test_models.py",
+)
+
+
+def pytest_configure(config):
+  """xdist's loadfile queue in collection order (pytest_collection_modifyitems), not by number of tests."""
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+  """The modules of LONGEST_MODULES first, in that order; every other module and every test within a module
+  keep their order (a stable sort)."""
+  rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def _cpu_seconds() -> float:

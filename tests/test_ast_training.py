@@ -136,15 +136,35 @@ def test_train_ast_with_penalty(cfg, tmp_path):
   assert not (tmp_path / "small").exists()
 
 
-def test_train_ast_resume_and_predict(cfg, tmp_path):
-  path = trainer.train_ast(cfg, tmp_path / "run", progress=False)
-  model = saved_model.load(tmp_path / "run")
+@pytest.fixture(scope="module")
+def cli_run(cfg, tmp_path_factory):
+  """`experiments.train --method efficientad_ast` on the module's config (one training shared by the CLI test
+  and the resume test: the CLI trains through `trainer.train_ast`)."""
+  from efficientad_jax import config as config_lib
+  from experiments import train as train_cli
+
+  tmp = tmp_path_factory.mktemp("ast_cli")
+  config_file = tmp / "ast_tiny.py"
+  config_file.write_text(
+    "from efficientad_jax.efficientad_ast.config import AstConfig\nfrom efficientad_jax.config import from_dict\n"
+    f"def get_config(arg=''):\n  return from_dict(AstConfig, {config_lib.to_dict(cfg)!r})\n"
+  )
+  workdir = tmp / "run"
+  status = train_cli.main(["--method", "efficientad_ast", "--config", str(config_file), "--workdir", str(workdir)])
+  return status, workdir
+
+
+def test_train_ast_resume_and_predict(cfg, cli_run):
+  """The run `cli_run` trained: re-running it through the library resumes, the saved model predicts."""
+  _, run = cli_run
+  path = run / "model"
+  model = saved_model.load(run)
   assert model.meta["method"] == "efficientad_ast" and np.isfinite(model.threshold)
   assert model.meta["student"]["epochs_run"] <= cfg.train.student_epochs
-  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["flow", "student"]
+  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["flow", "student"]
 
   # Re-running the finished run resumes both stages from their last checkpoints: the same model.
-  again = trainer.train_ast(cfg, tmp_path / "run", progress=False)
+  again = trainer.train_ast(cfg, run, progress=False)
   assert again == path
   same = jax.tree_util.tree_map(
     lambda a, b: bool(np.array_equal(a, b)), model.detector, saved_model.load(path).detector
@@ -152,7 +172,7 @@ def test_train_ast_resume_and_predict(cfg, tmp_path):
   assert all(jax.tree_util.tree_leaves(same))
   with pytest.raises(ValueError, match="different config"):
     trainer.train_ast(
-      dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, flow_epochs=3)), tmp_path / "run", progress=False
+      dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, flow_epochs=3)), run, progress=False
     )
 
   # The folder holds the params alone (AST has no statistics or quantiles); predict on test records gives the
@@ -180,19 +200,11 @@ def test_bad_config_errors(cfg):
     saved_model.load("/nonexistent")
 
 
-def test_cli_trains_and_evaluates_the_ast_method(cfg, tmp_path):
+def test_cli_trains_and_evaluates_the_ast_method(cli_run):
   """`experiments.train --method efficientad_ast` end to end: the shared train CLI, predict.load and evaluate
   dispatch to the AST variant by the saved model's method."""
-  from efficientad_jax import config as config_lib
-  from experiments import train as train_cli
-
-  config_file = tmp_path / "ast_tiny.py"
-  config_file.write_text(
-    "from efficientad_jax.efficientad_ast.config import AstConfig\nfrom efficientad_jax.config import from_dict\n"
-    f"def get_config(arg=''):\n  return from_dict(AstConfig, {config_lib.to_dict(cfg)!r})\n"
-  )
-  workdir = tmp_path / "run"
-  assert train_cli.main(["--method", "efficientad_ast", "--config", str(config_file), "--workdir", str(workdir)]) == 0
+  status, workdir = cli_run
+  assert status == 0
   _, meta = saved_model.read(workdir / "model")
   assert meta["method"] == "efficientad_ast"
   assert (workdir / "eval" / "metrics.json").exists()

@@ -231,7 +231,7 @@ def test_benchmark_times_an_ast_model_and_refuses_a_folder_that_is_no_model(tmp_
     "efficientad_ast",
     "ast",
     "float32",
-    16,
+    [16, 16],
   )
   assert result["paper"] is None and result["latency"]["runs"] == 1
   assert digest(run) == before
@@ -253,13 +253,15 @@ def test_config_validation_covers_the_defaults():
 def test_a_disk_that_fills_during_an_asynchronous_save_ends_in_one_line(tmp_path, jax_cache):
   """A real full disk (a 110 MiB tmpfs: the first checkpoint of the tiny run fits, the second does not), with the
   free-space check switched off so that orbax's background writer meets it: the command ends with its one error
-  line and no traceback, also none printed by tensorstore's C++ threads at exit; the complete checkpoint stays."""
+  line and no traceback, also none printed by tensorstore's C++ threads at exit; the complete checkpoint stays.
+  The run is the corrected run of the test above with another data root (the same programs: the session's
+  compilation cache has them when that test ran first on this worker)."""
   disk = tmp_path / "small_disk"
   disk.mkdir()
   subprocess.run(["mount", "-t", "tmpfs", "-o", "size=110m", "tmpfs", str(disk)], check=True)
   try:
     wrapper = "from efficientad_jax.training import checkpoint\ncheckpoint.check_space = lambda *a, **k: None"
-    sets = [f"data.root={tmp_path / 'data'}", "train.steps=6", "train.checkpoint_every=2", "train.log_every=2"]
+    sets = [f"data.root={tmp_path / 'data'}", "model.conv_impl=xla", "train.checkpoint_every=2"]  # 4 steps
     run = disk / "run"
     proc = run_cli(
       "train",

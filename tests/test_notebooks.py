@@ -12,7 +12,7 @@ import pytest
 from nbclient import NotebookClient
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.conftest import REPO, jax_cache_env
 
 NOTEBOOKS = REPO / "notebooks"
 
@@ -24,8 +24,7 @@ def execute(name: str, env: dict, cache: pathlib.Path) -> nbformat.NotebookNode:
     "JAX_PLATFORMS": "cpu",
     **env,
     # Both notebooks compile the same predict program: a shared XLA cache compiles it once.
-    "JAX_COMPILATION_CACHE_DIR": str(cache),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    **jax_cache_env(cache),
   }
   with mock.patch.dict(os.environ, kernel_env):  # the kernel process inherits this environment
     os.environ.pop("MPLBACKEND", None)  # the kernel's inline backend, as in Jupyter and Colab

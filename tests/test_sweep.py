@@ -13,7 +13,7 @@ import pytest
 
 from efficientad_jax.evaluation import sweep, tables
 from experiments import sweep as sweep_cli
-from tests.conftest import REPO
+from tests.conftest import REPO, jax_cache_env
 
 TINY_ARGS = [
   "--collections",
@@ -224,7 +224,7 @@ def swept(tmp_path_factory, jax_cache):
   compilation cache (the second task compiles nothing). The cache is the session's, shared with other tests'
   tiny runs, so what they compiled already is not compiled again."""
   out = tmp_path_factory.mktemp("sweep")
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **jax_cache_env(jax_cache))  # --compilation-cache sets the folder
   codes = [
     subprocess.run(
       [

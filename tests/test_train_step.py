@@ -66,8 +66,8 @@ def _tiny_setup(cfg=TINY, batch_size=2, seed=0):
   c = cfg.model.teacher_channels
   frozen = train_step.Frozen(teacher=params["teacher"], stats=train_step.TeacherStats.identity(c))
   rng = np.random.default_rng(seed)
-  s = cfg.model.image_size
-  batch = {k: rng.normal(size=(batch_size, s, s, 3)).astype(np.float32) for k in ("image", "image_ae", "penalty")}
+  h, w = cfg.model.image_size  # config.ImageSize: (H, W)
+  batch = {k: rng.normal(size=(batch_size, h, w, 3)).astype(np.float32) for k in ("image", "image_ae", "penalty")}
   return nets, tx, state, frozen, batch
 
 

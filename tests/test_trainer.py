@@ -1,6 +1,7 @@
 """The training run end to end on the tiny synthetic config: model contents, exact resume after SIGKILL,
 divergence handling, and two real jax.distributed processes."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -103,10 +104,12 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, jax_cache):
   assert meta_full["threshold"] == meta_resumed["threshold"]
 
 
-def test_k_steps_per_call_resumed_from_a_checkpoint_equals_uninterrupted(tmp_path):
+def test_k_steps_per_call_resumed_from_a_checkpoint_equals_uninterrupted(tmp_path, monkeypatch):
   """train.steps_per_dispatch = 2: a run directory holding only the uninterrupted run's config and its first
   checkpoint (what a run killed after it leaves) resumes to the uninterrupted run's parameters and threshold,
-  bit for bit; every call is one K-step call."""
+  bit for bit; every call is one K-step call. The resumed run calls the uninterrupted run's jitted step
+  functions (`trainer.pieces` built once): a new process would compile the same programs, and the K-step
+  program is the test's largest compile (the SIGKILL test above resumes in a new process)."""
   cfg = tiny(
     **{
       "train.steps": 4,
@@ -116,24 +119,30 @@ def test_k_steps_per_call_resumed_from_a_checkpoint_equals_uninterrupted(tmp_pat
       "train.max_to_keep": 2,
     }
   )
-  calls = []
-  make_advance = trainer.make_advance
+  calls, built = [], {}
+  make_pieces, make_advance = trainer.pieces, trainer.make_advance
+
+  def shared_pieces(cfg, mesh):
+    # The two runs' configs differ only in where the synthetic data live (engine.resolve_paths).
+    key = (dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root="")), mesh)
+    if key not in built:
+      built[key] = make_pieces(cfg, mesh)
+    return built[key]
 
   def recorded(*args):
     advance = make_advance(*args)
     return lambda state, frozen, first, count: (calls.append((first, count)), advance(state, frozen, first, count))[1]
 
-  trainer.make_advance = recorded
-  try:
-    full, meta_full = _params(trainer.train(cfg, tmp_path / "full", progress=False))
-    assert calls == [(0, 2), (2, 2)]
-    stopped = tmp_path / "stopped"
-    (stopped / "checkpoints").mkdir(parents=True)
-    shutil.copy(tmp_path / "full" / "config.json", stopped / "config.json")
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "2", stopped / "checkpoints" / "2")
-    resumed, meta_resumed = _params(trainer.train(cfg, stopped, progress=False))
-  finally:
-    trainer.make_advance = make_advance
+  monkeypatch.setattr(trainer, "pieces", shared_pieces)
+  monkeypatch.setattr(trainer, "make_advance", recorded)
+  full, meta_full = _params(trainer.train(cfg, tmp_path / "full", progress=False))
+  assert calls == [(0, 2), (2, 2)]
+  stopped = tmp_path / "stopped"
+  (stopped / "checkpoints").mkdir(parents=True)
+  shutil.copy(tmp_path / "full" / "config.json", stopped / "config.json")
+  shutil.copytree(tmp_path / "full" / "checkpoints" / "2", stopped / "checkpoints" / "2")
+  resumed, meta_resumed = _params(trainer.train(cfg, stopped, progress=False))
+  assert len(built) == 1
   assert calls[2:] == [(2, 2)]  # resumed at the checkpoint, the data stream at its saved position
   for a, b in zip(full, resumed):
     np.testing.assert_array_equal(a, b)
