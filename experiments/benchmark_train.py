@@ -159,7 +159,7 @@ def print_train(results: list[dict], env: dict) -> None:
   print("|---|---|---|---|---|---|---|---|")
   for r in results:
     print(
-      f"| {r['size']} | {r['dtype']} | {r['image_size']} | {r['conv_impl']} | {r['steps_per_dispatch']} | "
+      f"| {r['size']} | {r['dtype']} | {ImageSize(r['image_size'])} | {r['conv_impl']} | {r['steps_per_dispatch']} | "
       f"{r['steps_per_s']:.3f} | {r['ms_per_step']:.2f} | {r['host_ms_per_step']:.3f} |"
     )
 
@@ -171,4 +171,5 @@ def print_conv(results: list[dict], env: dict) -> None:
   print("|---|---|" + "---|" * len(impls) + "---|")
   for r in results:
     m = r["median_step_s"]
-    print(f"| {r['size']} | {r['image_size']} | " + " | ".join(f"{m[i]:.3f}" for i in impls) + f" | {r['auto']} |")
+    times = " | ".join(f"{m[i]:.3f}" for i in impls)
+    print(f"| {r['size']} | {ImageSize(r['image_size'])} | {times} | {r['auto']} |")

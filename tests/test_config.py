@@ -63,7 +63,7 @@ RANGE_ERRORS = [
   (Config, "maps.q_start=0.999", "maps.q_end", "> maps.q_start"),
   (Config, "maps.pad=-1", "maps.pad", ">= 0"),
   (Config, "data.validation_fraction=0", "data.validation_fraction", "in (0, 1)"),
-  (Config, "data.penalty_resize=100", "data.penalty_resize", ">= model.image_size"),
+  (Config, "data.penalty_resize=100", "data.penalty_resize", ">= the networks' input side"),
   (AstConfig, "model.ae_dropout=1", "model.ae_dropout", "in [0, 1)"),
   (AstConfig, "backbone.stages=9", "backbone.stages", "in [1, 7]"),
   (AstConfig, "flow.kernel=2", "flow.kernel", "odd"),

@@ -54,7 +54,7 @@ def test_autoencoder_dropout_matches_torch_semantics():
   cfg = ModelConfig(image_size=128)
   nets = models.build(cfg)
   params = models.init_params(nets, jax.random.key(0), cfg.image_size)["autoencoder"]
-  x = jax.random.normal(jax.random.key(1), (1, cfg.image_size, cfg.image_size, 3))
+  x = jax.random.normal(jax.random.key(1), (1, *cfg.image_size, 3))
   calls, convs = _dropout_calls(nets, params, x, jax.random.key(2))
 
   # Placement: after the ReLU of each of the six decoder convs, in order, and nowhere else.
