@@ -51,7 +51,7 @@ def engine_step(cfg: Config, seed: int) -> tuple[trainer.Pieces, list, jax.shard
   mesh = parallel.data_mesh(parallel.data_parallel_devices(cfg.train.batch_size))
   method = trainer.pieces(cfg, mesh)
   key = jax.random.key(seed)
-  teacher = models.init_params(method.nets, key, cfg.model.image_size)["teacher"]
+  teacher = models.init_params(method.nets, key, cfg.model.network_size)["teacher"]
   frozen = train_step.Frozen(teacher=teacher, stats=normalization.TeacherStats.identity(cfg.model.teacher_channels))
   holder = [parallel.new_state(method.init, key, mesh), parallel.replicate(frozen, mesh)]
   return method, holder, mesh

@@ -157,6 +157,48 @@ def predict_ms(workdir: pathlib.Path, images: int = 20) -> float:
   return float(np.median(times))
 
 
+def timing(out: pathlib.Path, seed: int, rounds: int = 20) -> dict:
+  """Interleaved on one machine state: ms per training step (the trainer's compiled step on the variant's real
+  data stream, batch 1) and ms per predicted image (`predict_file`, decode to map), medians over `rounds`,
+  for the two variants' runs of `seed`."""
+  import jax
+
+  from efficientad_jax import tiles
+  from efficientad_jax.data import make_datasets
+  from efficientad_jax.serving import predict
+  from experiments import benchmark_train
+
+  paths = sorted((out / "mvtec" / CATEGORY / "test").rglob("*.png"))
+  steps, models_ = {}, {}
+  for variant in VARIANTS:
+    model = predict.load(out / f"{variant}_seed{seed}")
+    cfg = model.cfg
+    ds = make_datasets(cfg.data, cfg.model.image_size, seed, training=True, tiling=tiles.from_model(cfg.model))
+    batches = iter(ds.train_iter(1))
+    method, holder, mesh = benchmark_train.engine_step(cfg, seed)
+    key = jax.random.key(seed)
+
+    def step(method=method, holder=holder, mesh=mesh, batches=batches, key=key):
+      holder[0], losses = method.step(
+        holder[0], holder[1], benchmark_train.parallel.shard_batch(next(batches), mesh), key
+      )
+      jax.block_until_ready(losses)
+
+    step()  # compiles
+    predict.predict_file(model, paths[0])  # compiles
+    steps[variant], models_[variant] = step, model
+  times = {v: {"step": [], "image": []} for v in VARIANTS}
+  for k in range(rounds):
+    for v in VARIANTS:
+      start = time.perf_counter()
+      steps[v]()
+      times[v]["step"].append(1e3 * (time.perf_counter() - start))
+      start = time.perf_counter()
+      predict.predict_file(models_[v], paths[k % len(paths)])
+      times[v]["image"].append(1e3 * (time.perf_counter() - start))
+  return {v: {k: float(np.median(t)) for k, t in d.items()} for v, d in times.items()}
+
+
 def table(out: pathlib.Path) -> str:
   rows = [json.loads(p.read_text()) for p in sorted(out.glob("*_seed*/result.json"))]
   head = "| variant | seed | steps | image AU-ROC | AU-PRO 0.3 | pixel AU-ROC | train + eval wall s | ms / image |"
@@ -172,7 +214,7 @@ def table(out: pathlib.Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("command", choices=("data", "run", "table"))
+  p.add_argument("command", choices=("data", "run", "time", "table"))
   p.add_argument("--out", required=True, type=pathlib.Path)
   p.add_argument("--variant", choices=tuple(VARIANTS), default="tiles")
   p.add_argument("--seed", type=int, default=0)
@@ -182,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     print(make_dataset(args.out))
   elif args.command == "run":
     print(json.dumps(run(args.out, args.variant, args.seed, args.steps), indent=2))
+  elif args.command == "time":
+    print(json.dumps(timing(args.out, args.seed), indent=2))
   else:
     print(table(args.out))
   return 0
