@@ -14,6 +14,8 @@ backends"):
   and pulls the scores towards one value.
 - the first convolution of each network, whose input is the image: calibrated on normal images only, an
   int8 input range clips the colours of an anomaly that no normal image has, and its score with them.
+Activation ranges are the minimum and maximum over the calibration images (NNCF's MINMAX), not an average of
+per-image ranges: an anomaly's features lie beyond the normal ones, and the widest range clips them least.
 
 The export then runs float (the same graph, OpenVINO float32) and int8 on the run's test images and writes
 into the IR's metadata (rt_info, `openvino_ir.RT_INFO`) the image AU-ROC of both, AU-PRO@0.3 of both where the
@@ -95,9 +97,18 @@ def quantize(ov_model: Any, images: np.ndarray, keep_float: Sequence[str] | None
   ignored = nncf.IgnoredScope(names=keep_float, validate=False) if keep_float else None
   log = logging.getLogger("nncf")
   level, _ = log.level, log.setLevel(logging.WARNING)  # NNCF logs one INFO line per node it leaves in float
+  from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+  from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+  ranges = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
   try:
     return nncf.quantize(
-      ov_model, dataset, subset_size=len(images), target_device=nncf.TargetDevice.CPU, ignored_scope=ignored
+      ov_model,
+      dataset,
+      subset_size=len(images),
+      target_device=nncf.TargetDevice.CPU,
+      ignored_scope=ignored,
+      advanced_parameters=ranges,
     )
   finally:
     log.setLevel(level)
