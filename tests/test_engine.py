@@ -146,3 +146,22 @@ def test_several_units_per_call_end_at_every_boundary_and_resume_with_another_co
   resumed, _, _ = run(tmp_path / "c", resumed_toy, dataclasses.replace(stage, per_dispatch=4))
   assert resumed_toy.calls == [(6, 2), (8, 2)]  # from the checkpoint at 6, cut at the log boundary 8
   assert float(resumed["x"]) == float(state["x"])
+
+
+def test_a_run_saved_by_an_older_version_resumes(tmp_path):
+  """config.json of a run written before image sizes were (H, W) and before the tile fields existed: not a
+  change (the run resumes); a real change of the same field still is."""
+  import json
+
+  from efficientad_jax import config as config_lib
+  from efficientad_jax.config import Config
+  from efficientad_jax.training import engine
+
+  saved = json.loads(config_lib.to_json(Config()))
+  saved["model"]["image_size"] = 256  # the old form
+  del saved["model"]["tile"], saved["model"]["tile_overlap"]  # fields added since
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+  assert engine.config_changes(tmp_path, Config()) == {}
+  with pytest.raises(config_lib.ConfigError, match=r"model.image_size: \(256, 256\) -> \(128, 128\)"):
+    engine.config_changes(tmp_path, config_lib.override(Config(), ["model.image_size=128"]))

@@ -60,13 +60,24 @@ def has_checkpoint(workdir: pathlib.Path) -> bool:
   return any(p.is_dir() and p.name.isdigit() for p in [*folder.glob("*"), *folder.glob("*/*")])
 
 
+def as_written_now(saved: dict, cfg: Any) -> dict:
+  """A saved config.json as this version writes it, so that forms of older versions (one int for an image size)
+  and fields added since (at their defaults) are not taken for changes; as it is when it no longer parses."""
+  try:
+    return json.loads(config_lib.to_json(config_lib.from_dict(type(cfg), saved)))
+  except (config_lib.ConfigError, TypeError, ValueError):
+    return saved
+
+
 def config_changes(workdir: pathlib.Path, cfg: Any) -> dict[str, tuple[Any, Any]]:
   """{'section.field': (saved, new)} between RUN/config.json and `cfg`; raises ConfigError naming the fields
   when the run has a checkpoint and one of them is not in `config.RESUMABLE`."""
   path = pathlib.Path(workdir) / "config.json"
   if not path.exists():
     return {}
-  changed = config_lib.changed_fields(json.loads(path.read_text()), json.loads(config_lib.to_json(cfg)))
+  changed = config_lib.changed_fields(
+    as_written_now(json.loads(path.read_text()), cfg), json.loads(config_lib.to_json(cfg))
+  )
   fixed = sorted(set(changed) - config_lib.RESUMABLE) if changed and has_checkpoint(workdir) else []
   if fixed:
     diff = "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in fixed)
