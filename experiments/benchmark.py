@@ -13,6 +13,7 @@ image size, device->host copy of the anomaly map and score.
   python -m experiments.benchmark --mode feed --out feed.json            # data stream, loop and predict overhead
   python -m experiments.benchmark --mode deploy --out deploy.json        # CPU backends: jax, onnxruntime, OpenVINO
   python -m experiments.benchmark --mode members --members 1,2,4,8   # N models trained in one program
+  python -m experiments.benchmark --mode accelerator --out acc.json  # FIRST on a new accelerator (minutes)
   python -m experiments.benchmark --tiny --out tmp.json                  # 64x64, few runs (CI)
 
 The defaults (1000 warm-up + 1000 runs at 256x256) are meant for an accelerator; on a CPU one PDN-S image
@@ -43,7 +44,14 @@ from efficientad_jax.efficientad import inference, normalization
 from efficientad_jax.efficientad.inference import Detector
 from efficientad_jax.serving import saved_model
 from efficientad_jax.training import compiler
-from experiments import benchmark_deploy, benchmark_feed, benchmark_members, benchmark_train, cli
+from experiments import (
+  benchmark_accelerator,
+  benchmark_deploy,
+  benchmark_feed,
+  benchmark_members,
+  benchmark_train,
+  cli,
+)
 
 # docs/method.md §10 (paper §4): the paper's latency (batch 1, half precision) and throughput on an RTX A6000.
 PAPER = {"small": {"latency_ms": 2.2, "throughput_img_s": 614}, "medium": {"latency_ms": 4.5, "throughput_img_s": 269}}
@@ -300,7 +308,9 @@ def print_inference(results: list[dict], env: dict) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--mode", choices=("inference", "train", "conv", "feed", "deploy", "members"), default="inference")
+  p.add_argument(
+    "--mode", choices=("inference", "train", "conv", "feed", "deploy", "members", "accelerator"), default="inference"
+  )
   p.add_argument("--sizes", help="default small,medium (--tiny: small)")
   p.add_argument("--dtypes", help="default float32,bfloat16,float16 (--tiny: float32); not with --model")
   p.add_argument("--batch-sizes", help="default 1,8,16,32,64 (--tiny: 1,2)")
@@ -344,6 +354,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.model and args.dtypes is not None:
     p.error("--dtypes applies to random parameters: a saved model (--model) is timed in the dtype it was trained with")
+  if args.mode == "accelerator" and args.dtypes is None and not args.tiny:
+    args.dtypes = "float32,bfloat16"  # the accelerator check's two precisions
   if args.mode == "deploy" and args.batch_sizes is None and not args.tiny:
     args.batch_sizes = "1,8"  # the deployment question: one part at a time, or a few
   for key, value in (TINY if args.tiny else DEFAULTS).items():  # what the command line left unset
@@ -408,6 +420,14 @@ def main(argv=None) -> dict:
       predict=predict,
     )
     benchmark_feed.print_feed(report, env)
+  elif args.mode == "accelerator":
+    inference = lambda a: [bench_inference(timed, a) for timed in inference_targets(a)]
+    train = lambda a: [
+      benchmark_train.bench_train(ModelConfig(size="small", image_size=a.image_size), k, a)
+      for k in ((1,) if a.tiny else (1, 64))  # XLA:CPU runs K-step loops slowly: --tiny times K = 1
+    ]
+    report.update(benchmark_accelerator.bench_accelerator(args, inference, train))
+    benchmark_accelerator.print_accelerator(report, env)
   elif args.mode == "members":
     report["results"] = [r for s in args.sizes for r in benchmark_members.bench_members(s, args)]
     benchmark_members.print_members(report["results"], env)

@@ -45,10 +45,12 @@ def synthetic_data_config(image_size: int, root: str) -> DataConfig:
   return dataclasses.replace(data, penalty=str(pathlib.Path(root) / "widget" / "train" / "good"))
 
 
-def engine_step(cfg: Config, seed: int) -> tuple[trainer.Pieces, list, jax.sharding.Mesh]:
-  """(the trainer's pieces, [state, frozen], mesh) on the trainer's mesh, with a random teacher and identity
-  statistics (the step's cost does not depend on them)."""
-  mesh = parallel.data_mesh(parallel.data_parallel_devices(cfg.train.batch_size))
+def engine_step(
+  cfg: Config, seed: int, devices: list[jax.Device] | None = None
+) -> tuple[trainer.Pieces, list, jax.sharding.Mesh]:
+  """(the trainer's pieces, [state, frozen], mesh) on the trainer's mesh (over `devices`, default all), with a
+  random teacher and identity statistics (the step's cost does not depend on them)."""
+  mesh = parallel.data_mesh(parallel.data_parallel_devices(cfg.train.batch_size, devices))
   method = trainer.pieces(cfg, mesh)
   key = jax.random.key(seed)
   teacher = models.init_params(method.nets, key, cfg.model.network_size)["teacher"]

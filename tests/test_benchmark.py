@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.conftest import REPO
@@ -114,3 +115,17 @@ def test_members_json_structure(tmp_path):
   assert pair["steps_per_s_per_member"] == pytest.approx(2 / (pair["median_step_ms"] / 1e3))
   assert solo["memory_per_member_mib"] > 0
   assert "steps/s per member" in stdout
+
+
+def test_accelerator_check_runs_in_its_tiny_form(tmp_path):
+  """The one command to run first on a new accelerator, reduced (--tiny) on this CPU: every part reports."""
+  report, stdout = _run(tmp_path, "--mode", "accelerator", "--runs", "2", "--train-steps", "2", "--train-warmup", "1")
+  assert report["mode"] == "accelerator" and set(report["environment"]) >= ENV_KEYS
+  (inference,) = report["inference"]
+  assert inference["size"] == "small" and inference["latency"]["runs"] == 2
+  assert [r["steps_per_dispatch"] for r in report["train"]] == [1]
+  curve = report["loss_curve"]
+  assert len(curve["device_losses"]) == curve["steps"] and all(np.isfinite(curve["device_losses"]))
+  assert curve["compared"] is False  # the device is the CPU here
+  assert report["onnx_cuda"]["available"] is False and "CUDA" in report["onnx_cuda"]["why"]
+  assert "accelerator check" in stdout and "loss curve" in stdout
