@@ -180,10 +180,14 @@ def pr_svg(subsets: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> str:
   return head + "".join(body) + "</svg>"
 
 
-def histogram_svg(scores: np.ndarray, labels: np.ndarray | None, threshold: float, bins: int = 40) -> str:
-  """The score distribution (normal and anomalous apart when labels are known) and the threshold line."""
+def histogram_svg(
+  scores: np.ndarray, labels: np.ndarray | None, threshold: float, bins: int = 40, saved: float | None = None
+) -> str:
+  """The score distribution (normal and anomalous apart when labels are known), the threshold in use (black,
+  dashed) and, when another one was chosen, the model's saved threshold (grey, dotted)."""
   scores = np.asarray(scores, float)
-  lo, hi = float(min(scores.min(), threshold)), float(max(scores.max(), threshold))
+  lines = [threshold] if saved is None or saved == threshold else [threshold, saved]
+  lo, hi = float(min(scores.min(), *lines)), float(max(scores.max(), *lines))
   if not hi > lo:
     lo, hi = lo - 0.5, hi + 0.5
   edges = np.linspace(lo, hi, bins + 1)
@@ -209,6 +213,13 @@ def histogram_svg(scores: np.ndarray, labels: np.ndarray | None, threshold: floa
     'stroke-dasharray="6 3"/>'
   )
   body.append(f'<text x="{tx + 4:.1f}" y="{y(top) + 12:.1f}">threshold {threshold:.4g}</text>')
+  if len(lines) > 1:
+    sx = x(saved)
+    body.append(
+      f'<line x1="{sx:.1f}" x2="{sx:.1f}" y1="{y(0):.1f}" y2="{y(top):.1f}" stroke="#888" stroke-width="2" '
+      'stroke-dasharray="2 3"/>'
+    )
+    body.append(f'<text x="{sx + 4:.1f}" y="{y(top) + 52:.1f}" fill="#666">saved {saved:.4g}</text>')
   for k, (name, s, color) in enumerate(groups):
     body.append(
       f'<text x="{x(hi) - 4:.1f}" y="{y(top) + 28 + 14 * k:.1f}" text-anchor="end" fill="{color}">'
@@ -278,9 +289,11 @@ def write(
   tables: Sequence[Table] = (),
   facts: Sequence[tuple[str, str]] = (),
   curves: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+  saved_threshold: float | None = None,
 ) -> pathlib.Path:
   """Writes the page (module doc). `curves`: {subset name: (scores, labels)} with both classes present;
-  the score distribution separates normal and anomalous images when every item has a label."""
+  the score distribution separates normal and anomalous images when every item has a label, and shows
+  `saved_threshold` beside the threshold in use when they differ."""
   path = pathlib.Path(path)
   scores = np.asarray([it.score for it in items], float)
   labelled = bool(items) and all(it.label is not None for it in items)
@@ -289,7 +302,7 @@ def write(
   if curves:
     plots += [roc_svg(curves), pr_svg(curves)]
   if len(items):
-    plots.append(histogram_svg(scores, labels, threshold))
+    plots.append(histogram_svg(scores, labels, threshold, saved=saved_threshold))
   facts = [*facts, ("threshold", f"{threshold:.6g} ({threshold_rule}); anomalous if score > threshold")]
   groups = sorted({it.group for it in items})
   present = [o for o in OUTCOMES if any(outcome(it.anomalous, it.label) == o for it in items)]

@@ -106,3 +106,15 @@ def test_axis_ticks_are_round_numbers():
   np.testing.assert_allclose(report.nice_ticks(0.0123, 3.72), [1, 2, 3])
   np.testing.assert_allclose(report.nice_ticks(-0.5, 0.5), [-0.4, -0.2, 0, 0.2, 0.4])
   assert list(report.nice_ticks(2.0, 2.0)) == [2.0]  # one value: one tick, no division by zero
+
+
+def test_histogram_shows_the_saved_threshold_beside_a_chosen_one():
+  scores, labels = np.array([0.2, 0.4, 0.9]), np.array([False, False, True])
+  chosen = report.histogram_svg(scores, labels, threshold=0.3, saved=0.5)
+  top, right, bottom, left = report._M
+  width = report._W - left - right
+  xs = [float(v) for v in re.findall(r'<line x1="([0-9.]+)"', chosen)]
+  assert xs == pytest.approx([left + width * (t - 0.2) / 0.7 for t in (0.3, 0.5)], abs=0.05)
+  assert "saved 0.5" in chosen
+  same = report.histogram_svg(scores, labels, threshold=0.3, saved=0.3)
+  assert same.count("<line") == 1 and "saved" not in same  # the default: one line

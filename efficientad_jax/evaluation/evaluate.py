@@ -318,6 +318,7 @@ def write_report(
     tables=tables,
     facts=facts,
     curves=curve_subsets(m, records, scores),
+    saved_threshold=m["decision"]["saved_threshold"],
   )
 
 
