@@ -5,7 +5,7 @@
 
 The page opens from the file system with no server and no network: its styles, script and plots (SVG drawn
 here from the scores) are inline, and its pictures lie beside it in report_files/ (per image a JPEG thumbnail
-and a full-size overlay, written by `write_pictures`). Thumbnails load lazily as they scroll into view, so a
+and a full-size image | overlay, written by `write_pictures`). Thumbnails load lazily as they scroll into view, so a
 page of thousands of images opens at once. Sections:
 
   * the metrics tables and facts given by the caller (model, threshold and how it was chosen);
@@ -64,40 +64,41 @@ def outcome(anomalous: bool, label: bool | None) -> str:
 # --- Pictures.
 
 
+def _save(image: Image.Image, folder: pathlib.Path, kind: str, stem: str) -> str:
+  """folder/<kind>/<stem>.jpg; returns its path relative to folder's parent (the page's folder)."""
+  path = folder / kind / f"{stem}.jpg"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  image.save(path, quality=JPEG_QUALITY)
+  return path.relative_to(folder.parent).as_posix()
+
+
+def write_thumbnail(panel: np.ndarray, folder: pathlib.Path, stem: str) -> tuple[str, tuple[int, int]]:
+  """folder/thumbs/<stem>.jpg: the overlay `panel` ([H, W, 3] uint8, `pictures.overlay`) at most THUMB_SIDE px.
+
+  Args:
+    folder: the pictures' folder (the page's report_files/).
+    stem: file name without suffix; may hold '/' (subfolders, e.g. 'test/scratch/000').
+  Returns:
+    (its path relative to folder's parent, its (width, height)).
+  """
+  thumb = Image.fromarray(panel)
+  thumb.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR)
+  return _save(thumb, folder, "thumbs", stem), thumb.size
+
+
 def write_pictures(
-  rgb: np.ndarray,
-  anomaly_map: np.ndarray,
-  vmax: float,
-  folder: pathlib.Path,
-  stem: str,
-  mask: np.ndarray | None = None,
-  write_full: bool = True,
+  rgb: np.ndarray, panel: np.ndarray, folder: pathlib.Path, stem: str
 ) -> tuple[str, str, tuple[int, int]]:
-  """Writes folder/full/<stem>.jpg (image | overlay, full size) and folder/thumbs/<stem>.jpg (the overlay).
+  """folder/full/<stem>.jpg (image | overlay, full size) and the thumbnail (`write_thumbnail`).
 
   Args:
     rgb: [H, W, 3] uint8, the image at the map's size.
-    anomaly_map: [H, W] float.
-    vmax: top of the colour range (bottom 0).
-    folder: the pictures' folder (the page's report_files/).
-    stem: file name without suffix; may hold '/' (subfolders, e.g. 'test/scratch/000').
-    mask: optional ground truth [H, W], outlined.
-    write_full: False when the caller writes its own full-size picture (then only the thumbnail is written).
+    panel: its overlay (`pictures.overlay`, ground truth outlined where known).
   Returns:
-    (full path or '', thumbnail path, thumbnail (width, height)); paths relative to folder's parent.
+    (full path, thumbnail path, thumbnail (width, height)); paths relative to folder's parent.
   """
-  panel = pictures.overlay(rgb, anomaly_map, 0.0, vmax, mask=mask)
-  thumb = Image.fromarray(panel)
-  thumb.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR)
-  paths = {}
-  for kind, image in (("thumbs", thumb), ("full", pictures.side_by_side(rgb, panel) if write_full else None)):
-    if image is None:
-      continue
-    path = folder / kind / f"{stem}.jpg"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(path, quality=JPEG_QUALITY)
-    paths[kind] = path.relative_to(folder.parent).as_posix()
-  return paths.get("full", ""), paths["thumbs"], thumb.size
+  full = _save(Image.fromarray(pictures.side_by_side(rgb, panel)), folder, "full", stem)
+  return (full, *write_thumbnail(panel, folder, stem))
 
 
 # --- Plots (inline SVG; no plotting library).

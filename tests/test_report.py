@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from efficientad_jax import report
+from efficientad_jax import pictures, report
 from tests import browser
 
 N = 1200  # images on the large page
@@ -65,7 +65,8 @@ def large(tmp_path_factory):
     score = float(rng.normal(0.6 if label else 0.4, 0.12))
     amap = np.full((24, 32), score, np.float32)
     rgb = np.full((24, 32, 3), 90, np.uint8)
-    full, thumb, size = report.write_pictures(rgb, amap, 2 * THRESHOLD, out / report.FILES, f"{group}/{i:04d}")
+    panel = pictures.overlay(rgb, amap, 0.0, 2 * THRESHOLD)
+    full, thumb, size = report.write_pictures(rgb, panel, out / report.FILES, f"{group}/{i:04d}")
     normalized = 0.5 * score / THRESHOLD
     items.append(report.Item(f"{group}/{i:04d}", score, score > THRESHOLD, normalized, group, label, full, thumb, size))
   page = report.write(out / "report.html", "large", items, THRESHOLD, "given")

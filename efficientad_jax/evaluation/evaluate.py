@@ -270,7 +270,8 @@ def write_report(
   def one(i: int) -> report_lib.Item:
     r = records[i]
     rgb = pictures.resize_rgb(images[i], maps[i].shape)
-    full, thumb, size = report_lib.write_pictures(rgb, maps[i], vmax, out / report_lib.FILES, r["id"], mask=r["mask"])
+    panel = pictures.overlay(rgb, maps[i], 0.0, vmax, mask=r["mask"])
+    full, thumb, size = report_lib.write_pictures(rgb, panel, out / report_lib.FILES, r["id"])
     label = r["label"] != 0
     return report_lib.Item(
       r["id"],

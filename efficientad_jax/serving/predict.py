@@ -135,9 +135,7 @@ def write_outputs(result: Prediction, out_dir: pathlib.Path, stem: str, display_
   tifffile.imwrite(out_dir / f"{stem}.tiff", result.anomaly_map.astype(np.float32))
   overlay = pictures.overlay(result.rgb, result.anomaly_map, 0.0, display_max)
   pictures.save_png(overlay, out_dir / f"{stem}_overlay.png")
-  _, thumb, size = report.write_pictures(
-    result.rgb, result.anomaly_map, display_max, out_dir / report.FILES, stem, write_full=False
-  )
+  thumb, size = report.write_thumbnail(overlay, out_dir / report.FILES, stem)
   group = pathlib.Path(result.name).parent.name
   return report.Item(
     result.name,
