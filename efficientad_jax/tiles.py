@@ -70,19 +70,6 @@ class Tiling:
       out[y : y + t, x : x + t] += self.window
     return out
 
-  def cut(self, image: np.ndarray) -> np.ndarray:
-    """[H, W, C] -> [count, T, T, C] (NumPy; the data pipeline and the tests)."""
-    t = self.tile
-    return np.stack([image[y : y + t, x : x + t] for y, x in self.boxes])
-
-  def stitch(self, maps: np.ndarray) -> np.ndarray:
-    """[count, T, T] tile maps -> [H, W]: the window-weighted mean where tiles overlap (NumPy)."""
-    out = np.zeros(self.size, np.float32)
-    t = self.tile
-    for (y, x), m in zip(self.boxes, maps):
-      out[y : y + t, x : x + t] += self.window * m
-    return out / self.coverage
-
 
 def from_model(model_cfg: Any) -> Tiling | None:
   """The tiling of a `config.ModelConfig` (`tile` > 0), else None (the whole image is the networks' input)."""

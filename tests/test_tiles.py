@@ -35,6 +35,24 @@ HW, T, OVERLAP = (96, 128), 64, 16
 TILING = tiles.Tiling(HW, T, OVERLAP)
 
 
+# NumPy references written from tiles.py's geometry, independent of inference.cut / stitch (JAX).
+
+
+def cut(tiling: tiles.Tiling, image: np.ndarray) -> np.ndarray:
+  """[H, W, C] -> [count, T, T, C]."""
+  t = tiling.tile
+  return np.stack([image[y : y + t, x : x + t] for y, x in tiling.boxes])
+
+
+def stitch(tiling: tiles.Tiling, maps: np.ndarray) -> np.ndarray:
+  """[count, T, T] tile maps -> [H, W]: the window-weighted mean where tiles overlap."""
+  out, weight, t = np.zeros(tiling.size), np.zeros(tiling.size), tiling.tile
+  for (y, x), m in zip(tiling.boxes, maps):
+    out[y : y + t, x : x + t] += tiling.window * m
+    weight[y : y + t, x : x + t] += tiling.window
+  return (out / weight).astype(np.float32)
+
+
 # --- Geometry.
 
 
@@ -54,22 +72,22 @@ def test_stitching_gives_back_what_the_tiles_agree_on():
   only decide how overlapping tiles are mixed). Different values in the overlap are blended, not cut: the
   stitched map changes gradually across the overlap."""
   field = np.random.default_rng(0).normal(size=HW).astype(np.float32)
-  np.testing.assert_allclose(TILING.stitch(TILING.cut(field[..., None])[..., 0]), field, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(stitch(TILING, cut(TILING, field[..., None])[..., 0]), field, rtol=1e-6, atol=1e-6)
   assert (TILING.coverage > 0).all()
   two = tiles.Tiling((64, 112), 64, 16)  # two tiles side by side, overlapping in columns 48..63
-  stitched = two.stitch(np.stack([np.zeros((64, 64)), np.ones((64, 64))]))
+  stitched = stitch(two, np.stack([np.zeros((64, 64)), np.ones((64, 64))]))
   row = stitched[32]
   assert (row[:48] == 0).all() and (row[64:] == 1).all()
   assert (np.diff(row[47:65]) > 0).all() and 0 < row[55] < 1  # no step: a ramp from one tile to the other
-  jax_stitched = np.asarray(inference.stitch(jax.numpy.asarray(TILING.cut(field[..., None])[..., 0]), TILING))
+  jax_stitched = np.asarray(inference.stitch(jax.numpy.asarray(cut(TILING, field[..., None])[..., 0]), TILING))
   np.testing.assert_allclose(jax_stitched[0], field, rtol=1e-6, atol=1e-6)
 
 
 def test_jax_cut_is_image_by_image_in_box_order():
   images = np.random.default_rng(1).normal(size=(2, *HW, 3)).astype(np.float32)
-  cut = np.asarray(inference.cut(jax.numpy.asarray(images), TILING))
-  assert cut.shape == (2 * TILING.count, T, T, 3)
-  np.testing.assert_array_equal(cut, np.concatenate([TILING.cut(image) for image in images]))
+  tiled = np.asarray(inference.cut(jax.numpy.asarray(images), TILING))
+  assert tiled.shape == (2 * TILING.count, T, T, 3)
+  np.testing.assert_array_equal(tiled, np.concatenate([cut(TILING, image) for image in images]))
 
 
 def test_tile_config_rules():
@@ -143,11 +161,11 @@ def test_tiled_predict_equals_untiled_predict_on_each_tile_stitched(detector):
   h, w = models.pdn_output_size((T, T), cfg.size)
   assert out["anomaly_map"].shape == (2, 150, 200) and out["map_combined"].shape == (2, TILING.count * h, w)
   for b in range(2):
-    alone = whole(det, TILING.cut(images[b]), out_size=(T, T))
+    alone = whole(det, cut(TILING, images[b]), out_size=(T, T))
     # The network-grid maps: each image's tile maps stacked along the rows, in box order.
     np.testing.assert_allclose(out["map_combined"][b], np.concatenate(alone["map_combined"]), rtol=1e-5, atol=1e-6)
     per_tile = np.asarray(alone["anomaly_map"])
-    stitched = TILING.stitch(per_tile)
+    stitched = stitch(TILING, per_tile)
     expected = np.asarray(models.resize(stitched[None, ..., None], (150, 200)))[0, ..., 0]
     np.testing.assert_allclose(np.asarray(out["anomaly_map"][b]), expected, rtol=1e-5, atol=1e-5)
     assert float(out["score"][b]) == pytest.approx(expected.max(), abs=1e-5)
@@ -212,7 +230,7 @@ def test_tiled_run_teacher_statistics_are_over_tiles(tiled_run):
   nets = models.build(cfg.model)
   feats = []
   for record in ds.train_eval:
-    x = TILING.cut(record["image"])
+    x = cut(TILING, record["image"])
     feats.append(np.asarray(nets.teacher.apply({"params": model.detector.params["teacher"]}, x), np.float64))
   feats = np.concatenate([f.reshape(-1, f.shape[-1]) for f in feats])
   np.testing.assert_allclose(model.detector.teacher_stats.mean, feats.mean(0), rtol=1e-4, atol=1e-5)
