@@ -386,8 +386,8 @@ def evaluate(
 
 def _evaluate(workdir, folder, cfg, out_dir, threshold, fpr, with_report, batch_size, progress) -> dict:
   model = saved_model.load(workdir)
-  if threshold != "f1":  # a bad --fpr fails here, before minutes of prediction
-    choose_threshold(model, np.zeros(0), np.zeros(0), threshold, fpr)
+  # Chosen before minutes of prediction (a bad --fpr fails here); only 'f1' needs the test scores.
+  decided = None if threshold == "f1" else choose_threshold(model, np.zeros(0), np.zeros(0), threshold, fpr)
   from efficientad_jax.training.engine import resolve_paths
 
   cfg = resolve_paths(cfg or model.cfg, folder.parent)  # synthetic data: RUN/data
@@ -400,7 +400,7 @@ def _evaluate(workdir, folder, cfg, out_dir, threshold, fpr, with_report, batch_
 
   # --- Metrics, with the decisions at the chosen threshold.
   labels = np.asarray([r["label"] for r in records])
-  chosen, rule = choose_threshold(model, scores, labels, threshold, fpr)
+  chosen, rule = decided or choose_threshold(model, scores, labels, threshold, fpr)
   m = {
     "dataset": ds.info.dataset,
     "category": category,
