@@ -6,11 +6,12 @@
 For each PDN size: one saved model with random parameters (teacher statistics and map quantiles calibrated on
 random images, `benchmark.plausible_detector`), then preprocessed host images [B, S, S, 3] -> host anomaly map
 [B, S, S] and score [B] through each contender: jax float32 (the predict path), onnxruntime float32 and
-OpenVINO float32 (the ONNX graph, `backends.make`), OpenVINO int8 (`quantize.quantize`, calibrated here on
-random images: its timing, not its accuracy, which `export --int8` measures on a run's own test images), and
-the PyTorch reference path (`torch_reference.torch_predict_fn`: eval, no_grad) where torch is installed. The
-contenders run in turn within each round, after a short pause each (`torch_reference._interleaved_medians`),
-so a shared machine's load hits them alike; medians. Each runtime uses all cores (its default).
+OpenVINO float32 (the ONNX graph, `backends.make`), OpenVINO int8 (`quantize.quantize`) and onnxruntime int8
+(`onnx_int8.quantize_onnx`, static QDQ), both calibrated here on the same random images (their timing, not their
+accuracy, which `export --int8` measures on a run's own test images), and the PyTorch reference path
+(`torch_reference.torch_predict_fn`: eval, no_grad) where torch is installed. The contenders run in turn within
+each round, after a short pause each (`torch_reference._interleaved_medians`), so a shared machine's load hits
+them alike; medians. Each runtime uses all cores (its default).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 
 from efficientad_jax import config as config_lib
 from efficientad_jax.config import Config, ImageSize, ModelConfig
-from efficientad_jax.serving import backends, openvino_ir, quantize, saved_model
+from efficientad_jax.serving import backends, onnx_graph, onnx_int8, openvino_ir, quantize, saved_model
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni")
 PACKAGES = ("jax", "onnxruntime", "openvino", "nncf", "torch")
@@ -90,6 +91,9 @@ def contenders(model: saved_model.LoadedModel, size: str, calibration: np.ndarra
       runners["openvino int8"] = backends.openvino_runner(model, int8, backends.openvino_core())
     except backends.BackendError as e:
       logging.warning("openvino int8 left out: %s", e)
+  if "onnxruntime fp32" in runners:
+    qdq = onnx_int8.quantize_onnx(onnx_graph.to_onnx(model), calibration)
+    runners["onnxruntime int8"] = backends.onnxruntime_runner(model, qdq.SerializeToString())
   fns = {name: (lambda x, r=r: r(x, (h, w))) for name, r in runners.items()}
   try:
     from experiments import torch_reference

@@ -4,6 +4,7 @@
   python -m experiments.export --model RUN --format onnx --out model.onnx      # onnxruntime, no JAX
   python -m experiments.export --model RUN --format openvino --out model.xml   # OpenVINO IR (+ model.bin) [--fp16]
   python -m experiments.export --model RUN --int8 --out model_int8.xml         # int8 IR, measured; [--max-auroc-drop]
+  python -m experiments.export --model RUN --format onnx --int8 --out model_int8.onnx   # int8 QDQ for onnxruntime
 
 Then, in any process with jax and numpy:
   from efficientad_jax.serving.export import load_exported
@@ -13,9 +14,10 @@ The ONNX graph takes `image` [N, H, W, 3] and gives `anomaly_map` [N, H, W] and 
 preprocessing are in its metadata_props (see efficientad_jax/onnx_graph.py and the README). The OpenVINO IR is
 the same graph, its metadata in the IR's rt_info (efficientad_jax/serving/openvino_ir.py); --format onnx and
 openvino need the pip extra 'deploy'. `predict --backend onnxruntime|openvino --graph FILE` runs either file.
---int8 (OpenVINO, NNCF) calibrates on the run's normal training images, keeps the maps in float, measures int8
-against float on the run's test images (image AU-ROC, AU-PRO@0.3, score difference: printed and in the IR's
-metadata) and refuses when the image AU-ROC drops by more than --max-auroc-drop (efficientad_jax/serving/quantize.py).
+--int8 (OpenVINO IR by NNCF, or with --format onnx a QDQ graph by onnxruntime's quantizer) calibrates on the run's
+normal training images, keeps the maps in float, measures int8 against float on the run's test images (image
+AU-ROC, AU-PRO@0.3, score difference: printed and in the file's metadata) and refuses when the image AU-ROC drops
+by more than --max-auroc-drop (efficientad_jax/serving/quantize.py, onnx_int8.py).
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--platforms", help="jax format: comma-separated lowering targets (default: cpu,cuda; e.g. tpu)")
   p.add_argument("--opset", type=int, help="onnx format: ONNX opset (default 18, the least that fits)")
   p.add_argument("--fp16", action="store_true", help="openvino format: float16 weights (computed in float32)")
-  p.add_argument("--int8", action="store_true", help="openvino format: int8 networks, calibrated on the run's normals")
+  p.add_argument(
+    "--int8", action="store_true", help="openvino or onnx format: int8 networks, calibrated on the run's normals"
+  )
   p.add_argument(
     "--max-auroc-drop",
     type=auroc_drop,
@@ -54,11 +58,12 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   cli.new_file(args.out, "--out")  # before any work: nothing half-written is left behind
   args.format = args.format or ("openvino" if args.int8 else "jax")
-  for flag in ("fp16", "int8"):
-    if getattr(args, flag) and args.format != "openvino":
-      raise SystemExit(
-        f"error: --{flag} applies to --format openvino only (--{flag}): add --format openvino or drop it"
-      )
+  if args.fp16 and args.format != "openvino":
+    raise SystemExit("error: --fp16 applies to --format openvino only (--fp16): add --format openvino or drop it")
+  if args.int8 and args.format not in ("onnx", "openvino"):
+    raise SystemExit(
+      f"error: --int8 applies to --format openvino or onnx, not {args.format} (--int8): choose one or drop --int8"
+    )
   if args.fp16 and args.int8:
     raise SystemExit("error: --fp16 and --int8 are two weight formats (--fp16, --int8): choose one")
   if args.format == "onnx":
@@ -87,6 +92,8 @@ def export_onnx(args: argparse.Namespace) -> int:
 
   if args.platforms:
     raise SystemExit("error: --platforms applies to --format jax only (--platforms): drop it for onnx")
+  if args.int8:
+    return export_int8_onnx(args)
   try:
     path = onnx_graph.export_onnx(args.model, args.out, args.opset or onnx_graph.DEFAULT_OPSET)
   except (FileNotFoundError, ValueError) as e:  # OnnxExportError is a ValueError
@@ -126,19 +133,40 @@ def export_int8(args: argparse.Namespace) -> int:
     path, f = quantize.export_int8(args.model, args.out, args.max_auroc_drop)
   except (FileNotFoundError, ValueError) as e:  # QuantizationError, BackendError, DataError are ValueErrors
     raise SystemExit(f"error: {e}") from None
-  pro = quantize.PRO_LIMIT
+  print(
+    f"wrote {path} and {path.with_suffix('.bin').name} (openvino, {int8_summary(f)}; in its rt_info 'int8_accuracy'"
+  )
+  return 0
+
+
+def export_int8_onnx(args: argparse.Namespace) -> int:
+  from efficientad_jax.serving import onnx_graph, onnx_int8
+
+  try:
+    path, f = onnx_int8.export_int8_onnx(
+      args.model, args.out, args.max_auroc_drop, args.opset or onnx_graph.DEFAULT_OPSET
+    )
+  except (FileNotFoundError, ValueError) as e:  # QuantizationError, BackendError, OnnxExportError, DataError
+    raise SystemExit(f"error: {e}") from None
+  print(f"wrote {path} (onnx, QDQ, {int8_summary(f)}; in its metadata_props 'int8_accuracy'")
+  return 0
+
+
+def int8_summary(f: dict) -> str:
+  """What the int8 model is and how it measured (`quantize.accuracy` figures), for the one line printed."""
+  from efficientad_jax.serving.quantize import PRO_LIMIT as pro
+
   pro_text = (
     f", AU-PRO@{pro} {f[f'au_pro_{pro}_int8']:.4f} (float {f[f'au_pro_{pro}_float']:.4f})"
     if f[f"au_pro_{pro}_float"] is not None
     else ""
   )
-  print(
-    f"wrote {path} and {path.with_suffix('.bin').name} (openvino, int8 networks, float maps; calibrated on "
-    f"{f['calibration_images']} normal training images). On {f['test_images']} test images: image AU-ROC "
-    f"{f['image_auroc_int8']:.4f} (float {f['image_auroc_float']:.4f}){pro_text}, largest score difference "
-    f"{f['max_score_difference']:.4g} (float scores span {f['float_score_range']:.4g}); in its rt_info 'int8_accuracy'"
+  return (
+    f"int8 networks, float maps; calibrated on {f['calibration_images']} normal training images). On "
+    f"{f['test_images']} test images: image AU-ROC {f['image_auroc_int8']:.4f} (float {f['image_auroc_float']:.4f})"
+    f"{pro_text}, largest score difference {f['max_score_difference']:.4g} (float scores span "
+    f"{f['float_score_range']:.4g})"
   )
-  return 0
 
 
 def auroc_drop(text: str) -> float:

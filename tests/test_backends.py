@@ -191,8 +191,9 @@ def test_deploy_benchmark_tiny_writes_every_backend(tmp_path, capsys):
     ("small", 1, [64, 64]),
     ("small", 2, [64, 64]),
   ]
-  names = {"jax fp32", "onnxruntime fp32", "openvino fp32", "openvino int8", "pytorch fp32"}
+  names = {"jax fp32", "onnxruntime fp32", "openvino fp32", "openvino int8", "onnxruntime int8", "pytorch fp32"}
   for r in report["results"]:
     assert set(r["ms_per_call"]) == names and min(r["ms_per_call"].values()) > 0
     assert r["speedup_vs_jax"]["jax fp32"] == 1.0
-  assert "| PDN-S 64x64 | 1 |" in capsys.readouterr().out
+  table = capsys.readouterr().out
+  assert "| PDN-S 64x64 | 1 |" in table and "| onnxruntime int8 ms/img (x jax) |" in table

@@ -157,17 +157,30 @@ def _check_outputs(names: Sequence[str], graph: str | pathlib.Path | None) -> No
     raise BackendError(f"{graph}: the graph has no map_combined output (exported by an older version): export it again")
 
 
-def _onnxruntime(model: Any, graph: str | pathlib.Path | None, threads: int) -> Runner:
+def onnxruntime_module(why: str = "--backend onnxruntime") -> Any:
   try:
-    import onnxruntime as ort
+    import onnxruntime
   except ImportError:
-    raise missing("onnxruntime", "--backend onnxruntime") from None
+    raise missing("onnxruntime", why) from None
+  return onnxruntime
+
+
+def _onnxruntime(model: Any, graph: str | pathlib.Path | None, threads: int) -> Runner:
+  onnxruntime_module()
   if graph is not None and pathlib.Path(graph).suffix != ".onnx":
     raise BackendError(f"{graph}: onnxruntime runs .onnx files (export with --format onnx)")
+  return onnxruntime_runner(model, _graph_bytes(model, graph), threads, graph)
+
+
+def onnxruntime_runner(
+  model: Any, graph_bytes: bytes, threads: int = 0, graph: str | pathlib.Path | None = None
+) -> Runner:
+  """A `Runner` of a serialized ONNX graph (e.g. one just quantized) in an onnxruntime CPU session."""
+  ort = onnxruntime_module()
   options = ort.SessionOptions()
   if threads:
     options.intra_op_num_threads = threads
-  session = ort.InferenceSession(_graph_bytes(model, graph), options, providers=["CPUExecutionProvider"])
+  session = ort.InferenceSession(graph_bytes, options, providers=["CPUExecutionProvider"])
   _check_size(session.get_inputs()[0].shape[1:3], model, graph)
   _check_outputs([o.name for o in session.get_outputs()], graph)
   name, finish = graph_output(model)

@@ -317,15 +317,19 @@ def to_onnx(model: Any, source: str = "model", opset: int = DEFAULT_OPSET):
   return proto
 
 
+def write_onnx(proto: Any, out: str | pathlib.Path) -> pathlib.Path:
+  """Writes `proto` to `out` atomically: a reader never sees half a file."""
+  out = pathlib.Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(out.name + ".tmp")
+  tmp.write_bytes(proto.SerializeToString())
+  tmp.replace(out)
+  return out
+
+
 def export_onnx(model_path: str | pathlib.Path, out: str | pathlib.Path, opset: int = DEFAULT_OPSET) -> pathlib.Path:
   """Loads RUN (or RUN/model) and writes its ONNX graph to `out` (atomically)."""
   from efficientad_jax.serving import saved_model
 
   source = str(saved_model.model_dir(model_path))
-  proto = to_onnx(saved_model.load(model_path), source, opset)
-  out = pathlib.Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(out.name + ".tmp")
-  tmp.write_bytes(proto.SerializeToString())
-  tmp.replace(out)  # a reader never sees half a file
-  return out
+  return write_onnx(to_onnx(saved_model.load(model_path), source, opset), out)

@@ -1,5 +1,7 @@
 """int8 OpenVINO IR of a saved model that keeps its accuracy: NNCF post-training quantization, calibrated on the
-run's own normal training images, measured against float on the run's test images (docs/method.md §7, §9).
+run's own normal training images, measured against float on the run's test images (docs/method.md §7, §9). What
+stays float, the calibration images and the measurement are shared with the int8 ONNX graph for onnxruntime
+(`onnx_int8.py`).
 
   python -m experiments.export --model RUN --format openvino --int8 --out model_int8.xml [--max-auroc-drop 0.005]
 
@@ -68,21 +70,28 @@ def run_images(model: Any, folder: pathlib.Path, max_train: int = CALIBRATION_IM
   return RunImages(train=train, test=[ds.test[i] for i in range(len(ds.test))])
 
 
-def float_nodes(ov_model: Any) -> list[str]:
-  """The names of the nodes that stay float32 (module doc): the maps (and a tiled model's stitching) and each
-  network's first convolution (OpenVINO splits an ONNX Conv into Convolution 'NAME/WithoutBiases' and its bias
-  Add 'NAME')."""
-  names = [op.get_friendly_name() for op in ov_model.get_ordered_ops()]
+def float_nodes(names: Sequence[str]) -> list[str]:
+  """Of a graph's node names in topological order, those that stay float32 (module doc): the maps (and a tiled
+  model's stitching) and each network's first convolution. The names are `onnx_graph`'s, which name a node
+  SCOPE/OPTYPE_N: the ONNX Conv 'SCOPE/conv_N' (its own name, also after onnxruntime's quantizer), which OpenVINO
+  reads as Convolution 'SCOPE/conv_N/WithoutBiases' and its bias Add 'SCOPE/conv_N'. Both int8 paths call this."""
   keep = [n for n in names if n.startswith((onnx_graph.MAPS_SCOPE, onnx_graph.TILES_SCOPE))]
   for scope in NETWORKS:
-    first = next(
-      op
-      for op in ov_model.get_ordered_ops()
-      if op.get_type_name() == "Convolution" and op.get_friendly_name().startswith(scope)
-    )
-    conv = first.get_friendly_name()
-    keep += [n for n in names if n == conv or n == conv.removesuffix("/WithoutBiases")]
+    # the first in topological order: every other conv of the network depends on it
+    first = next(n for n in names if n.startswith(scope + "conv_"))
+    conv = scope + first.removeprefix(scope).split("/")[0]
+    keep += [n for n in names if n == conv or n.startswith(conv + "/")]
   return keep
+
+
+def first_convs(keep_float: Sequence[str]) -> list[str]:
+  """The ONNX names of the first convolutions among `float_nodes` (for the figures: one list for both paths)."""
+  return [n for n in keep_float if n.startswith(NETWORKS) and n.count("/") == 1]
+
+
+def openvino_names(ov_model: Any) -> list[str]:
+  """An `openvino.Model`'s node names, in topological order."""
+  return [op.get_friendly_name() for op in ov_model.get_ordered_ops()]
 
 
 def quantize(ov_model: Any, images: np.ndarray, keep_float: Sequence[str] | None = None) -> Any:
@@ -92,7 +101,7 @@ def quantize(ov_model: Any, images: np.ndarray, keep_float: Sequence[str] | None
     import nncf
   except ImportError:
     raise backends.missing("nncf", "--int8") from None
-  keep_float = float_nodes(ov_model) if keep_float is None else list(keep_float)
+  keep_float = float_nodes(openvino_names(ov_model)) if keep_float is None else list(keep_float)
   dataset = nncf.Dataset([x[None] for x in images])
   ignored = nncf.IgnoredScope(names=keep_float, validate=False) if keep_float else None
   log = logging.getLogger("nncf")
@@ -141,6 +150,36 @@ def accuracy(float_runner: backends.Runner, int8_runner: backends.Runner, test: 
   return figures
 
 
+def check_bound(max_auroc_drop: float) -> None:
+  if max_auroc_drop < 0:
+    raise QuantizationError(f"--max-auroc-drop {max_auroc_drop}: it must be >= 0 (a drop in image AU-ROC)")
+
+
+def measure(
+  float_runner: backends.Runner,
+  int8_runner: backends.Runner,
+  images: RunImages,
+  keep_float: Sequence[str],
+  max_auroc_drop: float,
+) -> dict[str, Any]:
+  """`accuracy` on the run's test images, with the calibration and float nodes; both int8 paths.
+
+  Raises:
+    QuantizationError: image AU-ROC drops by more than `max_auroc_drop`.
+  """
+  figures = accuracy(float_runner, int8_runner, images.test)
+  figures.update(
+    calibration_images=len(images.train), float_nodes=[onnx_graph.MAPS_SCOPE + "*", *first_convs(keep_float)]
+  )
+  drop = figures["image_auroc_drop"]
+  if drop > max_auroc_drop:
+    raise QuantizationError(
+      f"int8 image AU-ROC {figures['image_auroc_int8']:.4f} vs float {figures['image_auroc_float']:.4f} on "
+      f"{len(images.test)} test images: a drop of {drop:.4f} > {max_auroc_drop} (--max-auroc-drop); nothing written"
+    )
+  return figures
+
+
 def export_int8(
   model_path: str | pathlib.Path, out: str | pathlib.Path, max_auroc_drop: float = MAX_AUROC_DROP
 ) -> tuple[pathlib.Path, dict[str, Any]]:
@@ -151,24 +190,16 @@ def export_int8(
   """
   from efficientad_jax.serving import saved_model
 
-  if max_auroc_drop < 0:
-    raise QuantizationError(f"--max-auroc-drop {max_auroc_drop}: it must be >= 0 (a drop in image AU-ROC)")
+  check_bound(max_auroc_drop)
   folder = saved_model.model_dir(model_path)
   model = saved_model.load(model_path)
   images = run_images(model, folder)
   ov_model = openvino_ir.to_openvino(model, str(folder), "int8 (activations per tensor, weights per channel)")
   core = backends.openvino_core(why="--int8")
   float_runner = backends.openvino_runner(model, ov_model.clone(), core)
-  keep_float = float_nodes(ov_model)
+  keep_float = float_nodes(openvino_names(ov_model))
   int8_model = quantize(ov_model, images.train, keep_float)
-  figures = accuracy(float_runner, backends.openvino_runner(model, int8_model, core), images.test)
-  first_convs = [n for n in keep_float if n.endswith("/WithoutBiases")]
-  figures.update(calibration_images=len(images.train), float_nodes=[onnx_graph.MAPS_SCOPE + "*", *first_convs])
-  drop = figures["image_auroc_drop"]
-  if drop > max_auroc_drop:
-    raise QuantizationError(
-      f"int8 image AU-ROC {figures['image_auroc_int8']:.4f} vs float {figures['image_auroc_float']:.4f} on "
-      f"{len(images.test)} test images: a drop of {drop:.4f} > {max_auroc_drop} (--max-auroc-drop); nothing written"
-    )
+  int8_runner = backends.openvino_runner(model, int8_model, core)
+  figures = measure(float_runner, int8_runner, images, keep_float, max_auroc_drop)
   openvino_ir.set_metadata(int8_model, {"int8_accuracy": json.dumps(figures)})
   return openvino_ir.write_ir(int8_model, out), figures
