@@ -139,11 +139,13 @@ def make_predict_fn(
   return compiler.jit(functools.partial(predict, nets, cfg, tiling=tiling), static_argnames="out_size")
 
 
+@functools.lru_cache(maxsize=8)
 def make_raw_maps_fn(
   nets: Models, tiling: tiles.Tiling | None = None
 ) -> Callable[..., tuple[jnp.ndarray, jnp.ndarray]]:
   """The jitted first half of `predict`, for calibration: fn(params, stats, images) -> (map_st, map_ae), per
-  image ([B, n * h, w] with tiles, `per_image`: the quantiles are taken over every tile's map)."""
+  image ([B, n * h, w] with tiles, `per_image`: the quantiles are taken over every tile's map). One per
+  (networks, tiles): the runs of one process (a group's members) calibrate with one compilation."""
 
   def raw(params, stats, images):
     maps = raw_maps(nets, params, stats, network_input(images, tiling))

@@ -5,11 +5,13 @@ records anything; `pieces` builds the method's parts the engine runs (networks, 
 data-parallel step, state factory); the engine (`engine.run_stage`) fits the teacher statistics on a fresh
 start or restores the last checkpoint, and runs the steps with periodic orbax checkpoints (resumable at any
 moment); `inference.calibrate` fits the map quantiles and the decision threshold on validation
-normals; the complete model goes to RUN/model.
+normals; the complete model goes to RUN/model. `prepare_run`, `fresh_start` and `save_model` are the pieces of
+one run that the members trainer (`members_trainer.py`, many runs in one program) reuses as they are.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import pathlib
@@ -123,13 +125,20 @@ def load_teacher(cfg: Config, nets: models.Models, key: jax.Array) -> tuple[dict
   return nets.teacher.init(key, x)["params"], "random"
 
 
+@functools.lru_cache(maxsize=8)
+def teacher_features_fn(nets: models.Models, tiling: tiles.Tiling | None) -> Callable:
+  """The jitted teacher features per image, fn(teacher params, images) -> [B, h, w, C]; one per (networks, tiles),
+  so the runs of one process (a group's members, a test's runs) compile it once."""
+  teacher_of = lambda p, x: nets.teacher.apply({"params": p}, inference.network_input(x, tiling))
+  return compiler.jit(lambda p, x: inference.per_image(teacher_of(p, x), x.shape[0]))  # padded batches: per image
+
+
 def fit_teacher_stats(
   nets: models.Models, teacher: dict, ds: Datasets, batch_size: int, tiling: tiles.Tiling | None = None
 ) -> normalization.TeacherStats:
   """Channel statistics of the teacher over the (un-augmented) training images (docs/method.md §5.1); with
   tiles, over every tile of them (what the networks see)."""
-  teacher_of = lambda p, x: nets.teacher.apply({"params": p}, inference.network_input(x, tiling))
-  apply = compiler.jit(lambda p, x: inference.per_image(teacher_of(p, x), x.shape[0]))  # padded batches: per image
+  apply = teacher_features_fn(nets, tiling)
   run = lambda images, _: apply(teacher, images)
   features = lambda: (out for _, out in map_batches(run, ordered_batches(ds.train_eval, batch_size)))
   return normalization.fit_teacher_stats(lambda t: t, features)
@@ -153,6 +162,77 @@ def checked_datasets(cfg: Config) -> Datasets:
   return ds
 
 
+class Prepared(NamedTuple):
+  """One run directory, checked and recorded (`prepare_run`): what its training and its saved model read."""
+
+  saved_cfg: Config  # as given: what RUN/config.json and the model keep
+  cfg: Config  # as run (generated paths resolved)
+  workdir: pathlib.Path
+  ds: Datasets
+  teacher: dict
+  teacher_source: str  # the checkpoint's path, or "random"
+  init_key: jax.Array  # the networks' initialisation
+  step_key: jax.Array  # the base key every step folds its number into (dropout)
+  state_like: train_step.TrainState  # shapes and shardings a checkpoint restores into
+
+
+def prepare_run(
+  saved_cfg: Config, cfg: Config, workdir: pathlib.Path, method: Pieces, mesh: jax.sharding.Mesh
+) -> Prepared:
+  """Data, teacher and disk checked, then RUN/config.json and RUN/splits.json written: nothing is recorded in
+  the run directory before every check has passed. The keys are split from train.seed."""
+  init_key, teacher_key, step_key = jax.random.split(jax.random.key(cfg.train.seed), 3)
+  ds = checked_datasets(cfg)
+  teacher, teacher_source = load_teacher(cfg, method.nets, teacher_key)
+  state_like = parallel.state_template(method.init, init_key, mesh)
+  checkpoint.check_space(workdir, 2 * checkpoint.tree_bytes(state_like, teacher))  # before any step
+  engine.write_config(workdir, saved_cfg)
+  write_splits(workdir, ds, cfg)
+  if not ds.info.penalty:
+    log.warning(
+      "no data.penalty source: training WITHOUT the ImageNet penalty (recorded in the model as "
+      "'penalty: off'); pass data.penalty=<image folder> or tfds:imagenette"
+    )
+  return Prepared(saved_cfg, cfg, workdir, ds, teacher, teacher_source, init_key, step_key, state_like)
+
+
+def fresh_start(
+  run: Prepared, method: Pieces, mesh: jax.sharding.Mesh, local_batch: int
+) -> tuple[train_step.TrainState, train_step.Frozen]:
+  """A run without checkpoints: the teacher statistics fitted on its training images, fresh networks."""
+  log.info("fitting teacher statistics on %d training images", len(run.ds.train_eval))
+  stats = fit_teacher_stats(method.nets, run.teacher, run.ds, local_batch, tiles.from_model(run.cfg.model))
+  frozen = parallel.replicate(train_step.Frozen(teacher=run.teacher, stats=stats), mesh)
+  return parallel.new_state(method.init, run.init_key, mesh), frozen
+
+
+def save_model(
+  run: Prepared, state: train_step.TrainState, frozen: train_step.Frozen, local_batch: int
+) -> pathlib.Path:
+  """Calibration on the validation normals, then the complete model in RUN/model (every process: the primary
+  writes)."""
+  cfg = run.cfg
+  detector, threshold, validation_scores = inference.calibrate(
+    cfg, {"teacher": frozen.teacher, **state.params}, frozen.stats, run.ds.validation, local_batch
+  )
+  meta = {
+    "config": config_lib.to_dict(run.saved_cfg),
+    "model_size": cfg.model.size,
+    "image_size": cfg.model.image_size,
+    "teacher": run.teacher_source,
+    "penalty": "on" if run.ds.info.penalty else "off",
+    "threshold": threshold,
+    "threshold_rule": f"{cfg.maps.threshold_quantile} quantile of validation image scores",
+    "validation_scores": validation_scores,  # for other thresholds later (serving.thresholds)
+    "steps": cfg.train.steps,
+    "global_batch": cfg.train.batch_size,
+    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+  }
+  path = saved_model.save(run.workdir / "model", "efficientad", detector, meta)
+  log.info("saved the model to %s (threshold %.4f)", path, threshold)
+  return path
+
+
 def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) -> pathlib.Path:
   """Trains, calibrates and saves the complete model; returns RUN/model. Resumes from RUN/checkpoints."""
   with engine.run_directory(cfg, workdir, "training") as run:
@@ -160,17 +240,11 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) ->
 
 
 def _train(saved_cfg: Config, cfg: Config, workdir: pathlib.Path, *, progress: bool) -> pathlib.Path:
-  init_key, teacher_key, step_key = jax.random.split(jax.random.key(cfg.train.seed), 3)
-
   # --- Data, networks, teacher, mesh, disk: all checked before the run directory records anything.
-  ds = checked_datasets(cfg)
   devices = parallel.data_parallel_devices(cfg.train.batch_size)
   mesh = parallel.data_mesh(devices)
   method = pieces(cfg, mesh)
-  teacher, teacher_source = load_teacher(cfg, method.nets, teacher_key)
-  state_like = parallel.state_template(method.init, init_key, mesh)
-  checkpoint.check_space(workdir, 2 * checkpoint.tree_bytes(state_like, teacher))  # before any step
-  engine.write_config(workdir, saved_cfg)
+  run = prepare_run(saved_cfg, cfg, workdir, method, mesh)
   local_batch = cfg.train.batch_size // jax.process_count()  # this process's share
   log.info(
     "global batch %d on %d of %d devices: %d image(s) per device",
@@ -179,21 +253,9 @@ def _train(saved_cfg: Config, cfg: Config, workdir: pathlib.Path, *, progress: b
     jax.device_count(),
     cfg.train.batch_size // len(devices),
   )
-  write_splits(workdir, ds, cfg)
-  it = ds.train_iter(local_batch, jax.process_index(), jax.process_count())
-  if not ds.info.penalty:
-    log.warning(
-      "no data.penalty source: training WITHOUT the ImageNet penalty (recorded in the model as "
-      "'penalty: off'); pass data.penalty=<image folder> or tfds:imagenette"
-    )
+  it = run.ds.train_iter(local_batch, jax.process_index(), jax.process_count())
 
   # --- The steps, on the engine: a fresh start fits the teacher statistics first.
-  def fresh():
-    log.info("fitting teacher statistics on %d training images", len(ds.train_eval))
-    stats = fit_teacher_stats(method.nets, teacher, ds, local_batch, tiles.from_model(cfg.model))
-    frozen = parallel.replicate(train_step.Frozen(teacher=teacher, stats=stats), mesh)
-    return parallel.new_state(method.init, init_key, mesh), frozen
-
   # The iterator state is the number of batches consumed, equal on every process, so the primary host's copy
   # (the one orbax writes) resumes all of them.
   if cfg.train.steps_per_dispatch > 1 and jax.default_backend() == "cpu":
@@ -202,10 +264,10 @@ def _train(saved_cfg: Config, cfg: Config, workdir: pathlib.Path, *, progress: b
       "steps (BUILD_NOTES.md, 'Training feed'); K > 1 pays off on accelerators",
       cfg.train.steps_per_dispatch,
     )
-  advance = make_advance(method, it, mesh, step_key)
+  advance = make_advance(method, it, mesh, run.step_key)
   hooks = engine.Hooks(
-    fresh=fresh,
-    template=lambda: (state_like, frozen_template(teacher, cfg.model.teacher_channels, mesh)),
+    fresh=lambda: fresh_start(run, method, mesh, local_batch),
+    template=lambda: (run.state_like, frozen_template(run.teacher, cfg.model.teacher_channels, mesh)),
     progress=it.get_state,
     resume=it.set_state,
   )
@@ -217,22 +279,4 @@ def _train(saved_cfg: Config, cfg: Config, workdir: pathlib.Path, *, progress: b
     it.close()
 
   # --- Calibration on validation normals, then the complete model.
-  detector, threshold, validation_scores = inference.calibrate(
-    cfg, {"teacher": frozen.teacher, **state.params}, frozen.stats, ds.validation, local_batch
-  )
-  meta = {
-    "config": config_lib.to_dict(saved_cfg),
-    "model_size": cfg.model.size,
-    "image_size": cfg.model.image_size,
-    "teacher": teacher_source,
-    "penalty": "on" if ds.info.penalty else "off",
-    "threshold": threshold,
-    "threshold_rule": f"{cfg.maps.threshold_quantile} quantile of validation image scores",
-    "validation_scores": validation_scores,  # for other thresholds later (serving.thresholds)
-    "steps": cfg.train.steps,
-    "global_batch": cfg.train.batch_size,
-    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-  }
-  path = saved_model.save(workdir / "model", "efficientad", detector, meta)  # every process: the primary writes
-  log.info("saved the model to %s (threshold %.4f)", path, threshold)
-  return path
+  return save_model(run, state, frozen, local_batch)
