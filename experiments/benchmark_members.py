@@ -40,17 +40,6 @@ def group(cfg: Config, n: int, seed: int):
   return step, [states, teacher, stats, batches, keys], compiled.memory_analysis()
 
 
-def memory_bytes(analysis) -> int | None:
-  if analysis is None:
-    return None
-  return int(
-    analysis.argument_size_in_bytes
-    + analysis.output_size_in_bytes
-    + analysis.temp_size_in_bytes
-    - analysis.alias_size_in_bytes
-  )
-
-
 def bench_members(size: str, args: argparse.Namespace) -> list[dict]:
   cfg = Config(
     model=ModelConfig(size=size, image_size=args.image_size),
@@ -79,7 +68,7 @@ def bench_members(size: str, args: argparse.Namespace) -> list[dict]:
     median = float(np.median(seconds[n]))
     per_member = n / median
     solo = per_member if n == 1 else solo
-    mem = memory_bytes(groups[n][2])
+    mem = members.memory_bytes(groups[n][2])
     results.append(
       {
         "size": size,
