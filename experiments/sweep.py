@@ -1,17 +1,21 @@
 r"""Reproducibility sweep: train + evaluate every (collection, category, size, seed), then the paper's table.
 
-  python -m experiments.sweep --collections mvtec_ad,visa,mvtec_loco --sizes S,M --seeds 0..4 \
+  python -m experiments.sweep --collections mvtec_ad,visa,mvtec_loco --sizes S,M --seeds 0-4 \
       --root-mvtec-ad /data/mvtec_ad --root-visa /data/visa --root-mvtec-loco /data/mvtec_loco \
       --teacher-small teachers/small --teacher-medium teachers/medium \
       --set data.penalty=/data/imagenette/train --out sweeps/paper
   # on 4 machines: add --task-index i --num-tasks 4 (job k runs on task k % 4), then once:
   python -m experiments.sweep ...same selection... --out sweeps/paper --aggregate-only --benchmark bench.json
 
-Finished runs (RUN/eval/metrics.json) are skipped, interrupted ones resume from their checkpoints, a failing
-run is recorded (RUN/sweep_error.txt) and the others go on; the exit status is 1 when any run of this task
-failed (or, with --aggregate-only, when any run of the sweep is recorded as failed). Writes OUT/results.md
-and OUT/results.csv; runs live in OUT/runs/<collection>/<category>/<S|M>/seed<seed>. The paper's settings
-(70,000 steps, 256 px) take about an hour per run on a modern GPU: 32 categories x 2 sizes x 5 seeds = 320 runs.
+--members N (or auto: as many as fit the accelerator's memory; 1 on a CPU) trains up to N runs of one collection
+and size in one program, each in its own run folder (efficientad_jax/efficientad/members_trainer.py); the
+default 1 trains one run after another. Finished runs (RUN/eval/metrics.json) are skipped, interrupted ones
+resume from their checkpoints, a failing run is recorded (RUN/sweep_error.txt) and the others go on; the exit
+status is 1 when any run of this task failed (or, with --aggregate-only, when any run of the sweep is recorded
+as failed). Writes OUT/results.md and OUT/results.csv; runs live in
+OUT/runs/<collection>/<category>/<S|M>/seed<seed>. The paper's settings (70,000 steps, 256 px) need about 5 (S)
+and 16 (M) minutes of GPU compute per run (an estimate, not measured: README "Sweeps and notebooks"), plus data
+loading and evaluation: 32 categories x 2 sizes x 5 seeds = 320 runs.
 """
 
 from __future__ import annotations
@@ -25,6 +29,14 @@ from experiments import cli
 from experiments.train import load_config
 
 
+def members_arg(text: str) -> int | str:
+  """argparse type of --members: a bad value is a usage error (exit status 2)."""
+  try:
+    return sweep.parse_members(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {text!r}") from None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument(
@@ -32,7 +44,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   )
   p.add_argument("--categories", help="comma-separated subset (synthetic: object names to generate)")
   p.add_argument("--sizes", default="S,M", help="S,M (or small,medium)")
-  p.add_argument("--seeds", default="0..4", help="'0..4' (inclusive), '0,1,2' or a mix")
+  p.add_argument("--seeds", default="0..4", help="'0-4' or '0..4' (inclusive), '0,1,2' or a mix")
+  p.add_argument(
+    "--members",
+    default=1,
+    type=members_arg,
+    help="runs of one collection and size trained together in one program: N, or auto (as many as fit the "
+    "device's memory; 1 on a CPU, where grouping is slower)",
+  )
   for name in sweep.COLLECTIONS:
     flags = dict.fromkeys([f"--root-{name.replace('_', '-')}", f"--root-{name}"])  # both spellings work
     p.add_argument(*flags, dest=f"root_{name}", default="", help=f"{name} dataset folder (data.root)")
@@ -106,7 +125,7 @@ def main(argv=None) -> int:
     cache = f"{args.out}/jax_cache" if args.compilation_cache is None else args.compilation_cache
     if cache and any(sweep.job_status(job, args.out) != "finished" for job in mine):
       enable_compilation_cache(cache)
-    statuses = sweep.run_jobs(mine, args.out, make_config)
+    statuses = sweep.run_jobs(mine, args.out, make_config, members=args.members)
     failed = [job for job, status in statuses.items() if status == "failed"]
   rows, problems = sweep.aggregate(jobs, args.out)
   md, csv = tables.write_report(args.out, rows, problems, len(jobs), bench)

@@ -5,13 +5,17 @@ import csv
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 
+import jax
 import numpy as np
 import pytest
 
 from efficientad_jax.evaluation import sweep, tables
+from efficientad_jax.serving import saved_model
 from experiments import sweep as sweep_cli
 from tests.conftest import REPO, jax_cache_env
 
@@ -59,13 +63,36 @@ def write_run(out, job, m):
 
 
 def test_parse_seeds_and_sizes():
-  assert sweep.parse_seeds("0..4") == (0, 1, 2, 3, 4)
-  assert sweep.parse_seeds("3,0..1,3") == (0, 1, 3)
+  assert sweep.parse_seeds("0..4") == sweep.parse_seeds("0-4") == sweep.parse_seeds(" 0 - 4 ") == (0, 1, 2, 3, 4)
+  assert sweep.parse_seeds("3,0..1,3") == sweep.parse_seeds("3,0-1") == (0, 1, 3)
+  for bad in ("0-x", "a", "1..", "-1", "0-4-5"):
+    with pytest.raises(ValueError, match="neither a seed nor a range"):
+      sweep.parse_seeds(bad)
+  with pytest.raises(ValueError, match="ends before it starts"):
+    sweep.parse_seeds("4-0")
   assert sweep.parse_sizes("small,M,S") == ("S", "M")
   with pytest.raises(ValueError, match="sizes"):
     sweep.parse_sizes("L")
   with pytest.raises(ValueError, match="no seeds"):
     sweep.parse_seeds(",")
+
+
+def test_members_flag_and_groups(capsys):
+  assert sweep.parse_members("auto") == "auto" and sweep.parse_members("3") == 3
+  for bad in ("0", "-2", "x", ""):
+    with pytest.raises(ValueError, match="integer >= 1 or 'auto'"):
+      sweep.parse_members(bad)
+    with pytest.raises(SystemExit) as stop:  # argparse: one line (after the usage), exit status 2
+      sweep_cli.parse_args(["--out", "o", "--members", bad])
+    assert stop.value.code == 2
+    assert f"argument --members: expected an integer >= 1 or 'auto', got '{bad}'" in capsys.readouterr().err
+  assert sweep_cli.parse_args(["--out", "o", "--collection", "mvtec_ad", "--seeds", "0-4"]).collections == "mvtec_ad"
+  # Groups: consecutive jobs of one collection and size, up to N each.
+  jobs = sweep.enumerate_jobs(["mvtec_loco", "visa"], ["S", "M"], [0, 1], ["pushpins", "screw_bag", "pcb1"])
+  groups = sweep.group_jobs(jobs, {"S": 3, "M": 2})
+  assert [g for group in groups for g in group] == jobs
+  assert [len(g) for g in groups] == [3, 1, 2, 2, 2, 2]
+  assert all(len({(j.collection, j.size) for j in g}) == 1 for g in groups)
 
 
 def test_the_paper_sweep_has_every_job_once_in_a_fixed_order():
@@ -180,6 +207,34 @@ def test_failing_job_is_recorded_and_the_others_go_on(tmp_path):
   )
   assert list(statuses.values()) == ["skipped", "finished", "skipped"]
   assert not (jobs[1].run_dir(tmp_path) / "sweep_error.txt").exists()
+
+
+def test_groups_record_each_members_failure(tmp_path):
+  """--members 2: finished runs are skipped, the others go in groups of two; a member's own error fails it alone,
+  a group's error every member of the group, and a group left with one job trains it alone (run_fn)."""
+  jobs = sweep.enumerate_jobs(["mvtec_ad"], ["S"], [0], ["bottle", "cable", "grid", "tile", "wood", "zipper"])
+  write_run(tmp_path, jobs[0], fake_metrics("mvtec_ad", 0.9, 0.8))
+  groups, alone = [], []
+
+  def group_fn(group, out, cfgs):
+    groups.append([job.category for job in group])
+    if any(job.category == "wood" for job in group):
+      raise RuntimeError("out of memory")
+    for job in group:
+      if job.category != "grid":
+        write_run(out, job, fake_metrics("mvtec_ad", 0.9, 0.8))
+    return {job: "Traceback ...\nTrainingDiverged: step 4" if job.category == "grid" else None for job in group}
+
+  def run_fn(job, out, cfg):
+    alone.append(job.category)
+    write_run(out, job, fake_metrics("mvtec_ad", 0.9, 0.8))
+
+  statuses = sweep.run_jobs(jobs, tmp_path, lambda job: None, run_fn, members=2, group_fn=group_fn)
+  assert groups == [["cable", "grid"], ["tile", "wood"]] and alone == ["zipper"]
+  assert list(statuses.values()) == ["skipped", "finished", "failed", "failed", "failed", "finished"]
+  _, problems = sweep.aggregate(jobs, tmp_path)
+  reasons = {job.category: reason for job, _, reason in problems}
+  assert reasons == {"grid": "TrainingDiverged: step 4", "tile": "RuntimeError: out of memory", "wood": reasons["tile"]}
 
 
 def test_paper_numbers_and_latency_are_in_the_table(tmp_path):
@@ -306,3 +361,60 @@ def test_second_invocation_skips_finished_runs(swept, caplog):
   assert sum("skip synthetic/" in r.getMessage() for r in caplog.records) == 4
   assert not any("saved the model" in r.getMessage() for r in caplog.records)
   assert stamps == {p: p.stat().st_mtime_ns for p in stamps}  # nothing retrained or rewritten
+
+
+# --- The same sweep with --members 2: two groups of two runs, each trained in one program.
+
+
+def _sweep(out, jax_cache, *args):
+  cmd = [sys.executable, "-m", "experiments.sweep", *args, "--out", str(out), "--compilation-cache", str(jax_cache)]
+  return cmd, dict(os.environ, JAX_PLATFORMS="cpu", **jax_cache_env(jax_cache))
+
+
+@pytest.fixture(scope="module")
+def members_swept(tmp_path_factory, jax_cache):
+  """TINY_ARGS with --members 2 in one process: the groups (a, b) of seed 0 and of seed 1."""
+  out = tmp_path_factory.mktemp("sweep_members")
+  cmd, env = _sweep(out, jax_cache, *TINY_ARGS, "--members", "2")
+  return out, subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_members_sweep_writes_the_same_runs_and_table(swept, members_swept):
+  """The same run folders and table rows as the one-by-one sweep, every value within 0.01 percentage points: the
+  models agree within float rounding (tests/test_members_trainer.py), which moved no metric by more than 1e-14
+  here (measured)."""
+  (alone, _), (grouped, proc) = swept, members_swept
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stderr.count("(member ") == 4 and "members in one program" in proc.stderr
+  runs = lambda out: sorted(str(p.relative_to(out)) for p in (out / "runs").glob("*/*/*/*/*") if p.name != "data")
+  assert runs(grouped) == runs(alone)
+  table, ours = read_csv(alone / "results.csv"), read_csv(grouped / "results.csv")
+  assert ours.keys() == table.keys()
+  for key, row in table.items():
+    assert (ours[key]["n"], ours[key]["paper"]) == (row["n"], row["paper"])
+    for field in ("mean", "std"):
+      assert float(ours[key][field]) == pytest.approx(float(row[field]), abs=0.01, nan_ok=True), (key, field)
+
+
+def test_a_killed_group_resumes_exactly(members_swept, tmp_path, jax_cache):
+  """The first group (a and b, seed 0) killed with SIGKILL once both members have checkpoint 2, then run again:
+  both models equal the uninterrupted group's bit for bit (same program, from the compilation cache)."""
+  out, _ = members_swept
+  cmd, env = _sweep(tmp_path, jax_cache, *TINY_ARGS[:6], "--seeds", "0", "--variant", "tiny", "--members", "2")
+  runs = [sweep.Job("synthetic", c, "S", 0).run_dir(tmp_path) for c in "ab"]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and not all((run / "checkpoints" / "2").exists() for run in runs):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)  # possibly in the middle of the next asynchronous saves
+  proc.wait()
+  assert not all((run / "model").exists() for run in runs), "the group finished before it could be killed"
+  subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
+  for c, run in zip("ab", runs):
+    full = saved_model.load(sweep.Job("synthetic", c, "S", 0).run_dir(out) / "model")
+    resumed = saved_model.load(run / "model")
+    leaves = [jax.tree_util.tree_leaves(m.detector.params) for m in (full, resumed)]
+    for x, y in zip(*leaves):
+      np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+    assert resumed.meta["threshold"] == full.meta["threshold"]
+    assert (run / "eval" / "metrics.json").exists()

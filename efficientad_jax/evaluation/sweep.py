@@ -3,12 +3,17 @@
   jobs = enumerate_jobs(["mvtec_ad"], ["S", "M"], range(5))     # deterministic order
   mine = task_jobs(jobs, task_index=0, num_tasks=4)             # job k belongs to task k % n
   statuses = run_jobs(mine, out, make_config)                   # skips finished runs, records failures
+  statuses = run_jobs(mine, out, make_config, members=4)        # groups of up to 4 runs trained in one program
   rows, problems = aggregate(jobs, out)                         # mean ± std over seeds, paper beside
   tables.write_report(out, rows, problems, len(jobs))     # OUT/results.md, OUT/results.csv
 
 A run lives in OUT/runs/<collection>/<category>/<size>/seed<seed>; it is finished when its
 eval/metrics.json exists (written last by `evaluate.evaluate`). An interrupted run is simply run again:
 `trainer.train` resumes from its checkpoints. A failing run leaves its traceback in sweep_error.txt.
+
+With members > 1 (or "auto", `members.auto_members`), the unfinished runs of one collection and size
+are trained in groups of up to that many by one program (`members_trainer.train_members`), each in its own
+ordinary run folder, then evaluated one by one; members = 1 trains one run after another.
 
 Reported metrics (docs/method.md §9-§10), in %: image AU-ROC; segmentation = AU-PRO up to FPR 0.3 (MVTec AD layout:
 MVTec AD, VisA) or AU-sPRO up to 0.05 (LOCO layout: mean of structural and logical, each also given).
@@ -20,6 +25,7 @@ import dataclasses
 import json
 import logging
 import pathlib
+import re
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 
@@ -110,14 +116,33 @@ class Job:
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
-  """'0..4' (inclusive) | '0,2,7' | '0..2,7' -> sorted unique seeds."""
+  """'0..4' or '0-4' (inclusive) | '0,2,7' | '0..2,7' -> sorted unique seeds."""
   seeds = set()
   for part in filter(None, (p.strip() for p in text.split(","))):
-    lo, _, hi = part.partition("..")
-    seeds.update(range(int(lo), int(hi or lo) + 1))
+    bounds = re.fullmatch(r"(\d+)\s*(?:\.\.|-)\s*(\d+)|(\d+)", part)
+    if not bounds:
+      raise ValueError(f"seeds: {part!r} is neither a seed nor a range like 0-4 or 0..4 (in {text!r})")
+    lo, hi, single = bounds.groups()
+    lo, hi = (int(single), int(single)) if single else (int(lo), int(hi))
+    if hi < lo:
+      raise ValueError(f"seeds: the range {part!r} ends before it starts")
+    seeds.update(range(lo, hi + 1))
   if not seeds:
     raise ValueError(f"no seeds in {text!r}")
   return tuple(sorted(seeds))
+
+
+def parse_members(text: str) -> int | str:
+  """'auto' | an integer >= 1: runs trained together in one program."""
+  if text.strip().lower() == "auto":
+    return "auto"
+  try:
+    n = int(text)
+  except ValueError:
+    n = 0
+  if n < 1:
+    raise ValueError(f"members: expected an integer >= 1 or 'auto', got {text!r}")
+  return n
 
 
 def parse_sizes(text: str) -> tuple[str, ...]:
@@ -191,34 +216,124 @@ def run_job(job: Job, out: str | pathlib.Path, cfg) -> None:
 
 
 def run_jobs(
-  jobs: Sequence[Job], out: str | pathlib.Path, make_config: Callable[[Job], object], run_fn: Callable = run_job
+  jobs: Sequence[Job],
+  out: str | pathlib.Path,
+  make_config: Callable[[Job], object],
+  run_fn: Callable = run_job,
+  members: int | str = 1,
+  group_fn: Callable | None = None,
 ) -> dict[Job, str]:
   """Runs each unfinished job in this process; a failure is recorded and the next job goes on.
 
   Args:
     make_config: job -> `config.Config` of that run (its category, seed, size, root, teacher, overrides).
     run_fn: fn(job, out, cfg), `run_job` (a parameter for tests).
+    members: runs trained together (`group_jobs`; "auto": as many as fit the device, per size); 1 trains each
+      job alone with run_fn, as does a group that is left with one job.
+    group_fn: fn(jobs, out, cfgs) -> {job: None or its error's traceback}, `run_group` (for tests).
   Returns:
-    {job: 'skipped' (already finished) | 'finished' | 'failed'}.
+    {job: 'skipped' (already finished) | 'finished' | 'failed'}, in the order of `jobs`.
   """
-  statuses = {}
+  if members == 1:
+    return _run_one_by_one(jobs, out, make_config, run_fn)
+  statuses, pending = {}, []
   for k, job in enumerate(jobs, 1):
-    run = job.run_dir(out)
     if job_status(job, out) == "finished":
       log.info("[%d/%d] skip %s: finished", k, len(jobs), job)
       statuses[job] = "skipped"
+    else:
+      pending.append(job)
+  sizes = _group_sizes(pending, make_config, members)
+  order = {job: k for k, job in enumerate(jobs, 1)}
+  for group in group_jobs(pending, sizes):
+    if len(group) == 1:
+      statuses.update(_run_one_by_one(group, out, make_config, run_fn, order, len(jobs)))
       continue
-    log.info("[%d/%d] run %s -> %s", k, len(jobs), job, run)
+    for i, job in enumerate(group, 1):
+      log.info("[%d/%d] run %s -> %s (member %d/%d)", order[job], len(jobs), job, job.run_dir(out), i, len(group))
+      (job.run_dir(out) / "sweep_error.txt").unlink(missing_ok=True)
+    try:
+      errors = (group_fn or run_group)(group, out, [make_config(job) for job in group])
+    except Exception:  # the group as a whole: every member failed
+      errors = dict.fromkeys(group, traceback.format_exc())
+    for job in group:
+      statuses[job] = _record(job, out, errors.get(job), order[job], len(jobs))
+  return {job: statuses[job] for job in jobs}
+
+
+def _run_one_by_one(jobs, out, make_config, run_fn, order=None, total=None) -> dict[Job, str]:
+  """Each job alone: trained with run_fn, skipped when finished (members = 1)."""
+  statuses = {}
+  for k, job in enumerate(jobs, 1):
+    k, n = (order[job], total) if order else (k, len(jobs))
+    run = job.run_dir(out)
+    if job_status(job, out) == "finished":
+      log.info("[%d/%d] skip %s: finished", k, n, job)
+      statuses[job] = "skipped"
+      continue
+    log.info("[%d/%d] run %s -> %s", k, n, job, run)
     (run / "sweep_error.txt").unlink(missing_ok=True)  # a retry starts clean; it fails again or finishes
     try:
       run_fn(job, out, make_config(job))
-      statuses[job] = "finished"
+      error = None
     except Exception:
-      run.mkdir(parents=True, exist_ok=True)
-      (run / "sweep_error.txt").write_text(traceback.format_exc())
-      log.error("[%d/%d] %s failed (traceback in %s)", k, len(jobs), job, run / "sweep_error.txt")
-      statuses[job] = "failed"
+      error = traceback.format_exc()
+    statuses[job] = _record(job, out, error, k, n)
   return statuses
+
+
+def _record(job: Job, out: str | pathlib.Path, error: str | None, k: int, n: int) -> str:
+  """'finished', or 'failed' with the traceback in RUN/sweep_error.txt."""
+  if error is None:
+    return "finished"
+  run = job.run_dir(out)
+  run.mkdir(parents=True, exist_ok=True)
+  (run / "sweep_error.txt").write_text(error)
+  log.error("[%d/%d] %s failed (traceback in %s)", k, n, job, run / "sweep_error.txt")
+  return "failed"
+
+
+def _group_sizes(jobs: Sequence[Job], make_config: Callable, members: int | str) -> dict[str, int]:
+  """{model size: members per group}; "auto" asks `members.auto_members` once per size."""
+  if members != "auto":
+    return {job.size: int(members) for job in jobs}
+  from efficientad_jax.efficientad.members import auto_members
+
+  first = {job.size: job for job in reversed(jobs)}  # the first job of each size
+  return {size: auto_members(make_config(job)) for size, job in first.items()}
+
+
+def group_jobs(jobs: Sequence[Job], sizes: dict[str, int]) -> list[list[Job]]:
+  """Consecutive jobs of one collection and size, in groups of up to sizes[size] (in the order of `jobs`)."""
+  groups: list[list[Job]] = []
+  for job in jobs:
+    last = groups[-1] if groups else None
+    same = last and (last[0].collection, last[0].size) == (job.collection, job.size)
+    if same and len(last) < sizes[job.size]:
+      last.append(job)
+    else:
+      groups.append([job])
+  return groups
+
+
+def run_group(jobs: Sequence[Job], out: str | pathlib.Path, cfgs: Sequence) -> dict[Job, str | None]:
+  """Trains the jobs as one group (`members_trainer.train_members`, each resuming its own checkpoints), then
+  evaluates each member that has its model; {job: None, or its error's traceback}."""
+  from efficientad_jax.efficientad import members_trainer
+  from efficientad_jax.evaluation import evaluate
+
+  results = members_trainer.train_members(cfgs, [job.run_dir(out) for job in jobs], progress=False)
+  errors = {}
+  for job, result in zip(jobs, results):
+    if result.error is not None:
+      errors[job] = "".join(traceback.format_exception(result.error))
+      continue
+    try:
+      evaluate.evaluate(job.run_dir(out), progress=False)
+      errors[job] = None
+    except Exception:
+      errors[job] = traceback.format_exc()
+  return errors
 
 
 # --- Aggregation.
