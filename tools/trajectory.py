@@ -83,6 +83,17 @@ def batches(images: list[np.ndarray], size: int, steps: int, seed: int) -> Itera
     )
 
 
+def fitted_stats(teacher: torch.nn.Module, images: list[np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
+  """The teacher's channel mean and standard deviation over `images`, as a run fits them (docs/method.md §5.1):
+  the normalised targets then have unit variance per channel, most of it the images' spatial structure."""
+  x = np.stack([preprocess.model_input(i, size, MEAN, STD) for i in images]).transpose(0, 3, 1, 2)
+  with torch.no_grad():
+    t = teacher(torch.from_numpy(np.ascontiguousarray(x))).double().numpy()
+  mean = t.mean(axis=(0, 2, 3))
+  std = np.sqrt(np.square(t - mean[None, :, None, None]).mean(axis=(0, 2, 3)))
+  return mean.astype(np.float32), std.astype(np.float32)
+
+
 def noise_images(count: int, size: int, seed: int) -> list[np.ndarray]:
   rng = np.random.default_rng(seed)
   return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(count)]
@@ -249,11 +260,16 @@ def compare(
   hard_quantile: float = 0.999,
   init: str = "shared",
   progress: bool = False,
+  stats_mode: str = "random",
 ) -> dict:
   """One side-by-side trajectory; returns losses per step of both sides, parameter differences and quantiles.
 
   init "shared": both sides start from PyTorch's initialisation; "own": this project starts from its own
   (`models.init_params` with key `seed`), so the two runs share only the teacher, its statistics and the data.
+  stats_mode "random": teacher statistics drawn at random (mean ~ N(0, 1), std ~ U(0.5, 2)); the random teacher's
+  outputs vary by ~0.02, so the normalised targets are then nearly constant per channel, enough to compare two
+  implementations step by step but not what a run trains on. "fitted": fitted on the training images
+  (`fitted_stats`), the targets of a real run.
   """
   cfg = Config(model=ModelConfig(image_size=image_size), loss=LossConfig(hard_quantile=hard_quantile))
   t_teacher, t_student, t_ae = torch_nets(image_size, seed)
@@ -268,6 +284,8 @@ def compare(
   stats = (rng.normal(size=c).astype(np.float32), rng.uniform(0.5, 2.0, size=c).astype(np.float32))
   images = photo_images(48, image_size, seed) if data == "photo" else noise_images(48, image_size, seed)
   train_images, held_out = images[:40], images[40:]
+  if stats_mode == "fitted":
+    stats = fitted_stats(t_teacher, train_images, image_size)
   masks = [draw_masks(rng, image_size, cfg.model.ae_dropout) for _ in range(steps)] if masks_mode == "shared" else None
   tick = _progress(steps) if progress else (lambda i: None)
   t0 = time.time()
@@ -290,6 +308,7 @@ def compare(
     "losses": {"torch": theirs.tolist(), "ours": ours.tolist()},
     "max_rel_loss_diff": np.max(np.abs(ours - theirs) / np.abs(theirs), axis=0).tolist(),
     "init": init,
+    "stats": stats_mode,
     "param_rel_diff": rel_param_diff(ours_end, theirs_end, torch_start),
     "quantiles": {
       "torch": ae_quantiles(cfg, teacher, stats, theirs_end, held_out),
@@ -322,12 +341,15 @@ def main(argv=None) -> None:
   p.add_argument("--data", choices=("photo", "noise"), default="photo")
   p.add_argument("--hard-quantile", type=float, default=0.999)
   p.add_argument("--init", choices=("shared", "own"), default="shared")
+  p.add_argument("--stats", choices=("random", "fitted"), default="fitted", help="teacher statistics (`compare`)")
   p.add_argument("--out", type=pathlib.Path, required=True)
   args = p.parse_args(argv)
   torch.set_num_threads(1)
   results = []
   for seed in _seeds(args.seeds):
-    r = compare(args.image_size, args.steps, seed, args.masks, args.data, args.hard_quantile, args.init, progress=True)
+    r = compare(
+      args.image_size, args.steps, seed, args.masks, args.data, args.hard_quantile, args.init, True, args.stats
+    )
     results.append(r)
     print(
       json.dumps({k: r[k] for k in ("seed", "max_rel_loss_diff", "param_rel_diff", "quantiles", "seconds")}), flush=True
