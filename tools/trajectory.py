@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import torch
 
 from efficientad_jax import models
@@ -317,6 +318,81 @@ def compare(
   }
 
 
+def autoencoder_only(image_size: int, steps: int, seed: int, init: str = "own") -> dict:
+  """The autoencoder alone, trained on L_ae by both implementations (fitted statistics, own dropout masks): per-step
+  losses of each side. The cheap way to see when each autoencoder leaves the plateau where it outputs each channel's
+  mean (loss_ae ~ 1 on unit-variance targets) and starts to reconstruct: in the full step that escape decides how
+  much the autoencoder branch has learned. The student is left out; L_stae is small next to L_ae on the plateau.
+
+  init "own": this project's initialisation (key `seed`); "shared": PyTorch's, copied.
+  """
+  cfg = Config(model=ModelConfig(image_size=image_size))
+  t_teacher, _, t_ae = torch_nets(image_size, seed)
+  images = photo_images(40, image_size, seed)
+  stats = fitted_stats(t_teacher, images, image_size)
+  mean, std = (torch.from_numpy(v)[None, :, None, None] for v in stats)
+  inputs = [torch.from_numpy(x_ae.transpose(0, 3, 1, 2)) for _, x_ae in batches(images, image_size, steps, seed)]
+  with torch.no_grad():
+    targets = [(t_teacher(x) - mean) / std for x in inputs]
+
+  t_ae.train()
+  opt = torch.optim.Adam(t_ae.parameters(), lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay)
+  theirs = []
+  for x, t in zip(inputs, targets):
+    loss = torch.mean((t - t_ae(x)) ** 2)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    theirs.append(loss.item())
+
+  nets = models.build(cfg.model)
+  if init == "own":
+    params = models.init_params(nets, jax.random.key(seed), image_size)["autoencoder"]
+  else:  # the PyTorch side's initial weights (rebuilt from the seed: its module has trained since)
+    params = jax.tree_util.tree_map(jnp.asarray, _torch_to_flax(torch_nets(image_size, seed)[2], AE_NAMES))
+  tx = optim.make_optimizer(cfg.optim, 10 * steps)  # no decay within the run, as the PyTorch side
+  key = jax.random.key(seed)
+
+  @jax.jit
+  def step(params, opt_state, x, t, i):
+    def loss_fn(p):
+      a = nets.autoencoder.apply({"params": p}, x, deterministic=False, rngs={"dropout": jax.random.fold_in(key, i)})
+      return jnp.mean(jnp.square(t - a))
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  opt_state, ours = tx.init(params), []
+  for i, (x, t) in enumerate(zip(inputs, targets)):
+    params, opt_state, loss = step(
+      params, opt_state, x.numpy().transpose(0, 2, 3, 1), t.numpy().transpose(0, 2, 3, 1), i
+    )
+    ours.append(float(loss))
+  return {
+    "image_size": image_size,
+    "steps": steps,
+    "seed": seed,
+    "init": init,
+    "losses": {"torch": theirs, "ours": ours},
+  }
+
+
+def plateau(result: dict, window: int = 25, drop: float = 0.9) -> dict:
+  """Per side: the first step whose `window`-step mean of loss_ae is below `drop` x the mean over the first 100
+  steps (the autoencoder has left the plateau; None if never), and the mean loss over the last `window` steps."""
+  out = {}
+  for side, losses in result["losses"].items():
+    v = np.asarray(losses)
+    means = np.convolve(v, np.ones(window) / window, mode="valid")
+    below = np.flatnonzero(means < drop * v[:100].mean())
+    out[side] = {
+      "escape_step": int(below[0] + window - 1) if below.size else None,
+      "last_mean": float(v[-window:].mean()),
+    }
+  return out
+
+
 def _progress(steps: int) -> Callable[[int], None]:
   def tick(i):
     if (i + 1) % max(1, steps // 4) == 0:
@@ -342,11 +418,19 @@ def main(argv=None) -> None:
   p.add_argument("--hard-quantile", type=float, default=0.999)
   p.add_argument("--init", choices=("shared", "own"), default="shared")
   p.add_argument("--stats", choices=("random", "fitted"), default="fitted", help="teacher statistics (`compare`)")
+  p.add_argument(
+    "--networks", choices=("all", "autoencoder"), default="all", help="autoencoder: `autoencoder_only` (own masks)"
+  )
   p.add_argument("--out", type=pathlib.Path, required=True)
   args = p.parse_args(argv)
   torch.set_num_threads(1)
   results = []
   for seed in _seeds(args.seeds):
+    if args.networks == "autoencoder":
+      results.append(autoencoder_only(args.image_size, args.steps, seed, args.init))
+      print(json.dumps({"seed": seed, **plateau(results[-1])}), flush=True)
+      args.out.write_text(json.dumps(results))
+      continue
     r = compare(
       args.image_size, args.steps, seed, args.masks, args.data, args.hard_quantile, args.init, True, args.stats
     )
