@@ -77,14 +77,16 @@ def jax_cache_env(cache: pathlib.Path) -> dict[str, str]:
 # README's `-n 2 --dist loadfile` hands whole modules to the two workers; pytest-xdist queued them by their
 # number of tests, so test_trainer.py (7 tests, the longest) started near the end and ran alone while the
 # other worker idled. Longest first, the short modules fill in at the end.
-LONGEST_MODULES = (  # measured 2026-12-07 (CPU seconds, the whole module): 270, ~150, ~130, 90, 85, 80, ...
+LONGEST_MODULES = (  # 2026-12-07, CPU seconds of the whole module (sums of its tests' durations): 270, ~180, ~150, ~130, ...
   "test_trainer.py",
+  "test_sweep.py",
   "test_benchmark.py",
   "test_train_step.py",
   "test_cli_errors.py",
   "test_ast_training.py",
   "test_full_path.py",
-  "test_sweep.py",
+  "test_members_trainer.py",
+  "test_members.py",
   "test_tiles.py",
   "test_onnx_export.py",
   "test_reference_training.py",
