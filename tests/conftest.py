@@ -77,7 +77,7 @@ def jax_cache_env(cache: pathlib.Path) -> dict[str, str]:
 # README's `-n 2 --dist loadfile` hands whole modules to the two workers; pytest-xdist queued them by their
 # number of tests, so test_trainer.py (7 tests, the longest) started near the end and ran alone while the
 # other worker idled. Longest first, the short modules fill in at the end.
-LONGEST_MODULES = (  # 2026-12-07, CPU seconds of the whole module (sums of its tests' durations): 270, ~180, ~150, ~130, ...
+LONGEST_MODULES = (  # 2026-12-07, CPU seconds of the whole module (its tests' durations): 270, ~180, ~150, ...
   "test_trainer.py",
   "test_sweep.py",
   "test_benchmark.py",
