@@ -85,14 +85,18 @@ def batches(images: list[np.ndarray], size: int, steps: int, seed: int) -> Itera
 
 
 def fitted_stats(teacher: torch.nn.Module, images: list[np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
-  """The teacher's channel mean and standard deviation over `images`, as a run fits them (docs/method.md §5.1):
-  the normalised targets then have unit variance per channel, most of it the images' spatial structure."""
-  x = np.stack([preprocess.model_input(i, size, MEAN, STD) for i in images]).transpose(0, 3, 1, 2)
-  with torch.no_grad():
-    t = teacher(torch.from_numpy(np.ascontiguousarray(x))).double().numpy()
-  mean = t.mean(axis=(0, 2, 3))
-  std = np.sqrt(np.square(t - mean[None, :, None, None]).mean(axis=(0, 2, 3)))
-  return mean.astype(np.float32), std.astype(np.float32)
+  """The teacher's channel mean and standard deviation over `images`, fitted by the library's own
+  `normalization.fit_teacher_stats` as a run fits them (docs/method.md §5.1): the normalised targets then have
+  unit variance per channel, most of it the images' spatial structure."""
+  x = np.stack([preprocess.model_input(i, size, MEAN, STD) for i in images])
+
+  def features(batch: np.ndarray) -> np.ndarray:  # NHWC in, NHWC out, as the library's teacher
+    with torch.no_grad():
+      out = teacher(torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))))
+    return out.numpy().transpose(0, 2, 3, 1)
+
+  stats = normalization.fit_teacher_stats(features, lambda: [x])
+  return np.asarray(stats.mean), np.asarray(stats.std)
 
 
 def noise_images(count: int, size: int, seed: int) -> list[np.ndarray]:
