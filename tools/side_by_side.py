@@ -10,6 +10,7 @@ The reference is never copied into this repository: point `--reference` at a che
   python -m tools.side_by_side reference --out /tmp/sbs --reference /path/to/EfficientAD --seed 42 --steps 1000
   python -m tools.side_by_side ours --out /tmp/sbs --seed 0 --steps 1000 [--set key=value ...]
   python -m tools.side_by_side table --out /tmp/sbs
+  python -m tools.side_by_side branches --out /tmp/sbs    # each branch's losses on test/good, both sides
   python -m tools.side_by_side crossfeed --out /tmp/sbs --reference /path/to/EfficientAD --run /tmp/sbs/ours_seed1 \
       --seed 1 --steps 200 --stream ours|reference     # the reference's loop on either training stream
 
@@ -393,6 +394,109 @@ def _score(out: pathlib.Path, map_path, raw: list[dict], quantiles: list[float])
   }
 
 
+def branch_losses(out: pathlib.Path) -> list[dict]:
+  """Per finished run, how far each branch has learned, measured the same way for both sides: each side's own
+  networks and teacher statistics on the same normal images (all of train/good, which both sides trained on
+  but for their 8 validation images, and test/good, which neither saw), through this project's networks (the
+  reference's saved modules converted; its teacher statistics refitted on its own training split, the files its
+  raw_maps.json does not list as validation).
+
+  l_ae = mean (T_hat - A)^2: 1.0 is an autoencoder that outputs each channel's mean (the plateau of BUILD_NOTES
+  "The autoencoder branch"); ae_structure = mean_c var_hw(A) / mean_c var_hw(T_hat): the share of each image's
+  spatial structure the autoencoder reproduces; l_stae = mean (A - S_ae)^2 (what q_ae calibrates);
+  l_st = mean (T_hat - S_st)^2.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from efficientad_jax import models
+  from efficientad_jax.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+  from efficientad_jax.data import preprocess
+  from efficientad_jax.efficientad import normalization
+  from efficientad_jax.serving import predict
+
+  good = sorted((out / "mvtec" / CATEGORY / "test" / "good").glob("*.png"))
+  train = sorted((out / "mvtec" / CATEGORY / "train" / "good").glob("*.png"))
+  model_cfg = ModelConfig()
+  load = lambda paths: np.stack(
+    [
+      preprocess.model_input(preprocess.decode_image(f), model_cfg.image_size, IMAGENET_MEAN, IMAGENET_STD)
+      for f in paths
+    ]
+  )
+  sets = {"train": load(train), "good": load(good)}
+  nets = models.build(model_cfg)
+
+  @jax.jit
+  def losses(params, stats, x):
+    c = nets.teacher.out_channels
+    t = normalization.normalize_teacher(nets.teacher.apply({"params": params["teacher"]}, x), stats)
+    s = nets.student.apply({"params": params["student"]}, x)
+    a = nets.autoencoder.apply({"params": params["autoencoder"]}, x, deterministic=True)
+    spatial_var = lambda v: jnp.mean(jnp.var(v, axis=(1, 2)))
+    return {
+      "l_st": jnp.mean(jnp.square(t - s[..., :c])),
+      "l_ae": jnp.mean(jnp.square(t - a)),
+      "l_stae": jnp.mean(jnp.square(a - s[..., c:])),
+      "ae_structure": spatial_var(a) / spatial_var(t),
+    }
+
+  rows = []
+  for result in sorted(out.glob("*/result.json")):
+    run, meta = result.parent, json.loads(result.read_text())
+    if meta["side"] == "reference":
+      params, stats = _reference_params(run, nets, train, load)
+    else:
+      model = predict.load(run)
+      params, stats = model.detector.params, model.detector.teacher_stats
+    row = {"side": meta["side"], "seed": meta["seed"]}
+    for name, x in sets.items():
+      per_image = [losses(params, stats, image[None]) for image in x]
+      row.update({f"{k}_{name}": float(np.mean([r[k] for r in per_image])) for k in per_image[0]})
+    rows.append(row)
+  return rows
+
+
+def _reference_params(run: pathlib.Path, nets, train: list[pathlib.Path], load) -> tuple[dict, object]:
+  """The reference run's saved modules as Flax params, and its teacher statistics refitted on its training split."""
+  import jax
+  import torch
+
+  from efficientad_jax.efficientad import normalization
+  from efficientad_jax.models import weights
+
+  saved = run / "trainings" / "mvtec_ad" / CATEGORY
+  state = lambda n: {
+    k: v.numpy() for k, v in torch.load(saved / f"{n}_final.pth", weights_only=False).state_dict().items()
+  }
+  params = {
+    "teacher": weights.pdn_params_from_state(state("teacher"), "small"),
+    "student": weights.pdn_params_from_state(state("student"), "small"),
+    "autoencoder": weights.autoencoder_params_from_state(state("autoencoder")),
+  }
+  held_out = {pathlib.Path(p).name for p in json.loads((run / "raw_maps.json").read_text())["validation"]}
+  x = load([f for f in train if f.name not in held_out])
+  features = jax.jit(lambda b: nets.teacher.apply({"params": params["teacher"]}, b))
+  stats = normalization.fit_teacher_stats(features, lambda: (x[i : i + 8] for i in range(0, len(x), 8)))
+  return params, stats
+
+
+def branch_table(rows: list[dict]) -> str:
+  keys = (
+    "l_ae_train",
+    "ae_structure_train",
+    "l_stae_train",
+    "l_ae_good",
+    "ae_structure_good",
+    "l_stae_good",
+    "l_st_good",
+  )
+  lines = ["| side | seed | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+  for r in sorted(rows, key=lambda r: (r["side"], r["seed"])):
+    lines.append(f"| {r['side']} | {r['seed']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
+  return "\n".join(lines)
+
+
 def table(out: pathlib.Path) -> str:
   results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
   lines = [
@@ -426,7 +530,7 @@ def _run(cmd: list[str], cwd: pathlib.Path | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("what", choices=("data", "reference", "ours", "crossfeed", "table"))
+  p.add_argument("what", choices=("data", "reference", "ours", "crossfeed", "table", "branches"))
   p.add_argument("--out", required=True, type=pathlib.Path, help="working folder (data, teacher, runs)")
   p.add_argument("--reference", type=pathlib.Path, help="a checkout of nelson1425/EfficientAD")
   p.add_argument("--seed", type=int, default=0)
@@ -451,6 +555,11 @@ def main(argv: list[str] | None = None) -> int:
       p.error("crossfeed needs --run RUN (one of our finished runs)")
     result = cross_feed(out, args.reference.absolute(), args.run.absolute(), args.seed, args.steps, args.stream)
     print(json.dumps(result))
+    return 0
+  elif args.what == "branches":
+    rows = branch_losses(out)
+    (out / "branches.json").write_text(json.dumps(rows, indent=2))
+    print(branch_table(rows))
     return 0
   print(table(out))
   return 0
