@@ -104,8 +104,10 @@ def run(main, argv=None) -> int:
   config value, as argparse does for a bad flag). `--debug` re-raises it with the full traceback."""
   args = sys.argv[1:] if argv is None else list(argv)
   debug = "--debug" in args
+  hooks = sys.excepthook, sys.unraisablehook
   if not debug:  # orbax logs each failed background write with its traceback; the error line says it once
     logging.getLogger("absl").addFilter(lambda record: record.levelno < logging.ERROR)
+    _drop_closed_loop_callbacks()
   try:
     return main(argv)
   except KeyboardInterrupt:
@@ -121,6 +123,24 @@ def run(main, argv=None) -> int:
     if argv is None:  # the process ends here (python -m experiments.<cli>): let nothing bury the line
       _quiet_shutdown()
     return status
+  finally:
+    if argv is not None:  # called in-process: leave the caller's hooks as they were
+      sys.excepthook, sys.unraisablehook = hooks
+
+
+def _closed_loop(error: BaseException | None) -> bool:
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _drop_closed_loop_callbacks() -> None:
+  """When an asynchronous checkpoint write fails (a full disk), orbax closes its asyncio event loop while
+  tensorstore's C++ threads still complete futures; each such callback calls `loop.call_soon_threadsafe` on the
+  closed loop and tensorstore prints the RuntimeError with `PyErr_Print`, which goes through `sys.excepthook`.
+  Those tracebacks say nothing a user can act on and would come before the one error line, so they are dropped;
+  every other exception reaches the previous hooks unchanged."""
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+  sys.excepthook = lambda kind, error, tb: None if _closed_loop(error) else excepthook(kind, error, tb)
+  sys.unraisablehook = lambda u: None if _closed_loop(u.exc_value) else unraisablehook(u)
 
 
 def _quiet_shutdown() -> None:
