@@ -134,10 +134,11 @@ def _closed_loop(error: BaseException | None) -> bool:
 
 def _drop_closed_loop_callbacks() -> None:
   """When an asynchronous checkpoint write fails (a full disk), orbax closes its asyncio event loop while
-  tensorstore's C++ threads still complete futures; each such callback calls `loop.call_soon_threadsafe` on the
-  closed loop and tensorstore prints the RuntimeError with `PyErr_Print`, which goes through `sys.excepthook`.
-  Those tracebacks say nothing a user can act on and would come before the one error line, so they are dropped;
-  every other exception reaches the previous hooks unchanged."""
+  tensorstore's threads still complete futures; each such callback calls `loop.call_soon_threadsafe` on the closed
+  loop and tensorstore reports the RuntimeError through `sys.unraisablehook` (C code printing it with `PyErr_Print`
+  would go through `sys.excepthook`, filtered the same way). Those tracebacks say nothing a user can act on and
+  would come before the one error line, so they are dropped; every other exception reaches the previous hooks
+  unchanged."""
   excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
   sys.excepthook = lambda kind, error, tb: None if _closed_loop(error) else excepthook(kind, error, tb)
   sys.unraisablehook = lambda u: None if _closed_loop(u.exc_value) else unraisablehook(u)

@@ -445,7 +445,7 @@ def branch_losses(out: pathlib.Path) -> list[dict]:
   for result in sorted(out.glob("*/result.json")):
     run, meta = result.parent, json.loads(result.read_text())
     if meta["side"] == "reference":
-      params, stats = _reference_params(run, nets, train, load)
+      params, stats = _reference_params(run, nets, train, sets["train"])
     else:
       model = predict.load(run)
       params, stats = model.detector.params, model.detector.teacher_stats
@@ -457,8 +457,9 @@ def branch_losses(out: pathlib.Path) -> list[dict]:
   return rows
 
 
-def _reference_params(run: pathlib.Path, nets, train: list[pathlib.Path], load) -> tuple[dict, object]:
-  """The reference run's saved modules as Flax params, and its teacher statistics refitted on its training split."""
+def _reference_params(run: pathlib.Path, nets, train: list[pathlib.Path], train_x: np.ndarray) -> tuple[dict, object]:
+  """The reference run's saved modules as Flax params, and its teacher statistics refitted on its training split
+  (`train_x`: the network inputs of all `train` images, in that order)."""
   import jax
   import torch
 
@@ -475,7 +476,7 @@ def _reference_params(run: pathlib.Path, nets, train: list[pathlib.Path], load) 
     "autoencoder": weights.autoencoder_params_from_state(state("autoencoder")),
   }
   held_out = {pathlib.Path(p).name for p in json.loads((run / "raw_maps.json").read_text())["validation"]}
-  x = load([f for f in train if f.name not in held_out])
+  x = train_x[[i for i, f in enumerate(train) if f.name not in held_out]]
   features = jax.jit(lambda b: nets.teacher.apply({"params": params["teacher"]}, b))
   stats = normalization.fit_teacher_stats(features, lambda: (x[i : i + 8] for i in range(0, len(x), 8)))
   return params, stats
