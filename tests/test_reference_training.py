@@ -169,7 +169,9 @@ def test_training_trajectory_with_shared_dropout_masks_matches_pytorch():
   # them: float rounding then flips an element in or out of the hard set within ~10 steps (on both sides
   # alike) and the two runs part, as two PyTorch runs on different thread counts would. At 0.9 the same
   # masked hard loss keeps ~2,500, as many as the paper's setting keeps at 256x256.
-  r = trajectory.compare(image_size=64, steps=30, seed=3, masks_mode="shared", data="noise", hard_quantile=0.9)
+  r = trajectory.compare(
+    image_size=64, steps=30, seed=3, masks_mode="shared", data="noise", hard_quantile=0.9, q_every=15
+  )
   theirs, ours = np.asarray(r["losses"]["torch"]), np.asarray(r["losses"]["ours"])
   np.testing.assert_allclose(ours, theirs, rtol=5e-4)  # [loss_hard, loss_ae, loss_stae] at every step
   assert theirs[-1, 0] < theirs[0, 0] and theirs[-1, 1] < theirs[0, 1]  # it did train, both branches
@@ -177,6 +179,16 @@ def test_training_trajectory_with_shared_dropout_masks_matches_pytorch():
   assert r["param_rel_diff"]["student"] < 0.02 and r["param_rel_diff"]["autoencoder"] < 0.02, r["param_rel_diff"]
   for name in ("q_st", "q_ae"):
     np.testing.assert_allclose(r["quantiles"]["ours"][name], r["quantiles"]["torch"][name], rtol=1e-3)
+  # The quantiles along the way (`--q-every`): after steps 15 and 30 on each side (30's are the end quantiles
+  # above); at 15 the student has trained less, and the two sides agree there too.
+  for side in ("torch", "ours"):
+    along = r["quantiles_every"][side]
+    assert sorted(along, key=int) == ["15", "30"]
+    assert along["15"]["q_st"][0] > along["30"]["q_st"][0]
+  for name in ("q_st", "q_ae"):
+    np.testing.assert_allclose(
+      r["quantiles_every"]["ours"]["15"][name], r["quantiles_every"]["torch"]["15"][name], rtol=1e-3
+    )
 
 
 def test_injected_masks_reach_every_dropout():

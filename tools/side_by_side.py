@@ -6,7 +6,7 @@ category in the MVTec AD layout, from the same random PDN-S teacher, and scores 
 maps with the same metric code (ours, which matches the official MVTec AD script: tests/test_metrics_fixtures.py).
 The reference is never copied into this repository: point `--reference` at a checkout of it.
 
-  python -m tools.side_by_side data --out /tmp/sbs --reference /path/to/EfficientAD
+  python -m tools.side_by_side data --out /tmp/sbs --reference /path/to/EfficientAD [--photo ihc.png]
   python -m tools.side_by_side reference --out /tmp/sbs --reference /path/to/EfficientAD --seed 42 --steps 1000
   python -m tools.side_by_side ours --out /tmp/sbs --seed 0 --steps 1000 [--set key=value ...]
   python -m tools.side_by_side table --out /tmp/sbs
@@ -14,8 +14,9 @@ The reference is never copied into this repository: point `--reference` at a che
   python -m tools.side_by_side crossfeed --out /tmp/sbs --reference /path/to/EfficientAD --run /tmp/sbs/ours_seed1 \
       --seed 1 --steps 200 --stream ours|reference     # the reference's loop on either training stream
 
-The data set: crops of scikit-image's bundled immunohistochemistry photograph (`ihc.png`, a real microscope
-photo of tissue, a texture), 192x192: training crops from the upper part, test crops from the lower part, and
+The data set: crops of one of scikit-image's bundled photographs, by default the immunohistochemistry photograph
+(`ihc.png`, a real microscope photo of tissue, a texture; `data --photo brick.png` takes another, the category is
+named after it), 192x192: training crops from the upper part, test crops from the lower part, and
 three structural defect types drawn on test crops with their masks (a pasted patch of another photograph,
 a scratch, a colour stain). Every step is seeded.
 
@@ -34,7 +35,7 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-CATEGORY = "ihc"
+PHOTO = "ihc.png"  # the default photograph; the category is named after the photograph (`category`)
 CROP = 192
 COUNTS = {"train": 80, "good": 25, "defect_per_type": 25}
 DEFECTS = ("patch", "scratch", "stain")
@@ -92,13 +93,25 @@ def _defect(
   return img, np.asarray(mask)
 
 
-def make_dataset(out: pathlib.Path, seed: int = 0) -> pathlib.Path:
-  """out/mvtec/<CATEGORY>/{train/good, test/{good,<defects>}, ground_truth/<defect>/NNN_mask.png}."""
-  photo = _skimage_photo("ihc.png")
-  other = _skimage_photo("coffee.png")
+def category(out: pathlib.Path) -> str:
+  """The one category under out/mvtec (named after the photograph `data` cropped it from)."""
+  found = sorted(p.name for p in (out / "mvtec").glob("*") if p.is_dir())
+  if len(found) != 1:
+    raise SystemExit(f"error: {out / 'mvtec'} holds {len(found)} categories, not one: run `data` into a new --out")
+  return found[0]
+
+
+def make_dataset(out: pathlib.Path, seed: int = 0, photo_name: str = PHOTO) -> pathlib.Path:
+  """out/mvtec/<photo's stem>/{train/good, test/{good,<defects>}, ground_truth/<defect>/NNN_mask.png}, cropped
+  from scikit-image's bundled `photo_name` (a grayscale one as 3 equal channels)."""
+  other_name = "coffee.png" if photo_name != "coffee.png" else "astronaut.png"
+  photo, other = _skimage_photo(photo_name), _skimage_photo(other_name)
   rng = np.random.default_rng(seed)
-  base = out / "mvtec" / CATEGORY
+  base = out / "mvtec" / pathlib.Path(photo_name).stem
   split_row = int(photo.height * 0.55)
+  if photo.width < CROP or photo.height - split_row < CROP:  # test crops come from the lower 45 %
+    need = int(np.ceil(CROP / 0.45))
+    raise SystemExit(f"error: {photo_name} is {photo.width}x{photo.height} px; {CROP} px crops need {CROP}x{need}")
   train_rows, test_rows = (0, split_row + CROP // 3), (split_row, photo.height)
   folders = {
     "train/good": [_crop(photo, rng, train_rows) for _ in range(COUNTS["train"])],
@@ -186,7 +199,7 @@ def make_teacher(out: pathlib.Path, reference: pathlib.Path) -> pathlib.Path:
 
 
 def run_reference(out: pathlib.Path, reference: pathlib.Path, seed: int, steps: int) -> pathlib.Path:
-  run = out / f"reference_seed{seed}"
+  run, cat = out / f"reference_seed{seed}", category(out)
   if run.exists():
     raise SystemExit(f"error: {run} exists (the reference refuses an existing output folder): remove it")
   _run(
@@ -200,12 +213,12 @@ def run_reference(out: pathlib.Path, reference: pathlib.Path, seed: int, steps: 
       str(run),
       str(out / "teacher_small.pth"),
       str(steps),
-      CATEGORY,
+      cat,
     ],
     cwd=reference,
   )
   raw = json.loads((run / "raw_maps.json").read_text())
-  maps = run / "anomaly_maps" / "mvtec_ad" / CATEGORY / "test"
+  maps = run / "anomaly_maps" / "mvtec_ad" / cat / "test"
   result = _score(out, lambda rel: maps / rel.with_suffix(".tiff"), raw["raw"], raw["quantiles"])
   result.update(side="reference", seed=seed, steps=steps, validation=sorted(raw["validation"]))
   (run / "result.json").write_text(json.dumps(result, indent=2))
@@ -216,10 +229,10 @@ def run_reference(out: pathlib.Path, reference: pathlib.Path, seed: int, steps: 
 
 
 def run_ours(out: pathlib.Path, seed: int, steps: int, overrides: list[str], tag: str = "") -> pathlib.Path:
-  run = out / f"ours{tag}_seed{seed}"
+  run, cat = out / f"ours{tag}_seed{seed}", category(out)
   sets = [
     f"data.root={out / 'mvtec'}",
-    f"data.category={CATEGORY}",
+    f"data.category={cat}",
     "data.penalty=",
     f"train.steps={steps}",
     f"train.seed={seed}",
@@ -242,7 +255,7 @@ def run_ours(out: pathlib.Path, seed: int, steps: int, overrides: list[str], tag
       ]
     )
   raw, quantiles = _our_raw_maps(run)
-  maps = run / "eval" / "anomaly_maps" / CATEGORY / "test"
+  maps = run / "eval" / "anomaly_maps" / cat / "test"
   result = _score(out, lambda rel: maps / rel.with_suffix(".tiff"), raw, quantiles)
   result.update(side="ours" + tag, seed=seed, steps=steps, overrides=overrides)
   (run / "result.json").write_text(json.dumps(result, indent=2))
@@ -371,7 +384,7 @@ def _score(out: pathlib.Path, map_path, raw: list[dict], quantiles: list[float])
 
   from efficientad_jax.metrics import au_pro, auroc, image_auroc
 
-  base = out / "mvtec" / CATEGORY
+  base = out / "mvtec" / category(out)
   maps, masks, labels = [], [], []
   for img in sorted((base / "test").glob("*/*.png")):
     rel = img.relative_to(base / "test")
@@ -415,8 +428,8 @@ def branch_losses(out: pathlib.Path) -> list[dict]:
   from efficientad_jax.efficientad import normalization
   from efficientad_jax.serving import predict
 
-  good = sorted((out / "mvtec" / CATEGORY / "test" / "good").glob("*.png"))
-  train = sorted((out / "mvtec" / CATEGORY / "train" / "good").glob("*.png"))
+  base = out / "mvtec" / category(out)
+  good, train = (sorted((base / folder / "good").glob("*.png")) for folder in ("test", "train"))
   model_cfg = ModelConfig()
   load = lambda paths: np.stack(
     [
@@ -445,7 +458,7 @@ def branch_losses(out: pathlib.Path) -> list[dict]:
   for result in sorted(out.glob("*/result.json")):
     run, meta = result.parent, json.loads(result.read_text())
     if meta["side"] == "reference":
-      params, stats = _reference_params(run, nets, train, sets["train"])
+      params, stats = _reference_params(run, nets, base.name, train, sets["train"])
     else:
       model = predict.load(run)
       params, stats = model.detector.params, model.detector.teacher_stats
@@ -457,7 +470,9 @@ def branch_losses(out: pathlib.Path) -> list[dict]:
   return rows
 
 
-def _reference_params(run: pathlib.Path, nets, train: list[pathlib.Path], train_x: np.ndarray) -> tuple[dict, object]:
+def _reference_params(
+  run: pathlib.Path, nets, cat: str, train: list[pathlib.Path], train_x: np.ndarray
+) -> tuple[dict, object]:
   """The reference run's saved modules as Flax params, and its teacher statistics refitted on its training split
   (`train_x`: the network inputs of all `train` images, in that order)."""
   import jax
@@ -466,7 +481,7 @@ def _reference_params(run: pathlib.Path, nets, train: list[pathlib.Path], train_
   from efficientad_jax.efficientad import normalization
   from efficientad_jax.models import weights
 
-  saved = run / "trainings" / "mvtec_ad" / CATEGORY
+  saved = run / "trainings" / "mvtec_ad" / cat
   state = lambda n: {
     k: v.numpy() for k, v in torch.load(saved / f"{n}_final.pth", weights_only=False).state_dict().items()
   }
@@ -540,12 +555,13 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--run", type=pathlib.Path, help="crossfeed: our finished run whose stream and validation to use")
   p.add_argument("--stream", choices=("ours", "reference"), default="ours", help="crossfeed: which stream")
   p.add_argument("--set", action="append", default=[], help="config override for our side")
+  p.add_argument("--photo", default=PHOTO, help="data: the scikit-image photograph to crop (e.g. brick.png)")
   args = p.parse_args(argv)
   out = args.out.absolute()
   if args.what in ("data", "reference", "crossfeed") and not args.reference:
     p.error("--reference DIR (a checkout of nelson1425/EfficientAD) is needed")
   if args.what == "data":
-    make_dataset(out)
+    make_dataset(out, photo_name=args.photo)
     make_teacher(out, args.reference.absolute())
   elif args.what == "reference":
     run_reference(out, args.reference.absolute(), args.seed, args.steps)

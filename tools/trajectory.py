@@ -14,6 +14,9 @@ noise) and the same random teacher statistics. The dropout masks are either
 
   python -m tools.trajectory --steps 200 --image-size 64 --masks shared --out /tmp/traj_shared.json
   python -m tools.trajectory --steps 600 --image-size 128 --masks own --seeds 0-4 --out /tmp/traj_own.json
+  python -m tools.trajectory --steps 1000 --image-size 128 --masks own --init own --q-every 100 --out /tmp/q.json
+
+`--q-every N` also records both sides' held-out quantiles after every N-th step (q_ae along the plateau).
 
 Needs torch (a test dependency) and, for photograph data, scikit-image.
 """
@@ -132,11 +135,30 @@ def torch_nets(image_size: int, seed: int):
   return torch_reference.build_torch_models("small", image_size)
 
 
+def _probe_every(every: int, record: Callable[[dict], dict], into: dict) -> Callable[[int, Callable[[], dict]], None]:
+  """A probe that stores `record(params)` under the step number (1-based) after every `every`-th step; the
+  parameters are fetched only then."""
+
+  def probe(i: int, params: Callable[[], dict]) -> None:
+    if every and (i + 1) % every == 0:
+      into[str(i + 1)] = record(params())
+
+  return probe
+
+
 def torch_run(
-  nets, stats, data, masks, cfg: Config, steps: int, on_step: Callable[[int], None] = lambda i: None
+  nets,
+  stats,
+  data,
+  masks,
+  cfg: Config,
+  steps: int,
+  on_step: Callable[[int], None] = lambda i: None,
+  probe: Callable[[int, Callable[[], dict]], None] | None = None,
 ) -> tuple[np.ndarray, dict]:
   """The reference loop (penalty off): per-step [loss_hard, loss_ae, loss_stae] and the end parameters (Flax
-  layout). `masks` None: the autoencoder's own torch.nn.Dropout."""
+  layout). `masks` None: the autoencoder's own torch.nn.Dropout. `probe(i, params)` is called after every step i
+  with a function that returns the parameters then (Flax layout)."""
   teacher, student, ae = nets
   teacher.eval(), student.train(), ae.train()
   if masks is not None:
@@ -169,10 +191,13 @@ def torch_run(
     sched.step()
     losses.append([v.item() for v in (loss_hard, loss_ae, loss_stae)])
     on_step(i)
-  return np.asarray(losses), {
-    "student": _torch_to_flax(student, PDN_NAMES),
-    "autoencoder": _torch_to_flax(ae, AE_NAMES),
-  }
+    if probe is not None:
+      probe(i, lambda: _torch_params(student, ae))
+  return np.asarray(losses), _torch_params(student, ae)
+
+
+def _torch_params(student: torch.nn.Module, ae: torch.nn.Module) -> dict:
+  return {"student": _torch_to_flax(student, PDN_NAMES), "autoencoder": _torch_to_flax(ae, AE_NAMES)}
 
 
 # --- This project.
@@ -200,9 +225,10 @@ def ours_run(
   steps: int,
   seed: int,
   on_step: Callable[[int], None] = lambda i: None,
+  probe: Callable[[int, Callable[[], dict]], None] | None = None,
 ) -> tuple[np.ndarray, dict]:
   """This project's `train_step.train_step` from `start`; `masks` None: flax's own dropout with the run key
-  `jax.random.key(seed)` (fold_in of the step, as the trainer does)."""
+  `jax.random.key(seed)` (fold_in of the step, as the trainer does). `probe` as in `torch_run`."""
   nets = models.build(cfg.model)
   tx = optim.make_optimizer(cfg.optim, steps)
   state = train_step.init_state(jax.tree_util.tree_map(jnp.asarray, start), tx)
@@ -226,6 +252,8 @@ def ours_run(
     state, out = run(state, {"image": x, "image_ae": x_ae}, i)
     losses.append([float(out[k]) for k in ("loss_hard", "loss_ae", "loss_stae")])
     on_step(i)
+    if probe is not None:
+      probe(i, lambda state=state: jax.tree_util.tree_map(np.asarray, state.params))
   return np.asarray(losses), jax.tree_util.tree_map(np.asarray, state.params)
 
 
@@ -266,6 +294,7 @@ def compare(
   init: str = "shared",
   progress: bool = False,
   stats_mode: str = "random",
+  q_every: int = 0,
 ) -> dict:
   """One side-by-side trajectory; returns losses per step of both sides, parameter differences and quantiles.
 
@@ -274,7 +303,8 @@ def compare(
   stats_mode "random": teacher statistics drawn at random (mean ~ N(0, 1), std ~ U(0.5, 2)); the random teacher's
   outputs vary by ~0.02, so the normalised targets are then nearly constant per channel, enough to compare two
   implementations step by step but not what a run trains on. "fitted": fitted on the training images
-  (`fitted_stats`), the targets of a real run.
+  (`fitted_stats`), the targets of a real run. q_every > 0: the held-out quantiles of both sides also after every
+  q_every-th step (`quantiles_every`: step -> q_st, q_ae), to follow q_ae along the autoencoder's plateau.
   """
   cfg = Config(model=ModelConfig(image_size=image_size), loss=LossConfig(hard_quantile=hard_quantile))
   t_teacher, t_student, t_ae = torch_nets(image_size, seed)
@@ -293,13 +323,31 @@ def compare(
     stats = fitted_stats(t_teacher, train_images, image_size)
   masks = [draw_masks(rng, image_size, cfg.model.ae_dropout) for _ in range(steps)] if masks_mode == "shared" else None
   tick = _progress(steps) if progress else (lambda i: None)
+  record = lambda params: ae_quantiles(cfg, teacher, stats, params, held_out)
+  along = {"torch": {}, "ours": {}}
   t0 = time.time()
   theirs, theirs_end = torch_run(
-    (t_teacher, t_student, t_ae), stats, batches(train_images, image_size, steps, seed), masks, cfg, steps, tick
+    (t_teacher, t_student, t_ae),
+    stats,
+    batches(train_images, image_size, steps, seed),
+    masks,
+    cfg,
+    steps,
+    tick,
+    _probe_every(q_every, record, along["torch"]),
   )
   t1 = time.time()
   ours, ours_end = ours_run(
-    start, teacher, stats, batches(train_images, image_size, steps, seed), masks, cfg, steps, seed, tick
+    start,
+    teacher,
+    stats,
+    batches(train_images, image_size, steps, seed),
+    masks,
+    cfg,
+    steps,
+    seed,
+    tick,
+    _probe_every(q_every, record, along["ours"]),
   )
   t2 = time.time()
   return {
@@ -315,10 +363,10 @@ def compare(
     "init": init,
     "stats": stats_mode,
     "param_rel_diff": rel_param_diff(ours_end, theirs_end, torch_start),
-    "quantiles": {
-      "torch": ae_quantiles(cfg, teacher, stats, theirs_end, held_out),
-      "ours": ae_quantiles(cfg, teacher, stats, ours_end, held_out),
+    "quantiles": {  # the last probe's, when it saw the end parameters
+      side: along[side].get(str(steps)) or record(end) for side, end in (("torch", theirs_end), ("ours", ours_end))
     },
+    "quantiles_every": along,
   }
 
 
@@ -425,6 +473,7 @@ def main(argv=None) -> None:
   p.add_argument(
     "--networks", choices=("all", "autoencoder"), default="all", help="autoencoder: `autoencoder_only` (own masks)"
   )
+  p.add_argument("--q-every", type=int, default=0, help="also the held-out quantiles after every N-th step")
   p.add_argument("--out", type=pathlib.Path, required=True)
   args = p.parse_args(argv)
   torch.set_num_threads(1)
@@ -436,7 +485,16 @@ def main(argv=None) -> None:
       args.out.write_text(json.dumps(results))
       continue
     r = compare(
-      args.image_size, args.steps, seed, args.masks, args.data, args.hard_quantile, args.init, True, args.stats
+      args.image_size,
+      args.steps,
+      seed,
+      args.masks,
+      args.data,
+      args.hard_quantile,
+      args.init,
+      True,
+      args.stats,
+      args.q_every,
     )
     results.append(r)
     print(
