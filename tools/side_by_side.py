@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 PHOTO = "ihc.png"  # the default photograph; the category is named after the photograph (`category`)
 CROP = 192
+TEST_FROM = 0.55  # the share of the photograph's height above its test part (training crops overlap it by CROP / 3)
 COUNTS = {"train": 80, "good": 25, "defect_per_type": 25}
 DEFECTS = ("patch", "scratch", "stain")
 TEACHER_SEED = 0  # torch.manual_seed before the reference's get_pdn_small(384)
@@ -108,9 +109,9 @@ def make_dataset(out: pathlib.Path, seed: int = 0, photo_name: str = PHOTO) -> p
   photo, other = _skimage_photo(photo_name), _skimage_photo(other_name)
   rng = np.random.default_rng(seed)
   base = out / "mvtec" / pathlib.Path(photo_name).stem
-  split_row = int(photo.height * 0.55)
-  if photo.width < CROP or photo.height - split_row < CROP:  # test crops come from the lower 45 %
-    need = int(np.ceil(CROP / 0.45))
+  split_row = int(photo.height * TEST_FROM)
+  if photo.width < CROP or photo.height - split_row < CROP:  # test crops come from below split_row
+    need = int(np.ceil(CROP / (1 - TEST_FROM)))
     raise SystemExit(f"error: {photo_name} is {photo.width}x{photo.height} px; {CROP} px crops need {CROP}x{need}")
   train_rows, test_rows = (0, split_row + CROP // 3), (split_row, photo.height)
   folders = {
