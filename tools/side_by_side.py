@@ -4,12 +4,15 @@ reference on real images").
 Trains nelson1425/EfficientAD's own, unmodified `efficientad.py` and this project on the same small real-image
 category in the MVTec AD layout, from the same random PDN-S teacher, and scores both sides' full-resolution
 maps with the same metric code (ours, which matches the official MVTec AD script: tests/test_metrics_fixtures.py).
-The reference is never copied into this repository: point `--reference` at a checkout of it.
+The reference is never copied into this repository: point `--reference` at a checkout of it. The learning rate of
+its every update is read through PyTorch's global optimizer hook, which changes nothing; `--decay-factor` is the one
+ablation that changes the script's behaviour (its StepLR's factor).
 
   python -m tools.side_by_side data --out /tmp/sbs --reference /path/to/EfficientAD [--photo ihc.png]
   python -m tools.side_by_side reference --out /tmp/sbs --reference /path/to/EfficientAD --seed 42 --steps 1000
-  python -m tools.side_by_side ours --out /tmp/sbs --seed 0 --steps 1000 [--set key=value ...]
-  python -m tools.side_by_side table --out /tmp/sbs
+  python -m tools.side_by_side ours --out /tmp/sbs --seed 0 --steps 1000 [--set key=value ...] [--tag _name]
+  python -m tools.side_by_side reference ... --decay-factor 1 --tag _nodecay   # an ablation of the reference
+  python -m tools.side_by_side table --out /tmp/sbs      # one row per run, with its learning rate and where it drops
   python -m tools.side_by_side branches --out /tmp/sbs    # each branch's losses on test/good, both sides
   python -m tools.side_by_side crossfeed --out /tmp/sbs --reference /path/to/EfficientAD --run /tmp/sbs/ours_seed1 \
       --seed 1 --steps 200 --stream ours|reference     # the reference's loop on either training stream
@@ -46,7 +49,8 @@ TEACHER_SEED = 0  # torch.manual_seed before the reference's get_pdn_small(384)
 # --- The data set.
 
 
-def _skimage_photo(name: str) -> Image.Image:
+def skimage_photo(name: str) -> Image.Image:
+  """A photograph bundled with scikit-image (a file name in skimage/data), as RGB."""
   import skimage.data
 
   return Image.open(pathlib.Path(skimage.data.__file__).parent / name).convert("RGB")
@@ -106,7 +110,7 @@ def make_dataset(out: pathlib.Path, seed: int = 0, photo_name: str = PHOTO) -> p
   """out/mvtec/<photo's stem>/{train/good, test/{good,<defects>}, ground_truth/<defect>/NNN_mask.png}, cropped
   from scikit-image's bundled `photo_name` (a grayscale one as 3 equal channels)."""
   other_name = "coffee.png" if photo_name != "coffee.png" else "astronaut.png"
-  photo, other = _skimage_photo(photo_name), _skimage_photo(other_name)
+  photo, other = skimage_photo(photo_name), skimage_photo(other_name)
   rng = np.random.default_rng(seed)
   base = out / "mvtec" / pathlib.Path(photo_name).stem
   split_row = int(photo.height * TEST_FROM)
@@ -140,16 +144,40 @@ def make_dataset(out: pathlib.Path, seed: int = 0, photo_name: str = PHOTO) -> p
 # ImageFolder, not the compiled operators whose registration fails then.
 _TV_STUB = 'import sys, types; sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("stub"))'
 
+# With `decay` set (a number as text), the reference's StepLR decays by that factor instead of its own 0.1: the
+# ablation that shows what the learning-rate drop does to each branch (BUILD_NOTES.md, "The autoencoder branch").
+_DECAY_ABLATION = textwrap.dedent("""
+    if decay:
+        class StepLR(torch.optim.lr_scheduler.StepLR):
+            def __init__(self, optimizer, step_size, gamma=0.1, **kw):
+                super().__init__(optimizer, step_size, gamma=float(decay), **kw)
+        torch.optim.lr_scheduler.StepLR = StepLR
+""")
+
+# Records the learning rate of every optimizer update the reference makes (a global post-step hook: observes, changes
+# nothing), so that each run's table row shows whether and where its learning rate dropped.
+_LR_RECORDER = textwrap.dedent("""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    learning_rates = []
+    lr_hook = register_optimizer_step_post_hook(
+        lambda opt, args, kwargs: learning_rates.append(opt.param_groups[0]["lr"]))
+""")
+
 # Runs the reference's main() with its module constant `seed` set (the script has no flag for it), then
 # reloads the models it saved and computes, with its own functions, the raw maps the table reports.
-_REFERENCE_RUN = textwrap.dedent("""
+_REFERENCE_RUN = (
+  textwrap.dedent("""
     import json
     sys.path.insert(0, sys.argv[1])
     import numpy as np, torch
     import efficientad as ref
     from common import ImageFolderWithoutTarget
     ref.seed = int(sys.argv[2])
-    root, out_dir, teacher, steps, cat = sys.argv[3:8]
+    root, out_dir, teacher, steps, cat, decay = sys.argv[3:9]
+""")
+  + _DECAY_ABLATION
+  + _LR_RECORDER
+  + textwrap.dedent("""
     sys.argv = ["efficientad.py", "-d", "mvtec_ad", "-s", cat, "-o", out_dir, "-m", "small", "-w", teacher,
                 "-i", "none", "-a", root, "-t", steps]
     ref.main()
@@ -170,9 +198,10 @@ _REFERENCE_RUN = textwrap.dedent("""
     for path, _ in test.samples:
         _, m_st, m_ae = ref.predict(batch(path), t, s, a, mean, std)
         rows.append({"path": path, "st_max": float(m_st.max()), "ae_max": float(m_ae.max())})
-    json.dump({"quantiles": q, "raw": rows, "validation": [full.samples[i][0] for i in val_idx]},
-              open(f"{out_dir}/raw_maps.json", "w"))
+    json.dump({"quantiles": q, "raw": rows, "validation": [full.samples[i][0] for i in val_idx],
+               "learning_rates": learning_rates}, open(f"{out_dir}/raw_maps.json", "w"))
 """)
+)
 
 
 def make_teacher(out: pathlib.Path, reference: pathlib.Path) -> pathlib.Path:
@@ -199,8 +228,12 @@ def make_teacher(out: pathlib.Path, reference: pathlib.Path) -> pathlib.Path:
   return pth
 
 
-def run_reference(out: pathlib.Path, reference: pathlib.Path, seed: int, steps: int) -> pathlib.Path:
-  run, cat = out / f"reference_seed{seed}", category(out)
+def run_reference(
+  out: pathlib.Path, reference: pathlib.Path, seed: int, steps: int, tag: str = "", decay_factor: float | None = None
+) -> pathlib.Path:
+  """The reference's own script; `decay_factor` replaces its learning-rate decay factor (0.1) for an ablation
+  (1.0: no decay), the run then tagged (`tag`) as our ablations are."""
+  run, cat = out / f"reference{tag}_seed{seed}", category(out)
   if run.exists():
     raise SystemExit(f"error: {run} exists (the reference refuses an existing output folder): remove it")
   _run(
@@ -215,13 +248,17 @@ def run_reference(out: pathlib.Path, reference: pathlib.Path, seed: int, steps: 
       str(out / "teacher_small.pth"),
       str(steps),
       cat,
+      "" if decay_factor is None else str(decay_factor),
     ],
     cwd=reference,
   )
   raw = json.loads((run / "raw_maps.json").read_text())
   maps = run / "anomaly_maps" / "mvtec_ad" / cat / "test"
   result = _score(out, lambda rel: maps / rel.with_suffix(".tiff"), raw["raw"], raw["quantiles"])
-  result.update(side="reference", seed=seed, steps=steps, validation=sorted(raw["validation"]))
+  result.update(side="reference" + tag, seed=seed, steps=steps, validation=sorted(raw["validation"]))
+  result["learning_rates"] = lr_changes(raw["learning_rates"])
+  if decay_factor is not None:
+    result["decay_factor"] = decay_factor
   (run / "result.json").write_text(json.dumps(result, indent=2))
   return run
 
@@ -259,8 +296,24 @@ def run_ours(out: pathlib.Path, seed: int, steps: int, overrides: list[str], tag
   maps = run / "eval" / "anomaly_maps" / cat / "test"
   result = _score(out, lambda rel: maps / rel.with_suffix(".tiff"), raw, quantiles)
   result.update(side="ours" + tag, seed=seed, steps=steps, overrides=overrides)
+  result["learning_rates"] = _our_learning_rates(run)
   (run / "result.json").write_text(json.dumps(result, indent=2))
   return run
+
+
+def lr_changes(rates: list[float]) -> list[list]:
+  """[[update index, learning rate], ...] at the first update and wherever the rate changes."""
+  return [[i, float(r)] for i, r in enumerate(rates) if i == 0 or r != rates[i - 1]]
+
+
+def _our_learning_rates(run: pathlib.Path) -> list[list]:
+  """The learning rate of each of the run's updates, from its saved config by the schedule the trainer builds."""
+  from efficientad_jax.config import from_json
+  from efficientad_jax.training import optim
+
+  cfg = from_json((run / "config.json").read_text())
+  schedule = optim.learning_rate_schedule(cfg.optim, cfg.train.steps)
+  return lr_changes([float(np.float32(schedule(i))) for i in range(cfg.train.steps)])
 
 
 def _our_raw_maps(run: pathlib.Path) -> tuple[list[dict], list[float]]:
@@ -458,7 +511,7 @@ def branch_losses(out: pathlib.Path) -> list[dict]:
   rows = []
   for result in sorted(out.glob("*/result.json")):
     run, meta = result.parent, json.loads(result.read_text())
-    if meta["side"] == "reference":
+    if meta["side"].startswith("reference"):
       params, stats = _reference_params(run, nets, base.name, train, sets["train"])
     else:
       model = predict.load(run)
@@ -514,16 +567,24 @@ def branch_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def lr_text(changes: list[list] | None) -> str:
+  """'1e-04; 1e-05 from 950': the learning rate of the first update and each change (update index, 0-based)."""
+  if changes is None:  # a run scored before the learning rates were recorded
+    return "not recorded"
+  return "; ".join(f"{lr:.0e}" + (f" from {i}" if i else "") for i, lr in changes)
+
+
 def table(out: pathlib.Path) -> str:
   results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
   lines = [
-    "| side | seed | steps | image AU-ROC | AU-PRO@0.3 | local raw | global raw | q_st (0.9/0.995) | "
-    "q_ae (0.9/0.995) |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "| side | seed | steps | learning rate | image AU-ROC | AU-PRO@0.3 | local raw | global raw | "
+    "q_st (0.9/0.995) | q_ae (0.9/0.995) |",
+    "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in sorted(results, key=lambda r: (r["side"], r["seed"])):
     lines.append(
-      f"| {r['side']} | {r['seed']} | {r['steps']} | {r['image_auroc']:.3f} | {r['au_pro_0.3']:.3f} | "
+      f"| {r['side']} | {r['seed']} | {r['steps']} | {lr_text(r.get('learning_rates'))} | "
+      f"{r['image_auroc']:.3f} | {r['au_pro_0.3']:.3f} | "
       f"{r['st_raw_auroc']:.3f} | {r['ae_raw_auroc']:.3f} | {r['q_st'][0]:.4f} / {r['q_st'][1]:.4f} | "
       f"{r['q_ae'][0]:.4f} / {r['q_ae'][1]:.4f} |"
     )
@@ -532,7 +593,7 @@ def table(out: pathlib.Path) -> str:
     v = np.array([r["image_auroc"] for r in results if r["side"] == side])
     p = np.array([r["au_pro_0.3"] for r in results if r["side"] == side])
     lines.append(
-      f"| **{side} mean** ({len(v)} seeds) | | | {v.mean():.3f} (min {v.min():.3f}, max {v.max():.3f}) | "
+      f"| **{side} mean** ({len(v)} seeds) | | | | {v.mean():.3f} (min {v.min():.3f}, max {v.max():.3f}) | "
       f"{p.mean():.3f} | | | | |"
     )
   return "\n".join(lines)
@@ -552,7 +613,10 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--reference", type=pathlib.Path, help="a checkout of nelson1425/EfficientAD")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--steps", type=int, default=1000)
-  p.add_argument("--tag", default="", help="suffix of our run folder (ablations)")
+  p.add_argument("--tag", default="", help="suffix of the run folder and side (ablations)")
+  p.add_argument(
+    "--decay-factor", type=float, help="reference: its learning-rate decay factor instead of 0.1 (ablations)"
+  )
   p.add_argument("--run", type=pathlib.Path, help="crossfeed: our finished run whose stream and validation to use")
   p.add_argument("--stream", choices=("ours", "reference"), default="ours", help="crossfeed: which stream")
   p.add_argument("--set", action="append", default=[], help="config override for our side")
@@ -565,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     make_dataset(out, photo_name=args.photo)
     make_teacher(out, args.reference.absolute())
   elif args.what == "reference":
-    run_reference(out, args.reference.absolute(), args.seed, args.steps)
+    run_reference(out, args.reference.absolute(), args.seed, args.steps, args.tag, args.decay_factor)
   elif args.what == "ours":
     run_ours(out, args.seed, args.steps, args.set, args.tag)
   elif args.what == "crossfeed":

@@ -17,6 +17,7 @@ noise) and the same random teacher statistics. The dropout masks are either
   python -m tools.trajectory --steps 1000 --image-size 128 --masks own --init own --q-every 100 --out /tmp/q.json
 
 `--q-every N` also records both sides' held-out quantiles after every N-th step (q_ae along the plateau).
+`--photo NAME` crops another of scikit-image's bundled photographs (default ihc.png; e.g. grass.png, brick.png).
 
 Needs torch (a test dependency) and, for photograph data, scikit-image.
 """
@@ -43,10 +44,12 @@ from efficientad_jax.data import preprocess
 from efficientad_jax.efficientad import inference, normalization, train_step
 from efficientad_jax.training import optim, parallel
 from experiments import torch_reference
+from tools.side_by_side import skimage_photo
 
 PDN_NAMES = tuple(f"conv{i}" for i in range(1, 5))
 AE_NAMES = tuple(f"enc{i}" for i in range(1, 7)) + tuple(f"dec{i}" for i in range(1, 9))
 MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
+PHOTO = "ihc.png"  # scikit-image's immunohistochemistry photograph
 
 
 # --- Inputs shared by both sides.
@@ -62,11 +65,10 @@ def draw_masks(rng: np.random.Generator, image_size: int, rate: float) -> list[n
   return [rng.uniform(size=(1, *shape)) >= rate for shape in dropout_shapes(image_size)]
 
 
-def photo_images(count: int, size: int, seed: int, *, crop: int = 192) -> list[np.ndarray]:
-  """`count` random crops of scikit-image's immunohistochemistry photograph (a real texture), uint8."""
-  import skimage.data
-
-  photo = skimage.data.immunohistochemistry()
+def photo_images(count: int, size: int, seed: int, *, photo_name: str = PHOTO, crop: int = 192) -> list[np.ndarray]:
+  """`count` random crops of a photograph bundled with scikit-image (by default the immunohistochemistry one, a
+  real texture), RGB uint8."""
+  photo = np.asarray(skimage_photo(photo_name))
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(count):
@@ -295,6 +297,7 @@ def compare(
   progress: bool = False,
   stats_mode: str = "random",
   q_every: int = 0,
+  photo_name: str = PHOTO,
 ) -> dict:
   """One side-by-side trajectory; returns losses per step of both sides, parameter differences and quantiles.
 
@@ -317,7 +320,9 @@ def compare(
   rng = np.random.default_rng(seed)
   c = cfg.model.teacher_channels
   stats = (rng.normal(size=c).astype(np.float32), rng.uniform(0.5, 2.0, size=c).astype(np.float32))
-  images = photo_images(48, image_size, seed) if data == "photo" else noise_images(48, image_size, seed)
+  images = (
+    photo_images(48, image_size, seed, photo_name=photo_name) if data == "photo" else noise_images(48, image_size, seed)
+  )
   train_images, held_out = images[:40], images[40:]
   if stats_mode == "fitted":
     stats = fitted_stats(t_teacher, train_images, image_size)
@@ -355,7 +360,7 @@ def compare(
     "steps": steps,
     "seed": seed,
     "masks": masks_mode,
-    "data": data,
+    "data": data if data == "noise" else f"photo {photo_name}",
     "hard_quantile": hard_quantile,
     "seconds": {"torch": t1 - t0, "ours": t2 - t1},
     "losses": {"torch": theirs.tolist(), "ours": ours.tolist()},
@@ -467,6 +472,7 @@ def main(argv=None) -> None:
   p.add_argument("--seeds", default="0")
   p.add_argument("--masks", choices=("shared", "own"), default="shared")
   p.add_argument("--data", choices=("photo", "noise"), default="photo")
+  p.add_argument("--photo", default=PHOTO, help="with --data photo: a photograph's file name in skimage/data")
   p.add_argument("--hard-quantile", type=float, default=0.999)
   p.add_argument("--init", choices=("shared", "own"), default="shared")
   p.add_argument("--stats", choices=("random", "fitted"), default="fitted", help="teacher statistics (`compare`)")
@@ -495,6 +501,7 @@ def main(argv=None) -> None:
       True,
       args.stats,
       args.q_every,
+      args.photo,
     )
     results.append(r)
     print(

@@ -31,16 +31,21 @@ class TrainState:
     return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates), opt_state=opt_state)
 
 
+def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+  """The learning rate of update i (0-based): `cfg.learning_rate`, times `decay_factor` from update
+  int(decay_at_fraction * total_steps) on, where PyTorch's StepLR, stepped after every update, switches."""
+  boundary = int(cfg.decay_at_fraction * total_steps)
+  return optax.piecewise_constant_schedule(cfg.learning_rate, {boundary: cfg.decay_factor})
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
   """PyTorch `Adam(lr, weight_decay)` + `StepLR(step_size=int(0.95 N), gamma=0.1)`: every method's optimizer
   (EfficientAD; distillation and both AST stages with decay_factor 1, a constant learning rate).
 
   Coupled L2: the decay term is added to the gradient BEFORE Adam's moments (not AdamW's decoupled decay).
   """
-  boundary = int(cfg.decay_at_fraction * total_steps)
-  schedule = optax.piecewise_constant_schedule(cfg.learning_rate, {boundary: cfg.decay_factor})
   return optax.chain(
     optax.add_decayed_weights(cfg.weight_decay),
     optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
-    optax.scale_by_learning_rate(schedule),
+    optax.scale_by_learning_rate(learning_rate_schedule(cfg, total_steps)),
   )
