@@ -308,12 +308,14 @@ def lr_changes(rates: list[float]) -> list[list]:
 
 def _our_learning_rates(run: pathlib.Path) -> list[list]:
   """The learning rate of each of the run's updates, from its saved config by the schedule the trainer builds."""
+  import jax.numpy as jnp
+
   from efficientad_jax.config import from_json
   from efficientad_jax.training import optim
 
   cfg = from_json((run / "config.json").read_text())
   schedule = optim.learning_rate_schedule(cfg.optim, cfg.train.steps)
-  return lr_changes([float(np.float32(schedule(i))) for i in range(cfg.train.steps)])
+  return lr_changes(np.asarray(schedule(jnp.arange(cfg.train.steps))).tolist())
 
 
 def _our_raw_maps(run: pathlib.Path) -> tuple[list[dict], list[float]]:
