@@ -44,12 +44,11 @@ from efficientad_jax.data import preprocess
 from efficientad_jax.efficientad import inference, normalization, train_step
 from efficientad_jax.training import optim, parallel
 from experiments import torch_reference
-from tools.side_by_side import skimage_photo
+from tools.side_by_side import PHOTO, skimage_photo
 
 PDN_NAMES = tuple(f"conv{i}" for i in range(1, 5))
 AE_NAMES = tuple(f"enc{i}" for i in range(1, 7)) + tuple(f"dec{i}" for i in range(1, 9))
 MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
-PHOTO = "ihc.png"  # scikit-image's immunohistochemistry photograph
 
 
 # --- Inputs shared by both sides.
