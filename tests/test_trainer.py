@@ -19,7 +19,7 @@ import pytest
 from efficientad_jax import config as config_lib
 from efficientad_jax.efficientad import trainer
 from efficientad_jax.serving import saved_model
-from efficientad_jax.training import checkpoint, engine, optim
+from efficientad_jax.training import checkpoint, engine, optim, parallel
 from experiments.train import load_config
 from tests.conftest import REPO, devices_env, jax_cache_env
 
@@ -46,6 +46,28 @@ def tiny_run(tmp_path_factory):
   """One tiny training run (the synthetic tiny config as it is) shared by the tests that only read it."""
   run = tmp_path_factory.mktemp("tiny") / "run"
   return run, trainer.train(tiny(), run, progress=False)
+
+
+def test_a_later_run_initialises_its_state_without_compiling(tiny_run):
+  """The networks' initialisation is compiled once per process (`models.init_params`), so a second run of the
+  same config (a sweep's, this session's) builds its fresh state without an XLA compilation."""
+  cfg = tiny()
+  mesh = parallel.data_mesh(jax.devices()[:1])
+  method = trainer.pieces(cfg, mesh)  # new objects, as a new run builds them
+  compiled = []
+
+  def listener(event, secs, **kw):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(kw.get("fun_name"))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    state = jax.block_until_ready(parallel.new_state(method.init, jax.random.key(cfg.train.seed), mesh))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not compiled, f"compiled {compiled} for a config this process has initialised before"
+  leaves = jax.tree_util.tree_leaves(state)
+  assert leaves and all(x.sharding == parallel.sharding(mesh, "r") for x in leaves)
 
 
 def test_training_writes_a_complete_model(tiny_run):

@@ -17,12 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from efficientad_jax.config import ImageSize
 from efficientad_jax.distillation import stream
 from efficientad_jax.distillation.config import DistillConfig
 from efficientad_jax.distillation.train_step import check_sizes, compile_distill_step, target_features
 from efficientad_jax.efficientad import normalization
 from efficientad_jax.efficientad.normalization import TeacherStats
-from efficientad_jax.models import PDN, weights, wide_resnet
+from efficientad_jax.models import PDN, init_network, weights, wide_resnet
 from efficientad_jax.training import engine, optim, parallel
 from efficientad_jax.training.optim import TrainState
 
@@ -79,8 +80,8 @@ def _distill(
   it = iter(stream.train_dataset(source, cfg, local_batch, jax.process_index(), jax.process_count()))
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
   step_fn = compile_distill_step(student, backbone, cfg, tx, mesh)
-  x = jnp.zeros((1, cfg.model.image_size, cfg.model.image_size, 3))
-  init = lambda key: TrainState.create(student.init(key, x)["params"], tx)
+  size = ImageSize(cfg.model.image_size)
+  init = lambda key: TrainState.create(init_network(student, key, size), tx)
   key = jax.random.key(cfg.train.seed)
 
   # --- The steps on the engine; the frozen part is the target statistics (the backbone is loaded, never

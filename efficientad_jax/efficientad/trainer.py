@@ -52,7 +52,7 @@ class Pieces(NamedTuple):
   step: Callable  # jitted fn(state, frozen, sharded batch, key) -> (state, losses); state donated
   # the same for K stacked batches [K, B, ...] ('s' sharding): K steps in one call (train.steps_per_dispatch)
   steps: Callable
-  init: Callable[[jax.Array], train_step.TrainState]  # key -> fresh state (trace it: parallel.new_state)
+  init: Callable[[jax.Array], train_step.TrainState]  # key -> fresh state (placed by parallel.new_state)
 
 
 def pieces(cfg: Config, mesh: jax.sharding.Mesh) -> Pieces:

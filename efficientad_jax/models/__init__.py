@@ -20,6 +20,7 @@ __all__ = [
   "Models",
   "build",
   "init_params",
+  "init_network",
   "pdn_output_size",
   "decoder_sizes",
   "resize",
@@ -67,6 +68,13 @@ def _init(models: Models, key: jax.Array, image_size: ImageSize) -> dict:
     "student": models.student.init(ks, x)["params"],
     "autoencoder": models.autoencoder.init(ka, x)["params"],
   }
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def init_network(network: nn.Module, key: jax.Array, image_size: ImageSize) -> dict:
+  """Fresh parameters of one network (PyTorch default init) for [1, H, W, 3] inputs, compiled once per
+  (network, size) in a process."""
+  return network.init(key, jnp.zeros((1, *image_size, 3), jnp.float32))["params"]
 
 
 def count_params(params) -> int:

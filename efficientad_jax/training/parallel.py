@@ -103,9 +103,11 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def new_state(init: Callable[[jax.Array], Any], key: jax.Array, mesh: jax.sharding.Mesh) -> Any:
-  """`init(key)` in one compiled program, its output replicated on the mesh (every process computes the same
-  values from the same key): the state factory of every method."""
-  return compiler.jit(init, out_shardings=sharding(mesh, "r"))(key)
+  """`init(key)` replicated on the mesh (every process computes the same values from the same key): the state
+  factory of every method. `init` runs as it is, not traced into a program of its own: every method builds it
+  on a network initialisation compiled once per process (`models.init_params`, `models.init_network`), so a
+  process's later runs (a sweep's, a test session's) start without compiling it again."""
+  return replicate(init(key), mesh)
 
 
 def state_template(init: Callable[[jax.Array], Any], key: jax.Array, mesh: jax.sharding.Mesh) -> Any:
