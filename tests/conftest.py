@@ -1,6 +1,7 @@
 """Shared test setup: CPU, highest matmul precision, fast XLA compilation, the reference fixture folder
 (tests/fixtures)."""
 
+import contextlib
 import os
 import pathlib
 
@@ -133,3 +134,20 @@ def pytest_runtest_protocol(item, nextitem):
   finally:
     with open(log, "a") as f:
       f.write(f"{_cpu_seconds() - cpu:.2f} {time.perf_counter() - wall:.2f} {item.nodeid}\n")
+
+
+@contextlib.contextmanager
+def count_compiles(fun_name: str | None = "jit(predict)"):
+  """Yields a list that collects one entry (the function's name) per XLA compilation of `fun_name` inside the
+  block; `fun_name=None`: of any function."""
+  compiled = []
+
+  def listener(event, secs, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration" and fun_name in (None, kwargs.get("fun_name")):
+      compiled.append(kwargs.get("fun_name"))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield compiled
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)

@@ -5,7 +5,6 @@ fed from the TIFF files and from ground truth read straight from the dataset fol
 pipeline's records). `make_run` is shared with test_predict_export.py.
 """
 
-import contextlib
 import json
 import pathlib
 
@@ -22,6 +21,7 @@ from efficientad_jax.data import batches, generate_synthetic, make_datasets
 from efficientad_jax.efficientad import inference, normalization
 from efficientad_jax.evaluation import evaluate
 from efficientad_jax.serving import predict, saved_model
+from tests.conftest import count_compiles
 
 SIZE = 64
 B = 6  # not a divisor of the 8 (MVTec AD) and 16 (LOCO) test images: the last batch is padded
@@ -72,22 +72,6 @@ def make_run(root: pathlib.Path, layout: str) -> pathlib.Path:
   }
   saved_model.save(root / "run" / "model", "efficientad", detector, meta)
   return root / "run"
-
-
-@contextlib.contextmanager
-def count_compiles(fun_name: str = "jit(predict)"):
-  """Yields a list that collects one entry per XLA compilation of `fun_name` inside the block."""
-  compiled = []
-
-  def listener(event, secs, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration" and kwargs.get("fun_name") == fun_name:
-      compiled.append(secs)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield compiled
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def evaluated(tmp_path_factory, layout: str):

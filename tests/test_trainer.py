@@ -21,7 +21,7 @@ from efficientad_jax.efficientad import trainer
 from efficientad_jax.serving import saved_model
 from efficientad_jax.training import checkpoint, engine, optim, parallel
 from experiments.train import load_config
-from tests.conftest import REPO, devices_env, jax_cache_env
+from tests.conftest import REPO, count_compiles, devices_env, jax_cache_env
 
 
 def tiny(**overrides):
@@ -54,17 +54,8 @@ def test_a_later_run_initialises_its_state_without_compiling(tiny_run):
   cfg = tiny()
   mesh = parallel.data_mesh(jax.devices()[:1])
   method = trainer.pieces(cfg, mesh)  # new objects, as a new run builds them
-  compiled = []
-
-  def listener(event, secs, **kw):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiled.append(kw.get("fun_name"))
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with count_compiles(None) as compiled:
     state = jax.block_until_ready(parallel.new_state(method.init, jax.random.key(cfg.train.seed), mesh))
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   assert not compiled, f"compiled {compiled} for a config this process has initialised before"
   leaves = jax.tree_util.tree_leaves(state)
   assert leaves and all(x.sharding == parallel.sharding(mesh, "r") for x in leaves)
