@@ -16,6 +16,7 @@ ablation that changes the script's behaviour (its StepLR's factor).
   python -m tools.side_by_side branches --out /tmp/sbs    # each branch's losses on test/good, both sides
   python -m tools.side_by_side crossfeed --out /tmp/sbs --reference /path/to/EfficientAD --run /tmp/sbs/ours_seed1 \
       --seed 1 --steps 200 --stream ours|reference     # the reference's loop on either training stream
+  python -m tools.side_by_side_pool /tmp/sbsg /tmp/sbsb /tmp/sbsr   # several photographs' runs pooled
 
 The data set: crops of one of scikit-image's bundled photographs, by default the immunohistochemistry photograph
 (`ihc.png`, a real microscope photo of tissue, a texture; `data --photo brick.png` takes another, the category is
