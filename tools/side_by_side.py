@@ -14,6 +14,7 @@ ablation that changes the script's behaviour (its StepLR's factor).
   python -m tools.side_by_side reference ... --decay-factor 1 --tag _nodecay   # an ablation of the reference
   python -m tools.side_by_side table --out /tmp/sbs      # one row per run, with its learning rate and where it drops
   python -m tools.side_by_side branches --out /tmp/sbs    # each branch's losses on test/good, both sides
+  python -m tools.side_by_side types --out /tmp/sbs       # each branch's image AU-ROC by defect type
   python -m tools.side_by_side crossfeed --out /tmp/sbs --reference /path/to/EfficientAD --run /tmp/sbs/ours_seed1 \
       --seed 1 --steps 200 --stream ours|reference     # the reference's loop on either training stream
   python -m tools.side_by_side_pool /tmp/sbsg /tmp/sbsb /tmp/sbsr   # several photographs' runs pooled
@@ -568,6 +569,47 @@ def branch_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def type_aurocs(rows: list[dict]) -> dict[str, float]:
+  """{'<branch>:<defect type>': image AU-ROC of good against that type alone} from per-image raw map maxima
+  rows {'key': '<type>/<stem>', 'st': ..., 'ae': ...} (keys of good images start with 'good/')."""
+  from efficientad_jax.metrics import auroc
+
+  kind = lambda r: r["key"].split("/")[0]
+  good = [r for r in rows if kind(r) == "good"]
+  result = {}
+  for branch in ("ae", "st"):
+    for defect in sorted({kind(r) for r in rows} - {"good"}):
+      bad = [r for r in rows if kind(r) == defect]
+      labels = np.array([0] * len(good) + [1] * len(bad))
+      result[f"{branch}:{defect}"] = auroc(np.array([r[branch] for r in good + bad]), labels)
+  return result
+
+
+def type_table(out: pathlib.Path) -> str:
+  """Each run's raw maps by defect type; the per-image maxima are kept in out/raw_maxima.json (ours are computed
+  once, the reference's come from its raw_maps.json)."""
+  cache = out / "raw_maxima.json"
+  maxima = json.loads(cache.read_text()) if cache.exists() else {}
+  rows = []
+  for result in sorted(out.glob("*/result.json")):
+    run, meta = result.parent, json.loads(result.read_text())
+    if run.name not in maxima:
+      raw = (
+        json.loads((run / "raw_maps.json").read_text())["raw"]
+        if meta["side"].startswith("reference")
+        else _our_raw_maps(run)[0]
+      )
+      keys = ["/".join(pathlib.Path(r["path"]).parts[-2:]).removesuffix(".png") for r in raw]
+      maxima[run.name] = [{"key": k, "st": r["st_max"], "ae": r["ae_max"]} for k, r in zip(keys, raw)]
+      cache.write_text(json.dumps(maxima))
+    rows.append((meta["side"], meta["seed"], type_aurocs(maxima[run.name])))
+  columns = list(rows[0][2]) if rows else []
+  lines = ["| side | seed | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+  for side, seed, values in sorted(rows, key=lambda r: (r[0], r[1])):
+    lines.append(f"| {side} | {seed} | " + " | ".join(f"{values[c]:.3f}" for c in columns) + " |")
+  return "\n".join(lines)
+
+
 def lr_text(changes: list[list] | None) -> str:
   """'1e-04; 1e-05 from 950': the learning rate of the first update and each change (update index, 0-based)."""
   if changes is None:  # a run scored before the learning rates were recorded
@@ -609,7 +651,7 @@ def _run(cmd: list[str], cwd: pathlib.Path | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("what", choices=("data", "reference", "ours", "crossfeed", "table", "branches"))
+  p.add_argument("what", choices=("data", "reference", "ours", "crossfeed", "table", "branches", "types"))
   p.add_argument("--out", required=True, type=pathlib.Path, help="working folder (data, teacher, runs)")
   p.add_argument("--reference", type=pathlib.Path, help="a checkout of nelson1425/EfficientAD")
   p.add_argument("--seed", type=int, default=0)
@@ -638,6 +680,9 @@ def main(argv: list[str] | None = None) -> int:
       p.error("crossfeed needs --run RUN (one of our finished runs)")
     result = cross_feed(out, args.reference.absolute(), args.run.absolute(), args.seed, args.steps, args.stream)
     print(json.dumps(result))
+    return 0
+  elif args.what == "types":
+    print(type_table(out))
     return 0
   elif args.what == "branches":
     rows = branch_losses(out)
