@@ -115,3 +115,9 @@ def test_a_folder_without_both_sides_is_one_clear_error(tmp_path):
     pool.load_runs([tmp_path])
   with pytest.raises(SystemExit):
     pool.main([str(tmp_path / "missing")])
+
+  twice = [tmp_path / "a", tmp_path / "b"]
+  for folder in twice:
+    _write_runs(folder, "grass", {"ours": [0.01], "reference": [0.02]})
+  with pytest.raises(SystemExit, match="holds grass again"):
+    pool.load_runs(twice)

@@ -41,7 +41,10 @@ def load_runs(outs: list[pathlib.Path]) -> dict[str, dict[str, list[dict]]]:
     if not all(by_side.values()):
       counts = ", ".join(f"{len(v)} {k}" for k, v in by_side.items())
       raise SystemExit(f"error: {out} has {counts} finished run(s); each folder needs at least one of each side")
-    runs[category(out)] = by_side
+    name = category(out)
+    if name in runs:
+      raise SystemExit(f"error: {out} holds {name} again; give each photograph's runs in one folder")
+    runs[name] = by_side
   return runs
 
 
