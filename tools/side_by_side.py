@@ -434,6 +434,11 @@ def cross_feed(
 # --- Scoring (the same code for both sides).
 
 
+def image_key(path) -> str:
+  """'<defect type>/<stem>' of a test image's path: how both sides' per-image rows are matched."""
+  return "/".join(pathlib.Path(path).parts[-2:]).removesuffix(".png")
+
+
 def _score(out: pathlib.Path, map_path, raw: list[dict], quantiles: list[float]) -> dict:
   """Image AU-ROC and AU-PRO@0.3 of the full-resolution maps; image AU-ROC of each raw map's maximum."""
   import tifffile
@@ -449,8 +454,8 @@ def _score(out: pathlib.Path, map_path, raw: list[dict], quantiles: list[float])
     gt = base / "ground_truth" / defect / f"{img.stem}_mask.png"
     masks.append(np.asarray(Image.open(gt)) > 0 if defect != "good" else np.zeros(maps[-1].shape, bool))
     labels.append(int(defect != "good"))
-  by_name = {"/".join(pathlib.Path(r["path"]).parts[-2:]).removesuffix(".png"): r for r in raw}
-  keys = ["/".join(p.parts[-2:]).removesuffix(".png") for p in sorted((base / "test").glob("*/*.png"))]
+  by_name = {image_key(r["path"]): r for r in raw}
+  keys = [image_key(p) for p in sorted((base / "test").glob("*/*.png"))]
   rows = [by_name[k] for k in keys]
   labels = np.asarray(labels)
   return {
@@ -599,7 +604,7 @@ def type_table(out: pathlib.Path) -> str:
         if meta["side"].startswith("reference")
         else _our_raw_maps(run)[0]
       )
-      keys = ["/".join(pathlib.Path(r["path"]).parts[-2:]).removesuffix(".png") for r in raw]
+      keys = [image_key(r["path"]) for r in raw]
       maxima[run.name] = [{"key": k, "st": r["st_max"], "ae": r["ae_max"]} for k, r in zip(keys, raw)]
       cache.write_text(json.dumps(maxima))
     rows.append((meta["side"], meta["seed"], type_aurocs(maxima[run.name])))
